@@ -1,8 +1,15 @@
 """Low-Rank Clone (LRC) distillation: clone a small LM from a Llama/Qwen2 teacher.
 
 Public API:
-    LRCConfig, LowRankClone    -- the method (lrc_src.clone)
+    LRCConfig, LowRankClone, CloneOutput    -- the method (lrc_src.clone)
 """
-from lrc_src.clone import LRCConfig, LowRankClone, CloneOutput
 
 __all__ = ["LRCConfig", "LowRankClone", "CloneOutput"]
+
+
+def __getattr__(name):  # lazy, so `import lrc_src.data` does not pay for torch/transformers twice
+    if name in __all__:
+        from lrc_src import clone
+
+        return getattr(clone, name)
+    raise AttributeError(f"module 'lrc_src' has no attribute {name!r}")
