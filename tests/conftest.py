@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random teachers on CPU, seeded."""
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
+
+VOCAB = 101
+
+
+def make_teacher(kind: str = "llama-gqa-tied", seed: int = 0):
+    """A tiny random teacher (d_T 64, 2 layers, head_dim 16) of the named shape."""
+    torch.manual_seed(seed)
+    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=VOCAB,
+                max_position_embeddings=128, num_attention_heads=4, num_key_value_heads=2)
+    if kind == "llama-gqa-tied":
+        model = LlamaForCausalLM(LlamaConfig(**base, tie_word_embeddings=True))
+    elif kind == "llama-mqa-untied":
+        model = LlamaForCausalLM(LlamaConfig(**{**base, "num_key_value_heads": 1}, tie_word_embeddings=False))
+    elif kind == "llama-bias":  # Llama's optional attention/MLP biases, incl. o_proj and down_proj
+        model = LlamaForCausalLM(LlamaConfig(**base, attention_bias=True, mlp_bias=True, tie_word_embeddings=False))
+    elif kind == "qwen2-bias":
+        model = Qwen2ForCausalLM(Qwen2Config(**base, tie_word_embeddings=True))
+    elif kind == "llama3-rope":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        model = LlamaForCausalLM(LlamaConfig(**base, rope_parameters=rope, tie_word_embeddings=True))
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**base, sliding_window=None, tie_word_embeddings=False))
+    else:
+        raise KeyError(kind)
+    # random norm weights so that folding them matters
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture
+def ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (2, 19), generator=g)

@@ -1,0 +1,231 @@
+"""The core module: exact export, parameter counts, frozen teacher, loss terms, bad input."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from lrc_src import LowRankClone, LRCConfig
+from lrc_src.losses import kl_loss, lm_loss
+from conftest import VOCAB, make_teacher
+
+KINDS = ["llama-gqa-tied", "llama-mqa-untied", "llama-bias", "qwen2-bias", "llama3-rope", "mistral"]
+
+
+def make_clone(kind="llama-gqa-tied", d_S=32, **kw):
+    teacher = make_teacher(kind)
+    torch.manual_seed(0)
+    return LowRankClone(teacher, LRCConfig(student_hidden_size=d_S, **kw))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_logits_equal_clone_logits(kind, ids, tmp_path):
+    lrc = make_clone(kind)
+    out = lrc.clone(ids)
+    with torch.no_grad():
+        assert (lrc.teacher(ids).logits - out.teacher_logits).abs().max() <= 1e-4
+    lrc.save_student(tmp_path / "student")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student", dtype=torch.float32)
+    assert type(student) is type(lrc.teacher)
+    assert student.config.hidden_size == 32 and student.config.head_dim == 16
+    with torch.no_grad():
+        diff = (student(ids).logits - out.logits).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_export_keeps_teacher_rope_llama3():
+    lrc = make_clone("llama3-rope")
+    scfg = lrc.export_student().config
+    assert scfg.rope_parameters["rope_type"] == "llama3"
+    assert scfg.rope_parameters == lrc.teacher.config.rope_parameters
+
+
+def test_odd_student_size_qwen2(ids):
+    """d_T 64 -> d_S 24 (not a power of two; Qwen2 accepts any size)."""
+    lrc = make_clone("qwen2-bias", d_S=22)
+    out = lrc.clone(ids)
+    with torch.no_grad():
+        assert (lrc.export_student()(ids).logits - out.logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", [
+    dict(attn_projection="io"), dict(ffn_projection="io"), dict(alignment="extra"),
+    dict(attn_out_space="teacher"), dict(clone_terms=()),
+])
+def test_export_exact_for_variants(variant, ids):
+    lrc = make_clone("llama-mqa-untied", **variant)
+    out = lrc.clone(ids)
+    with torch.no_grad():
+        assert (lrc.export_student()(ids).logits - out.logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa-tied", "llama-mqa-untied"])
+@pytest.mark.parametrize("variant", ["default", "attn_io", "ffn_io", "both_io", "extra"])
+def test_trainable_parameter_counts(kind, variant):
+    kw = {"default": {}, "attn_io": dict(attn_projection="io"), "ffn_io": dict(ffn_projection="io"),
+          "both_io": dict(attn_projection="io", ffn_projection="io"), "extra": dict(alignment="extra")}[variant]
+    lrc = make_clone(kind, **kw)
+    L, dT, dS = 2, 64, 32
+    tied = kind.endswith("-tied")
+    per_layer = {"default": 7, "attn_io": 5, "ffn_io": 6, "both_io": 4, "extra": 9}[variant]
+    expected = L * per_layer * dT * dS + dT * dS * (1 if tied else 2) + (2 * L + 1) * dS
+    assert lrc.num_trainable_parameters() == expected
+    trainable = {n for n, p in lrc.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in lrc.trainable_named_parameters()}
+
+
+def test_teacher_frozen_and_projections_get_gradients(ids):
+    lrc = make_clone("llama-mqa-untied", alignment="extra")
+    before = {n: p.detach().clone() for n, p in lrc.teacher.named_parameters()}
+    opt = torch.optim.AdamW([p for _, p in lrc.trainable_named_parameters()], lr=1e-2)
+    out = lrc.clone(ids)
+    out.loss.backward()
+    for n, p in lrc.trainable_named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+    opt.step()
+    for n, p in lrc.teacher.named_parameters():
+        assert p.grad is None, n
+        assert torch.equal(p, before[n]), n
+
+
+def _capture(model, ids):
+    """Raw outputs of every q,k,v,o,gate,up,down linear of an HF model, per layer (hooks)."""
+    acts = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        for name, mod in [("q", layer.self_attn.q_proj), ("k", layer.self_attn.k_proj),
+                          ("v", layer.self_attn.v_proj), ("o", layer.self_attn.o_proj),
+                          ("gate", layer.mlp.gate_proj), ("up", layer.mlp.up_proj),
+                          ("down", layer.mlp.down_proj)]:
+            hooks.append(mod.register_forward_hook(lambda m, a, o, key=(i, name): acts.__setitem__(key, o.detach())))
+    with torch.no_grad():
+        logits = model(ids).logits
+    for h in hooks:
+        h.remove()
+    return acts, logits
+
+
+def test_loss_terms_match_naive_reference(ids):
+    """Clone terms from hooks on the HF teacher and the exported HF student (independent path)."""
+    lrc = make_clone("llama-mqa-untied", alpha=0.3, kl_temperature=2.0)
+    out = lrc.clone(ids)
+    t_acts, t_logits = _capture(lrc.teacher, ids)
+    s_acts, s_logits = _capture(lrc.export_student(), ids)
+    for term in ("q", "k", "v", "gate", "up", "o", "down"):
+        ref = 0.0
+        for i in range(2):
+            target = t_acts[i, term]
+            if term in ("o", "down"):
+                P = (lrc.layers[i].self_attn.o_proj if term == "o" else lrc.layers[i].mlp.down_proj).detach()
+                target = target @ P  # project the teacher output with the same P
+            ref += ((s_acts[i, term] - target) ** 2).mean().item()
+        assert out.losses[f"clone/{term}"].item() == pytest.approx(ref, rel=1e-4), term
+    clone_ref = sum(out.losses[f"clone/{t}"].item() for t in ("q", "k", "v", "o", "gate", "up", "down"))
+    assert out.losses["clone"].item() == pytest.approx(clone_ref, rel=1e-5)
+    # KL: forward KL of tau-softened distributions, sum over positions and vocab / batch
+    pt = torch.softmax(t_logits.double() / 2.0, -1)
+    ps = torch.softmax(s_logits.double() / 2.0, -1)
+    kl_ref = (pt * (pt.log() - ps.log())).sum().item() / ids.shape[0]
+    assert out.losses["kl"].item() == pytest.approx(kl_ref, rel=1e-4)
+    ce = torch.nn.functional.cross_entropy(s_logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    assert out.losses["lm"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(kl_ref + ce.item() + 0.3 * clone_ref, rel=1e-4)
+
+
+def test_attention_output_in_teacher_space(ids):
+    lrc = make_clone("llama-gqa-tied", attn_out_space="teacher")
+    out = lrc.clone(ids)
+    # naive: student attention (pre-o_proj) through the teacher's o_proj vs the teacher's o output
+    t_in, s_in = {}, {}
+    def grab(store, i):
+        return lambda m, a, o: store.__setitem__(i, a[0].detach())
+    student = lrc.export_student()
+    hs = [l.self_attn.o_proj.register_forward_hook(grab(t_in, i)) for i, l in enumerate(lrc.teacher.model.layers)]
+    hs += [l.self_attn.o_proj.register_forward_hook(grab(s_in, i)) for i, l in enumerate(student.model.layers)]
+    with torch.no_grad():
+        lrc.teacher(ids), student(ids)
+    for h in hs:
+        h.remove()
+    ref = sum(((lrc.teacher.model.layers[i].self_attn.o_proj(s_in[i]) -
+                lrc.teacher.model.layers[i].self_attn.o_proj(t_in[i])) ** 2).mean().item() for i in range(2))
+    assert out.losses["clone/o"].item() == pytest.approx(ref, rel=1e-4)
+
+
+@pytest.mark.parametrize("term", ["q", "k", "v", "o", "gate", "up", "down"])
+def test_switching_a_term_off(term, ids):
+    full = make_clone()
+    all_terms = ("q", "k", "v", "o", "gate", "up", "down")
+    part = make_clone(clone_terms=tuple(t for t in all_terms if t != term))
+    a, b = full.clone(ids), part.clone(ids)
+    assert set(a.losses) - set(b.losses) == {f"clone/{term}"}
+    expected = a.loss - 0.2 * a.losses[f"clone/{term}"]
+    assert b.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_switches_and_layer_subsets(ids):
+    lrc = make_clone(use_kl=False, use_lm=False, alpha=1.0)
+    out = lrc.clone(ids)
+    assert out.loss.item() == pytest.approx(out.losses["clone"].item(), rel=1e-6)
+    last = make_clone(clone_layers=[1], alpha=1.0, use_kl=False, use_lm=False).clone(ids)
+    half = make_clone(clone_layers=0.5, alpha=1.0, use_kl=False, use_lm=False).clone(ids)  # layer 0 of 2
+    assert make_clone(clone_layers=0.5).clone_layer_ids == {0}
+    assert last.loss.item() + half.loss.item() == pytest.approx(out.loss.item(), rel=1e-5)
+    mean = make_clone(clone_reduction="mean", alpha=1.0, use_kl=False, use_lm=False).clone(ids)
+    assert mean.loss.item() == pytest.approx(out.loss.item() / 14, rel=1e-5)
+
+
+def test_io_variant_terms(ids):
+    out = make_clone(attn_projection="io", ffn_projection="io").clone(ids)
+    assert {k for k in out.losses if k.startswith("clone/")} == {"clone/attn_in", "clone/o", "clone/ffn_in", "clone/down"}
+
+
+def test_prune_init_is_hard_pruned_teacher(ids):
+    """init_from_pruning: the exported student equals the teacher with channels sliced out."""
+    lrc = make_clone("llama-mqa-untied", init="prune")
+    keep = lrc.init_from_pruning(ids)
+    assert keep.shape == (32,) and torch.all(keep[1:] > keep[:-1])
+    t = lrc.teacher
+    sd = {}
+    for k, v in t.state_dict().items():
+        if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")) \
+                or k in ("model.embed_tokens.weight", "lm_head.weight"):
+            v = v[:, keep]
+        elif k.endswith(("o_proj.weight", "down_proj.weight")):
+            v = v[keep, :]
+        elif k.endswith("norm.weight"):
+            v = v[keep]
+        sd[k] = v
+    pruned = type(t)(lrc.student_config())
+    pruned.load_state_dict(sd)
+    with torch.no_grad():
+        assert (pruned(ids).logits - lrc.export_student()(ids).logits).abs().max() <= 1e-5
+        assert (pruned(ids).logits - lrc.clone(ids).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(student_hidden_size=64), "student_hidden_size=64 must be smaller"),
+    (dict(student_hidden_size=80), "student_hidden_size=80 must be smaller"),
+    (dict(student_hidden_size=0), "student_hidden_size=0 must be > 0"),
+    (dict(student_hidden_size=30), "student_hidden_size=30 is not a multiple of the teacher's 4"),
+    (dict(student_hidden_size=32, attn_projection="shared"), "attn_projection='shared'"),
+    (dict(student_hidden_size=32, clone_terms=("q", "attn_in")), "clone term 'attn_in'"),
+    (dict(student_hidden_size=32, kl_reduction="mean"), "kl_reduction='mean'"),
+    (dict(student_hidden_size=32, alignment="extra", attn_out_space="teacher"), "alignment='extra'"),
+    (dict(student_hidden_size=32, clone_layers=1.5), "clone_layers=1.5"),
+    (dict(student_hidden_size=32, clone_layers=[0, 5]), r"clone_layers \[5\]"),
+])
+def test_bad_settings(bad, match):
+    with pytest.raises(ValueError, match=match):
+        LowRankClone(make_teacher(), LRCConfig(**bad))
+
+
+def test_unknown_setting_and_unsupported_teacher():
+    with pytest.raises(ValueError, match="unknown LRC setting"):
+        LRCConfig.from_dict({"student_hidden_size": 8, "alhpa": 0.1})
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="unsupported teacher GPT2LMHeadModel"):
+        LowRankClone(gpt2, LRCConfig(student_hidden_size=16))
+
+
+def test_bad_labels(ids):
+    lrc = make_clone()
+    with pytest.raises(ValueError, match=r"labels shape \(2, 18\)"):
+        lrc.clone(ids, labels=ids[:, :-1])
