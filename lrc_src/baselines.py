@@ -1,0 +1,161 @@
+"""The baselines LRC is compared against at equal tokens (spec section 2), and the shared
+method interface the trainer drives.
+
+Every method is an nn.Module with
+    forward(input_ids [B, T], labels [B, T] | None) -> MethodOutput(loss, losses: dict of scalars)
+    export(directory, tokenizer)   -> a plain HF folder of the student
+    eval_model()                   -> an HF causal LM of the student (for held-out loss)
+
+  scratch   a student of the LRC student's shape (teacher config with hidden_size = d_S), random
+            init (the config's initializer_range), next-token LM loss only.
+  kd        the same random student, L = KL(p_T || p_S) + LM.
+  tinybert  the same random student, L = KL + LM + hidden_weight * sum_i E(h^S_i A_i, h^T_i)
+            + attn_weight * sum_i E(att^S_i, att^T_i): a learned d_S -> d_T map A_i per layer for
+            the hidden states (embedding output and every layer output) and the attention
+            probabilities [B, H, T, T] of every layer (heads are shared).
+  prune_kd  Minitron-style hard pruning: keep the d_S hidden channels with the largest mean
+            |RMSNorm output| of the teacher on calibration batches (the same channels in the
+            embeddings, every weight and every norm), then KL + LM.
+  sft       supervised fine-tuning of an HF model, LM loss on the assistant tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from lrc_src.clone import LowRankClone, LRCConfig
+from lrc_src.losses import clone_mse, kl_loss, lm_loss
+
+
+@dataclass
+class MethodOutput:
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def student_like(teacher: PreTrainedModel, d_S: int, seed: int) -> PreTrainedModel:
+    """A randomly initialised model of the LRC student's shape (same validation as LRC)."""
+    shape = LowRankClone(teacher, LRCConfig(student_hidden_size=d_S))  # validates d_S; cheap
+    scfg = shape.student_config()
+    del shape
+    torch.manual_seed(seed)
+    return type(teacher)(scfg)
+
+
+def hard_prune(teacher: PreTrainedModel, d_S: int, calibration_ids: torch.Tensor) -> PreTrainedModel:
+    """The teacher with all but the d_S most important hidden channels removed (Minitron-style).
+
+    Implemented as LRC's one-hot `init="prune"` start exported once: every projection selects
+    the kept channels and the norms keep the teacher's weights there (tested against slicing).
+    """
+    lrc = LowRankClone(teacher, LRCConfig(student_hidden_size=d_S, init="prune"))
+    lrc.init_from_pruning(calibration_ids)
+    return lrc.export_student()
+
+
+class StudentKD(nn.Module):
+    """A plain HF student trained with LM (+ optional KL to a frozen teacher): scratch, kd, prune_kd, sft."""
+
+    def __init__(self, student: PreTrainedModel, teacher: PreTrainedModel | None = None,
+                 kl_temperature: float = 40.0, kl_reduction: str = "batchmean"):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        self.kl_temperature, self.kl_reduction = kl_temperature, kl_reduction
+
+    def trainable_named_parameters(self):
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("teacher.")]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> MethodOutput:
+        labels = input_ids if labels is None else labels
+        logits = self.student(input_ids=input_ids).logits  # [B, T, V]
+        losses = {"lm": lm_loss(logits, labels)}
+        loss = losses["lm"]
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=input_ids).logits  # [B, T, V]
+            losses["kl"] = kl_loss(logits, t_logits, self.kl_temperature, self.kl_reduction)
+            loss = loss + losses["kl"]
+        return MethodOutput(loss, losses)
+
+    def eval_model(self) -> PreTrainedModel:
+        return self.student
+
+    def export(self, directory: str | Path, tokenizer=None) -> Path:
+        self.student.save_pretrained(directory, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        return Path(directory)
+
+
+class TinyBERTStyle(StudentKD):
+    """Random student + hidden-state MSE through learned d_S -> d_T maps + attention-map MSE + KL + LM."""
+
+    def __init__(self, student: PreTrainedModel, teacher: PreTrainedModel, hidden_weight: float = 1.0,
+                 attn_weight: float = 1.0, **kw):
+        super().__init__(student, teacher, **kw)
+        for m in (student, teacher):  # attention probabilities need the eager kernel
+            m.config._attn_implementation = "eager"
+        d_S, d_T = student.config.hidden_size, teacher.config.hidden_size
+        L = teacher.config.num_hidden_layers
+        self.hidden_maps = nn.ParameterList(
+            [nn.Parameter(torch.randn(d_S, d_T) * student.config.initializer_range) for _ in range(L + 1)]
+        )
+        self.hidden_weight, self.attn_weight = hidden_weight, attn_weight
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> MethodOutput:
+        labels = input_ids if labels is None else labels
+        s = self.student(input_ids=input_ids, output_hidden_states=True, output_attentions=True)
+        with torch.no_grad():
+            t = self.teacher(input_ids=input_ids, output_hidden_states=True, output_attentions=True)
+        # hidden_states: L+1 tensors [B, T, d]; attentions: L tensors [B, H, T, T]
+        hidden = sum(clone_mse(hs @ A, ht) for hs, ht, A in zip(s.hidden_states, t.hidden_states, self.hidden_maps))
+        attn = sum(clone_mse(a_s, a_t) for a_s, a_t in zip(s.attentions, t.attentions))
+        losses = {
+            "lm": lm_loss(s.logits, labels),
+            "kl": kl_loss(s.logits, t.logits, self.kl_temperature, self.kl_reduction),
+            "hidden": hidden,
+            "attn": attn,
+        }
+        loss = losses["lm"] + losses["kl"] + self.hidden_weight * hidden + self.attn_weight * attn
+        return MethodOutput(loss, losses)
+
+    def export(self, directory: str | Path, tokenizer=None) -> Path:
+        self.student.config._attn_implementation = "sdpa"
+        return super().export(directory, tokenizer)
+
+
+class LRCMethod(nn.Module):
+    """LowRankClone behind the common method interface."""
+
+    def __init__(self, clone: LowRankClone):
+        super().__init__()
+        self.clone = clone
+
+    def trainable_named_parameters(self):
+        return [(f"clone.{n}", p) for n, p in self.clone.trainable_named_parameters()]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> MethodOutput:
+        out = self.clone.clone(input_ids, labels)
+        return MethodOutput(out.loss, out.losses)
+
+    def eval_model(self) -> PreTrainedModel:
+        return self.clone.export_student()
+
+    def export(self, directory: str | Path, tokenizer=None) -> Path:
+        return self.clone.save_student(directory, tokenizer)
+
+
+def load_causal_lm(folder: str | Path) -> PreTrainedModel:
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {str(folder)!r} has no config.json")
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

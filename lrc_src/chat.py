@@ -1,0 +1,60 @@
+"""Chat data for the SFT stage: render conversations with the tokenizer's chat template and mask
+everything but the assistant replies (labels = -100 on prompt, system and padding tokens)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+IGNORE = -100
+
+
+def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
+    """Conversations from a jsonl file, one {"messages": [{"role": ..., "content": ...}, ...]} per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"chat data {str(path)!r} does not exist")
+    convs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        msgs = row.get("messages")
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs):
+            raise ValueError(f"{path}:{n}: expected {{'messages': [{{'role': ..., 'content': ...}}, ...]}}")
+        convs.append(msgs)
+    if not convs:
+        raise ValueError(f"chat data {str(path)!r} has no conversations")
+    return convs
+
+
+def _ids(tokenizer, messages, **kw) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, **kw)
+    if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def encode_conversation(tokenizer, messages: list[dict], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids, labels [seq_len]: assistant tokens are targets, the rest is masked; padded with EOS."""
+    ids = _ids(tokenizer, messages)
+    labels = [IGNORE] * len(ids)
+    for j, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_ids(tokenizer, messages[:j], add_generation_prompt=True))
+        end = len(_ids(tokenizer, messages[: j + 1]))
+        assert ids[:end] == _ids(tokenizer, messages[: j + 1]), "chat template is not prefix-stable"
+        labels[start:end] = ids[start:end]
+    ids, labels = ids[:seq_len], labels[:seq_len]
+    pad = seq_len - len(ids)
+    pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return (np.array(ids + [pad_id] * pad, dtype=np.int64), np.array(labels + [IGNORE] * pad, dtype=np.int64))
+
+
+def encode_chat_file(tokenizer, path: str | Path, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """All conversations of a chat jsonl: input_ids [N, seq_len], labels [N, seq_len]."""
+    pairs = [encode_conversation(tokenizer, c, seq_len) for c in read_chat_jsonl(path)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

@@ -1,0 +1,102 @@
+"""Command line: `lrc train`, `lrc export`, `lrc eval`.
+
+    lrc train --config config/tiny.yaml --output-dir runs/tiny-lrc [--set train.max_steps=20 ...]
+    accelerate launch -m lrc_src.cli train --config config/paper-lrc-1.5b.yaml --output-dir runs/lrc-1.5b
+    lrc export --run runs/tiny-lrc --output exported/
+    lrc eval --model runs/tiny-lrc/student --suite tiny --output eval.csv
+
+User errors (bad config, missing files, bad values) print one line `lrc: error: ...` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lrc_src.config import load_config
+    from lrc_src.train import train
+
+    cfg = load_config(args.config, args.set)
+    out = train(cfg, args.output_dir, progress=not args.no_progress)
+    print(f"run complete: {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Rebuild the method from a run folder's config + checkpoint and export the student."""
+    from transformers import AutoTokenizer  # noqa: F401
+
+    from lrc_src.config import load_config
+    from lrc_src.train import export_run
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file() or not (run / "checkpoint").is_dir():
+        raise FileNotFoundError(f"{str(run)!r} is not a run folder (needs config.yaml and checkpoint/)")
+    cfg = load_config(run / "config.yaml")
+    export_run(cfg, run, args.output)
+    print(f"exported student: {args.output}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from lrc_src.evaluate import run_eval_from_args
+
+    return run_eval_from_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lrc", description="Low-Rank Clone distillation: train, export, evaluate.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train LRC or a baseline (resumes if --output-dir has a checkpoint)",
+                       description="Train the method named in the config (lrc, scratch, kd, tinybert, prune_kd, "
+                                   "sft). Re-running the same command on the same --output-dir resumes from its "
+                                   "last checkpoint. Multi-GPU: accelerate launch -m lrc_src.cli train ...")
+    t.add_argument("--config", required=True, help="YAML profile, e.g. config/tiny.yaml")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=20 --set lrc.alpha=0.5 (repeatable)")
+    t.add_argument("--output-dir", required=True, help="run folder (metrics.csv, checkpoint/, student/)")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("export", help="export the student of a run's checkpoint as a plain HF folder",
+                       description="Materialise the student from a run folder's last checkpoint into a plain "
+                                   "Hugging Face folder (safetensors, config, tokenizer) that loads with "
+                                   "AutoModelForCausalLM.from_pretrained and no custom code.")
+    e.add_argument("--run", required=True, help="run folder written by `lrc train`")
+    e.add_argument("--output", required=True, help="folder to write the student to")
+    e.set_defaults(func=_export)
+
+    from lrc_src.evaluate import add_eval_arguments
+
+    v = sub.add_parser("eval", help="evaluate an HF model folder with lm-eval on a task suite",
+                       description="Evaluate a model folder with lm-eval (hf backend) on a suite: tiny (offline), "
+                                   "paper, paper-5shot, safety (hub). Writes a tidy CSV.")
+    add_eval_arguments(v)
+    v.set_defaults(func=_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"lrc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lrc: interrupted (re-run the same command to resume)", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        if type(e).__name__ in ("NonFiniteLossError", "HubDatasetsUnavailable"):
+            print(f"lrc: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Typed experiment configuration, loaded from commented YAML profiles (config/*.yaml).
+
+One `ExperimentConfig` describes a training run: which method, which teacher, which data, the
+method's settings and the optimisation budget. Unknown keys are errors naming the key; values
+are coerced to the declared types (YAML reads `1e-3` as a string; we do not).
+
+    cfg = load_config("config/tiny.yaml", overrides=["train.max_steps=10", "lrc.alpha=0.5"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lrc_src.clone import LRCConfig
+
+METHODS = ("lrc", "scratch", "kd", "tinybert", "prune_kd", "sft")
+
+
+@dataclass
+class DataConfig:
+    """Training text: offline corpora (python-docs, kjv, local:<glob>) or a hub mix."""
+
+    corpus: list[str] = field(default_factory=lambda: ["python-docs"])  # see lrc_src.data
+    seq_len: int = 256  # packed sequence length (paper: 2048)
+    heldout_frac: float = 0.02  # share of documents held out (by document) for evaluation
+    max_train_tokens: int | None = None  # cap on tokenised training text (None = all)
+    mix: dict[str, float] | None = None  # hub mix weights (paper profile), e.g. {fineweb_edu: 10}
+    mix_files: dict[str, str] | None = None  # local stand-ins for hub sources (same schema)
+
+    def __post_init__(self) -> None:
+        if self.seq_len <= 0:
+            raise ValueError(f"data.seq_len={self.seq_len} must be > 0")
+        if not 0 < self.heldout_frac < 1:
+            raise ValueError(f"data.heldout_frac={self.heldout_frac} must be in (0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation budget and schedule (paper: AdamW 0.9/0.999, wd 0, 0.5% warmup, linear decay)."""
+
+    max_steps: int | None = None  # optimizer steps; or set max_tokens
+    max_tokens: int | None = None  # total training tokens (overrides max_steps when set)
+    batch_size: int = 4  # sequences per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_norm: float | None = None  # lr of student norm weights (None = lr)
+    warmup_ratio: float = 0.005
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    mixed_precision: str = "auto"  # auto | bf16 | no  (auto: bf16 where the hardware supports it)
+    log_every: int = 1
+    eval_every: int = 0  # held-out loss every N steps (0 = only at the end)
+    eval_batches: int = 4  # held-out blocks evaluated = eval_batches * batch_size
+    save_every: int = 50  # checkpoint every N steps (and at the end)
+    export_at: list[int] = field(default_factory=list)  # steps at which to export a student (Fig. 4-5)
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads (None = torch default)
+
+    def __post_init__(self) -> None:
+        if self.max_steps is None and self.max_tokens is None:
+            raise ValueError("train.max_steps or train.max_tokens must be set")
+        for name in ("batch_size", "grad_accum", "log_every", "save_every", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be > 0")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"train.max_steps={self.max_steps} must be > 0")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr={self.lr} must be > 0")
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise ValueError(f"train.mixed_precision={self.mixed_precision!r} is not one of ('auto', 'bf16', 'no')")
+
+
+@dataclass
+class BaselineConfig:
+    """Settings of the baselines (spec section 2)."""
+
+    kl_temperature: float = 40.0  # KD / prune_kd / tinybert logit KL (same as LRC by default)
+    kl_reduction: str = "batchmean"
+    use_kl: bool = True  # kd/prune_kd/tinybert (scratch never uses it)
+    hidden_weight: float = 1.0  # tinybert: hidden-state MSE weight
+    attn_weight: float = 1.0  # tinybert: attention-map MSE weight
+    calibration_batches: int = 4  # prune_kd: batches used to score channels
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning of an exported model on chat data (paper: UltraChat-200k)."""
+
+    model: str | None = None  # HF folder of the model to fine-tune
+    chat_data: str | None = None  # jsonl with {"messages": [{"role", "content"}, ...]}
+
+
+@dataclass
+class ExperimentConfig:
+    method: str = "lrc"
+    teacher: str = "smollm2-135m-instruct"  # local HF folder, hub id, smollm2-135m-instruct, random-*-micro
+    lrc: LRCConfig = field(default_factory=lambda: LRCConfig(student_hidden_size=288))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=10))
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {METHODS}")
+        if self.method == "sft" and not self.sft.model:
+            raise ValueError("method=sft needs sft.model (an exported HF folder)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Coerce a YAML value to the annotated type `tp`, or raise ValueError naming `key`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{key}={value!r}: expected {tp}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}={value!r}: expected a list")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        out = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}={value!r}: expected a mapping")
+        _, vt = typing.get_args(tp)
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}={value!r}: expected true or false")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{key}={value!r}: expected a number")
+        try:
+            num = float(value) if tp is float else value
+            if tp is int:
+                if isinstance(value, str):
+                    num = float(value)
+                if float(num) != int(num):
+                    raise ValueError
+                num = int(num)
+            return num
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r}: expected {tp.__name__}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}={value!r}: expected a string")
+        return value
+    return value
+
+
+def _build(cls: type, d: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        where = f" in {prefix}" if prefix else ""
+        raise ValueError(f"unknown config key(s) {[f'{prefix}.{k}'.lstrip('.') for k in unknown]}{where}; "
+                         f"allowed: {names}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}".lstrip(".")) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ValueError(f"--set {dotted}: {k} is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return out
+
+
+def config_from_dict(d: dict, overrides: list[str] | None = None) -> ExperimentConfig:
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (d or {}).items()}
+    for key, value in parse_overrides(overrides):
+        _set_dotted(d, key, value)
+    return _build(ExperimentConfig, d)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML profile, apply `key.sub=value` overrides, validate, return the typed config."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {str(path)!r} must contain a mapping")
+    return config_from_dict(d, overrides)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    def plain(x):
+        if isinstance(x, tuple):
+            return [plain(v) for v in x]
+        if isinstance(x, list):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)

@@ -1,0 +1,401 @@
+"""One trainer for LRC and every baseline: `train(cfg, output_dir)`.
+
+Reads top to bottom: setup (teacher, data, method; every user error is raised here, before the
+run folder is touched), `accelerator.prepare`, resume from the last checkpoint, the loop, save.
+
+Run folder:
+    config.yaml        the resolved config
+    metrics.csv        one row per log_every steps: step, tokens, lr, loss, every loss term,
+                       grad_norm, tokens_per_s, heldout_loss (every eval_every steps and at the end)
+    checkpoint/        trainable state (safetensors), optimizer, scheduler, RNG, step
+    exports/step_N/    students exported at train.export_at steps
+    student/           the final student as a plain HF folder with tokenizer
+    run.json           written last: {"status": "complete", ...}; its absence means incomplete
+
+Re-running the same command on the same folder resumes from checkpoint/ (metrics rows after the
+checkpoint are dropped and recomputed), so a killed run continues exactly as if uninterrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from lrc_src.baselines import LRCMethod, StudentKD, TinyBERTStyle, hard_prune, load_causal_lm, student_like
+from lrc_src.clone import LowRankClone
+from lrc_src.config import ExperimentConfig, dump_config
+from lrc_src.losses import lm_loss
+
+TIMING_COLUMNS = ("tokens_per_s", "elapsed_s")  # the only columns that differ between reruns
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- setup helpers
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """'auto' -> 'bf16' on CUDA with bf16, or on a CPU with native bf16 (avx512_bf16/amx); else 'no'."""
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "no"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
+
+
+class Batches:
+    """Deterministic micro-batches from packed blocks [N, T]: shuffled by seed, one permutation per
+    epoch, sharded by process. The batch is a pure function of (step, micro, process), so resuming
+    needs only the step."""
+
+    def __init__(self, blocks: np.ndarray, batch_size: int, seed: int, labels: np.ndarray | None = None):
+        if len(blocks) == 0:
+            raise ValueError("no training blocks: the corpus is smaller than one sequence")
+        self.blocks, self.labels, self.B, self.seed = blocks, labels, batch_size, seed
+        self._perm_epoch, self._perm = -1, None
+
+    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The index-th global micro-batch: input_ids [B, T] (and labels)."""
+        N = len(self.blocks)
+        rows = []
+        for j in range(index * self.B, (index + 1) * self.B):
+            epoch, pos = divmod(j, N)
+            if epoch != self._perm_epoch:
+                self._perm = np.random.default_rng([self.seed, epoch]).permutation(N)
+                self._perm_epoch = epoch
+            rows.append(self._perm[pos])
+        ids = torch.from_numpy(np.asarray(self.blocks[rows], dtype=np.int64))
+        lab = None if self.labels is None else torch.from_numpy(np.asarray(self.labels[rows], dtype=np.int64))
+        return ids, lab
+
+
+def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray) -> torch.nn.Module:
+    """The method module for cfg.method (see lrc_src.baselines for what each one trains)."""
+    b, d_S, seed = cfg.baseline, cfg.lrc.student_hidden_size, cfg.train.seed
+    kd = dict(kl_temperature=b.kl_temperature, kl_reduction=b.kl_reduction)
+    if cfg.method == "lrc":
+        torch.manual_seed(seed)
+        clone = LowRankClone(teacher, cfg.lrc)
+        if cfg.lrc.init == "prune":
+            n = b.calibration_batches * cfg.train.batch_size
+            clone.init_from_pruning(torch.from_numpy(np.asarray(train_blocks[:n], dtype=np.int64)))
+        return LRCMethod(clone)
+    if cfg.method == "scratch":
+        return StudentKD(student_like(teacher, d_S, seed))
+    if cfg.method == "kd":
+        return StudentKD(student_like(teacher, d_S, seed), teacher if b.use_kl else None, **kd)
+    if cfg.method == "tinybert":
+        torch.manual_seed(seed)
+        return TinyBERTStyle(student_like(teacher, d_S, seed), teacher, b.hidden_weight, b.attn_weight, **kd)
+    if cfg.method == "prune_kd":
+        n = b.calibration_batches * cfg.train.batch_size
+        calib = torch.from_numpy(np.asarray(train_blocks[:n], dtype=np.int64))
+        return StudentKD(hard_prune(teacher, d_S, calib), teacher if b.use_kl else None, **kd)
+    if cfg.method == "sft":
+        return StudentKD(teacher)  # for sft the "teacher" slot holds the model being fine-tuned
+    raise AssertionError(cfg.method)
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float):
+    """Linear warmup over warmup_ratio * total steps, then linear decay to 0 (paper)."""
+    warmup = max(1, math.ceil(warmup_ratio * total_steps)) if warmup_ratio > 0 else 0
+
+    def f(step: int) -> float:  # step = optimizer steps taken so far
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return f
+
+
+def _set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, method, optimizer, scheduler, step: int) -> None:
+    """Atomically replace path/ with the state after `step` optimizer steps."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {n: p.detach().cpu().contiguous() for n, p in method.trainable_named_parameters()}
+    save_file(state, tmp / "trainable.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, method, optimizer, scheduler) -> int:
+    state = load_file(path / "trainable.safetensors")
+    params = dict(method.trainable_named_parameters())
+    missing = sorted(set(params) - set(state))
+    if missing:
+        raise ValueError(f"checkpoint {path} does not match this config (missing {missing[:3]}...)")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n].to(p.device, p.dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(json.loads((path / "state.json").read_text())["step"])
+
+
+class MetricsLog:
+    """metrics.csv: header from the first row; on resume, rows after the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        self.columns: list[str] | None = None
+        if path.exists() and resume_step > 0:
+            with path.open() as f:
+                rows = list(csv.DictReader(f))
+            if rows:
+                self.columns = list(rows[0].keys())
+            self._rewrite([r for r in rows if int(r["step"]) <= resume_step])
+        elif path.exists():
+            path.unlink()
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            if self.columns:
+                w = csv.DictWriter(f, self.columns)
+                w.writeheader()
+                w.writerows(rows)
+        tmp.replace(self.path)
+
+    def write(self, row: dict) -> None:
+        new = self.columns is None
+        if new:
+            self.columns = list(row)
+        with self.path.open("a", newline="") as f:
+            w = csv.DictWriter(f, self.columns, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow({k: row.get(k, "") for k in self.columns})
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return repr(x)
+    return str(x)
+
+
+@torch.no_grad()
+def heldout_loss(model, heldout: np.ndarray, n_blocks: int, batch_size: int, accelerator) -> float:
+    """Mean next-token LM loss (nats/token) of the student on the first n_blocks held-out blocks."""
+    blocks = np.asarray(heldout[:n_blocks], dtype=np.int64)
+    if len(blocks) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        ids = torch.from_numpy(blocks[i : i + batch_size]).to(accelerator.device)
+        with accelerator.autocast():
+            logits = model(input_ids=ids).logits
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        total += lm_loss(logits, ids).item() * n
+        count += n
+    model.train(was_training)
+    return total / count
+
+
+def load_inputs(cfg: ExperimentConfig):
+    """(teacher, tokenizer, train blocks [N, T], train labels or None, held-out blocks) for cfg.
+
+    For method=sft the "teacher" is the model being fine-tuned and the blocks are chat examples."""
+    from lrc_src.data import prepare_data  # heavy deps load only when training
+    from lrc_src.teachers import load_teacher
+
+    if cfg.method == "sft":
+        from transformers import AutoTokenizer
+
+        from lrc_src.chat import encode_chat_file
+
+        if not cfg.sft.chat_data:
+            raise ValueError("method=sft needs sft.chat_data (a jsonl of {'messages': [...]})")
+        model = load_causal_lm(cfg.sft.model)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.sft.model)
+        ids, labels = encode_chat_file(tokenizer, cfg.sft.chat_data, cfg.data.seq_len)
+        n_held = max(1, int(round(len(ids) * cfg.data.heldout_frac)))
+        if n_held >= len(ids):
+            raise ValueError(f"sft.chat_data {cfg.sft.chat_data!r} has too few conversations ({len(ids)})")
+        return model, tokenizer, ids[n_held:], labels[n_held:], ids[:n_held]
+    teacher, tokenizer = load_teacher(cfg.teacher)
+    corpus = {"mix": cfg.data.mix, "data_files": cfg.data.mix_files or {}} if cfg.data.mix else cfg.data.corpus
+    data = prepare_data(tokenizer, corpus, cfg.data.seq_len, heldout_frac=cfg.data.heldout_frac,
+                        seed=cfg.train.seed, max_train_tokens=cfg.data.max_train_tokens)
+    return teacher, tokenizer, data.train, None, data.heldout
+
+
+def export_run(cfg: ExperimentConfig, run_dir: str | Path, output: str | Path) -> Path:
+    """Export the student of run_dir's last checkpoint to `output` (plain HF folder + tokenizer)."""
+    teacher, tokenizer, train_blocks, _, _ = load_inputs(cfg)
+    method = build_method(cfg, teacher, train_blocks)
+    state = load_file(Path(run_dir) / "checkpoint" / "trainable.safetensors")
+    with torch.no_grad():
+        for n, p in method.trainable_named_parameters():
+            p.copy_(state[n])
+    _export_atomic(method, Path(output), tokenizer)
+    return Path(output)
+
+
+# ---------------------------------------------------------------- train
+
+
+def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True) -> Path:
+    """Train cfg.method; resume if output_dir holds a checkpoint of the same config. Returns output_dir."""
+    out = Path(output_dir)
+    if (out / "run.json").is_file() and json.loads((out / "run.json").read_text()).get("status") == "complete":
+        saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else None
+        if saved == dump_config(cfg):
+            return out
+        raise ValueError(f"{out} holds a completed run of a different config; choose another --output-dir")
+    _set_threads(cfg.train.threads)
+    tc = cfg.train
+
+    # ---- setup: everything that can fail on user input happens before the run folder is written
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc.mixed_precision))
+    torch.manual_seed(tc.seed)
+    teacher, tokenizer, train_blocks, train_labels, heldout = load_inputs(cfg)
+    batches = Batches(train_blocks, tc.batch_size, tc.seed, train_labels)
+    method = build_method(cfg, teacher, train_blocks).to(accelerator.device)
+    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len * accelerator.num_processes
+    total_steps = math.ceil(tc.max_tokens / tokens_per_step) if tc.max_tokens else tc.max_steps
+
+    params = method.trainable_named_parameters()
+    norm_lr = tc.lr_norm if tc.lr_norm is not None else tc.lr
+    groups = [
+        {"params": [p for n, p in params if p.ndim >= 2], "lr": tc.lr},
+        {"params": [p for n, p in params if p.ndim < 2], "lr": norm_lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tc.warmup_ratio))
+    method, optimizer = accelerator.prepare(method, optimizer)
+    unwrapped = accelerator.unwrap_model(method)
+
+    # ---- resume
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint"
+    start = 0
+    if ckpt.is_dir():
+        saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else None
+        if saved is not None and saved != dump_config(cfg):
+            raise ValueError(f"{out} holds a checkpoint of a different config; choose another --output-dir")
+        start = load_checkpoint(ckpt, unwrapped, optimizer, scheduler)
+    if accelerator.is_main_process:
+        (out / "config.yaml").write_text(dump_config(cfg))
+    log = MetricsLog(out / "metrics.csv", start) if accelerator.is_main_process else None
+
+    # ---- loop
+    method.train()
+    bar = tqdm(total=total_steps, initial=start, desc=f"{cfg.method}", unit="step",
+               disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
+    t_last, tokens_last, t0 = time.perf_counter(), start * tokens_per_step, time.perf_counter()
+    for step in range(start, total_steps):
+        lr_now = [g["lr"] for g in optimizer.param_groups][0]
+        sums: dict[str, float] = {}
+        for micro in range(tc.grad_accum):
+            index = (step * tc.grad_accum + micro) * accelerator.num_processes + accelerator.process_index
+            ids, labels = batches.get(index)
+            ids = ids.to(accelerator.device)
+            labels = labels.to(accelerator.device) if labels is not None else None
+            sync = micro == tc.grad_accum - 1
+            with accelerator.no_sync(method) if not sync else contextlib.nullcontext():
+                with accelerator.autocast():
+                    o = method(ids, labels)
+                if not torch.isfinite(o.loss):
+                    bar.close()
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({o.loss.item()}) at step {step + 1}; last good checkpoint: "
+                        f"{ckpt if ckpt.is_dir() else 'none'} (lower train.lr or check the data)")
+                accelerator.backward(o.loss / tc.grad_accum)
+            for k, v in [("loss", o.loss)] + list(o.losses.items()):
+                sums[k] = sums.get(k, 0.0) + v.detach().float().item() / tc.grad_accum
+        grad_norm = accelerator.clip_grad_norm_([p for _, p in params], tc.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        tokens = done * tokens_per_step
+        bar.update(1)
+        bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{(tokens - tokens_last) / max(time.perf_counter() - t_last, 1e-9):.0f}")
+
+        is_last = done == total_steps
+        evaluate_now = is_last or (tc.eval_every and done % tc.eval_every == 0)
+        if accelerator.is_main_process and (done % tc.log_every == 0 or evaluate_now):
+            now = time.perf_counter()
+            row = {"step": done, "tokens": tokens, "lr": lr_now, **sums,
+                   "grad_norm": float(grad_norm), "tokens_per_s": (tokens - tokens_last) / max(now - t_last, 1e-9),
+                   "elapsed_s": now - t0, "heldout_loss": ""}
+            if evaluate_now:
+                row["heldout_loss"] = heldout_loss(unwrapped.eval_model(), heldout, tc.eval_batches * tc.batch_size,
+                                                   tc.batch_size, accelerator)
+            log.write({k: _fmt(v) for k, v in row.items()})
+            t_last, tokens_last = time.perf_counter(), tokens
+        if accelerator.is_main_process and done in tc.export_at:
+            _export_atomic(unwrapped, out / "exports" / f"step_{done}", tokenizer)
+        if accelerator.is_main_process and (done % tc.save_every == 0 or is_last):
+            save_checkpoint(ckpt, unwrapped, optimizer, scheduler, done)
+        accelerator.wait_for_everyone()
+    bar.close()
+
+    # ---- save
+    if accelerator.is_main_process:
+        _export_atomic(unwrapped, out / "student", tokenizer)
+        info = {"status": "complete", "method": cfg.method, "steps": total_steps,
+                "tokens": total_steps * tokens_per_step, "trainable_parameters":
+                sum(p.numel() for _, p in params), "mixed_precision": accelerator.mixed_precision,
+                "num_processes": accelerator.num_processes}
+        (out / "run.json").write_text(json.dumps(info, indent=2))
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _export_atomic(method, directory: Path, tokenizer) -> None:
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    method.export(tmp, tokenizer)
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
