@@ -40,3 +40,14 @@ def make_teacher(kind: str = "llama-gqa-tied", seed: int = 0):
 def ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, VOCAB, (2, 19), generator=g)
+
+
+# One asset cache for the whole test session (teacher conversions, corpora, token caches), kept
+# in the repo's gitignored .lrc_cache unless the caller set LRC_CACHE.
+import os as _os
+from pathlib import Path as _Path
+
+_os.environ.setdefault("LRC_CACHE", str(_Path(__file__).resolve().parents[1] / ".lrc_cache"))
+_os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+_os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

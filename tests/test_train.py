@@ -1,0 +1,162 @@
+"""The trainer on the ci teacher: every method learns, kill -9 + resume is exact, bad input fails cleanly."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lrc_src.cli import main
+from lrc_src.config import config_from_dict, load_config
+from lrc_src.train import TIMING_COLUMNS, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CI = ROOT / "config" / "ci.yaml"
+
+
+def read_metrics(run):
+    with open(Path(run) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def ci_cfg(*overrides):
+    return load_config(CI, list(overrides))
+
+
+@pytest.mark.parametrize("method", ["lrc", "scratch", "kd", "tinybert", "prune_kd"])
+def test_each_method_learns(method, tmp_path):
+    cfg = ci_cfg(f"method={method}", "train.max_steps=12", "train.lr=1e-2", "train.eval_every=0",
+                 "train.save_every=100", "train.warmup_ratio=0")
+    run = train(cfg, tmp_path / method, progress=False)
+    rows = read_metrics(run)
+    assert len(rows) == 12
+    first = sum(float(r["loss"]) for r in rows[:3]) / 3
+    last = sum(float(r["loss"]) for r in rows[-3:]) / 3
+    assert last < first, (method, first, last)
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "complete" and info["steps"] == 12
+    assert (run / "student" / "config.json").is_file() and (run / "student" / "tokenizer.json").is_file()
+    assert rows[-1]["heldout_loss"] != ""
+
+
+def test_sft_masks_prompt_and_learns(tmp_path):
+    base = train(ci_cfg("train.max_steps=1"), tmp_path / "base", progress=False)
+    chats = tmp_path / "chat.jsonl"
+    with chats.open("w") as f:
+        for i in range(20):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Say the number {i}."},
+                                             {"role": "assistant", "content": f"The number is {i}."}]}) + "\n")
+    cfg = ci_cfg("method=sft", f"sft.model={base / 'student'}", f"sft.chat_data={chats}", "train.max_steps=10",
+                 "train.lr=1e-2", "data.heldout_frac=0.1", "train.warmup_ratio=0")
+    rows = read_metrics(train(cfg, tmp_path / "sft", progress=False))
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+
+    from transformers import AutoTokenizer
+    from lrc_src.chat import encode_conversation
+    tok = AutoTokenizer.from_pretrained(base / "student")
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    ids, labels = encode_conversation(tok, msgs, 64)
+    kept = tok.decode([int(i) for i in labels if i != -100])
+    assert "hello there" in kept and "hi" not in kept.replace("hello there", "")
+
+
+def test_kill_and_resume_is_exact(tmp_path):
+    """kill -9 mid-run, re-run the same command: metrics.csv equals an uninterrupted run's."""
+    args = ["--config", str(CI), "--set", "train.max_steps=10", "--set", "train.save_every=3",
+            "--set", "train.eval_every=5"]
+    ref = tmp_path / "ref"
+    assert main(["train", *args, "--output-dir", str(ref), "--no-progress"]) == 0
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "lrc_src.cli", "train", *args, "--output-dir", str(run), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if state.is_file() and json.loads(state.read_text())["step"] >= 6:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "run.json").exists(), "the run finished before it could be killed"
+    assert subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+    a, b = read_metrics(ref), read_metrics(run)
+    assert len(a) == len(b) == 10
+    for ra, rb in zip(a, b):
+        for col in ra:
+            if col not in TIMING_COLUMNS:
+                assert ra[col] == rb[col], (ra["step"], col)
+    # the final students are identical too
+    from safetensors.torch import load_file
+    sa, sb = load_file(ref / "student" / "model.safetensors"), load_file(run / "student" / "model.safetensors")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_rerun_of_complete_run_is_a_no_op(tmp_path):
+    cfg = ci_cfg("train.max_steps=2")
+    run = train(cfg, tmp_path / "r", progress=False)
+    mtime = (run / "metrics.csv").stat().st_mtime
+    train(cfg, run, progress=False)
+    assert (run / "metrics.csv").stat().st_mtime == mtime
+    with pytest.raises(ValueError, match="different config"):
+        train(ci_cfg("train.max_steps=3"), run, progress=False)
+
+
+def test_grad_accum_and_max_tokens(tmp_path):
+    cfg = ci_cfg("train.max_tokens=1024", "train.grad_accum=2", "train.batch_size=2")
+    run = train(cfg, tmp_path / "acc", progress=False)
+    rows = read_metrics(run)
+    assert len(rows) == 4 and rows[-1]["tokens"] == "1024"  # 1024 / (2*2*64) = 4 steps
+
+
+def _bad(tmp_path, capsys, *argv, config=CI):
+    out = tmp_path / "out"
+    code = main(["train", "--config", str(config), *argv, "--output-dir", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("lrc: error: "), err
+    assert not (out / "run.json").exists() and not (out / "metrics.csv").exists()
+    return err[0]
+
+
+def test_bad_input_one_line_errors(tmp_path, capsys):
+    assert "does-not-exist" in _bad(tmp_path, capsys, "--set", f"teacher={tmp_path / 'does-not-exist'}")
+    assert "method='distill'" in _bad(tmp_path, capsys, "--set", "method=distill")
+    assert "seq_len=0" in _bad(tmp_path, capsys, "--set", "data.seq_len=0")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "local:" in _bad(tmp_path, capsys, "--set", f"data.corpus=['local:{empty}/*.txt']")
+    bad_yaml = tmp_path / "bad.yaml"
+    d = yaml.safe_load(CI.read_text())
+    d["train"]["learning_rate"] = 0.1
+    bad_yaml.write_text(yaml.safe_dump(d))
+    assert "train.learning_rate" in _bad(tmp_path, capsys, config=bad_yaml)
+    assert "config file" in _bad(tmp_path, capsys, config=tmp_path / "missing.yaml")
+
+
+def test_vocab_mismatch_fails(tmp_path, capsys):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from lrc_src.teachers import teacher_folder
+    tok = AutoTokenizer.from_pretrained(teacher_folder("random-llama-micro"))
+    folder = tmp_path / "small-vocab"
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=1000)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    assert "1000" in _bad(tmp_path, capsys, "--set", f"teacher={folder}")
+
+
+def test_config_types_are_coerced_and_checked():
+    cfg = config_from_dict(yaml.safe_load(CI.read_text()), ["train.lr=1e-3", "lrc.clone_terms=[q,gate]"])
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.lrc.clone_terms == ("q", "gate")
+    with pytest.raises(ValueError, match="train.max_steps='many'"):
+        config_from_dict(yaml.safe_load(CI.read_text()), ["train.max_steps=many"])
+    with pytest.raises(ValueError, match=r"lrc.alhpa"):
+        config_from_dict(yaml.safe_load(CI.read_text()), ["lrc.alhpa=0.3"])
