@@ -20,8 +20,17 @@ def _train(args: argparse.Namespace) -> int:
     from lrc_src.train import train
 
     cfg = load_config(args.config, args.set)
-    out = train(cfg, args.output_dir, progress=not args.no_progress)
+    out = train(cfg, args.output_dir, progress=not args.no_progress, threads=args.threads)
     print(f"run complete: {out}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from lrc_src.config import load_config
+    from lrc_src.train import prepare_assets
+
+    info = prepare_assets(load_config(args.config, args.set), args.output_dir, threads=args.threads)
+    print(f"teacher held-out loss {info['teacher_heldout_loss']:.4f}; wrote {args.output_dir}/assets.json")
     return 0
 
 
@@ -60,7 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.max_steps=20 --set lrc.alpha=0.5 (repeatable)")
     t.add_argument("--output-dir", required=True, help="run folder (metrics.csv, checkpoint/, student/)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.set_defaults(func=_train)
+
+    pr = sub.add_parser("prepare", help="fetch the teacher and tokenise the data of a config once",
+                        description="Convert/fetch the teacher, build and tokenise the corpus (cached), and "
+                                    "write OUTPUT_DIR/assets.json (teacher folder, held-out documents, the "
+                                    "teacher's held-out loss) and OUTPUT_DIR/heldout.jsonl.")
+    pr.add_argument("--config", required=True, help="YAML profile, e.g. config/tiny.yaml")
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    pr.add_argument("--output-dir", required=True, help="folder for assets.json and heldout.jsonl")
+    pr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    pr.set_defaults(func=_prepare)
 
     e = sub.add_parser("export", help="export the student of a run's checkpoint as a plain HF folder",
                        description="Materialise the student from a run folder's last checkpoint into a plain "

@@ -62,7 +62,6 @@ class TrainConfig:
     save_every: int = 50  # checkpoint every N steps (and at the end)
     export_at: list[int] = field(default_factory=list)  # steps at which to export a student (Fig. 4-5)
     seed: int = 0
-    threads: int | None = None  # torch CPU threads (None = torch default)
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_tokens is None:

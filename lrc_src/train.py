@@ -268,6 +268,47 @@ def load_inputs(cfg: ExperimentConfig):
     return teacher, tokenizer, data.train, None, data.heldout
 
 
+def prepare_assets(cfg: ExperimentConfig, output_dir: str | Path, threads: int | None = None) -> dict:
+    """Fetch/convert the teacher and tokenise the data once for a profile, so that parallel runs
+    reuse the caches. Writes output_dir/assets.json (teacher folder, held-out documents, token
+    counts, the teacher's held-out loss on the same blocks the runs evaluate) and a copy of the
+    held-out documents as output_dir/heldout.jsonl."""
+    from lrc_src.teachers import teacher_folder
+
+    _set_threads(threads)
+    out = Path(output_dir)
+    teacher, tokenizer, train_blocks, _, heldout = load_inputs(cfg)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
+    n = cfg.train.eval_batches * cfg.train.batch_size
+    info = {
+        "teacher": cfg.teacher,
+        "teacher_folder": str(teacher_folder(cfg.teacher)) if cfg.method != "sft" else cfg.sft.model,
+        "train_blocks": int(len(train_blocks)), "heldout_blocks": int(len(heldout)),
+        "seq_len": cfg.data.seq_len,
+        "teacher_heldout_loss": heldout_loss(teacher, heldout, n, cfg.train.batch_size, accelerator),
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / "teacher"  # a stable path to the teacher's HF folder, for `lrc eval`
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(Path(info["teacher_folder"]).resolve(), target_is_directory=True)
+    if cfg.method != "sft":
+        from lrc_src.data import prepare_data  # cached: returns at once
+
+        src = prepare_data(tokenizer, cfg.data.corpus if not cfg.data.mix else
+                           {"mix": cfg.data.mix, "data_files": cfg.data.mix_files or {}}, cfg.data.seq_len,
+                           heldout_frac=cfg.data.heldout_frac, seed=cfg.train.seed,
+                           max_train_tokens=cfg.data.max_train_tokens).heldout_path
+        shutil.copyfile(src, out / "heldout.jsonl.tmp")
+        (out / "heldout.jsonl.tmp").replace(out / "heldout.jsonl")
+        info["heldout_path"] = str((out / "heldout.jsonl").resolve())
+    tmp = out / "assets.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(out / "assets.json")
+    return info
+
+
 def export_run(cfg: ExperimentConfig, run_dir: str | Path, output: str | Path) -> Path:
     """Export the student of run_dir's last checkpoint to `output` (plain HF folder + tokenizer)."""
     teacher, tokenizer, train_blocks, _, _ = load_inputs(cfg)
@@ -283,7 +324,7 @@ def export_run(cfg: ExperimentConfig, run_dir: str | Path, output: str | Path) -
 # ---------------------------------------------------------------- train
 
 
-def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True) -> Path:
+def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, threads: int | None = None) -> Path:
     """Train cfg.method; resume if output_dir holds a checkpoint of the same config. Returns output_dir."""
     out = Path(output_dir)
     if (out / "run.json").is_file() and json.loads((out / "run.json").read_text()).get("status") == "complete":
@@ -291,7 +332,7 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True) 
         if saved == dump_config(cfg):
             return out
         raise ValueError(f"{out} holds a completed run of a different config; choose another --output-dir")
-    _set_threads(cfg.train.threads)
+    _set_threads(threads)
     tc = cfg.train
 
     # ---- setup: everything that can fail on user input happens before the run folder is written

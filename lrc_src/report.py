@@ -1,0 +1,134 @@
+"""Turn run folders and evaluation CSVs into the paper's tables, as tidy frames.
+
+The notebooks in notebooks/ are thin: they call these functions, assert on what they read, plot,
+and write `results/<profile>/tables/<name>.csv`. Every number comes from a run folder
+(metrics.csv, run.json), an `lrc eval` CSV, or the paper CSVs in results/paper/.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+PAPER_FILES = ("paper_benchmarks.csv", "paper_ablations.csv", "paper_fewshot.csv")
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The repository root (the folder holding Snakefile), from the cwd or a notebook's folder."""
+    here = Path(start or Path.cwd()).resolve()
+    for p in (here, *here.parents):
+        if (p / "Snakefile").is_file() and (p / "lrc_src").is_dir():
+            return p
+    raise FileNotFoundError(f"no project root (a folder with Snakefile) above {here}")
+
+
+def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------- runs
+
+
+def read_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict]:
+    """metrics.csv as a frame (numeric) and run.json; raises if the run is not complete."""
+    run_dir = Path(run_dir)
+    info_path = run_dir / "run.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no run.json: the run is missing or incomplete")
+    info = json.loads(info_path.read_text())
+    assert info.get("status") == "complete", f"{run_dir}: {info}"
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    return metrics, info
+
+
+def final_losses(runs: dict[str, str | Path], last_k: int = 5) -> pd.DataFrame:
+    """One row per run: tokens, train LM loss (mean of the last `last_k` logged steps), final
+    held-out LM loss, trainable parameters, median tokens/s. Long (tidy) format."""
+    rows = []
+    for name, d in runs.items():
+        m, info = read_run(d)
+        held = m["heldout_loss"].dropna()
+        values = {
+            "train_lm_loss": float(m["lm"].tail(last_k).mean()),
+            "heldout_loss": float(held.iloc[-1]) if len(held) else np.nan,
+            "trainable_parameters": float(info["trainable_parameters"]),
+            "tokens_per_s": float(m["tokens_per_s"].median()),
+            "tokens": float(m["tokens"].iloc[-1]),
+        }
+        rows += [{"run": name, "metric": k, "value": v} for k, v in values.items()]
+    return pd.DataFrame(rows)
+
+
+def loss_curves(runs: dict[str, str | Path]) -> pd.DataFrame:
+    """Tidy curves: run, step, tokens, metric (lm, loss, heldout_loss, clone, ...), value."""
+    frames = []
+    for name, d in runs.items():
+        m, _ = read_run(d)
+        keep = [c for c in m.columns if c not in ("step", "tokens", "lr", "grad_norm", "tokens_per_s", "elapsed_s")]
+        long = m.melt(id_vars=["step", "tokens"], value_vars=keep, var_name="metric", value_name="value")
+        long.insert(0, "run", name)
+        frames.append(long.dropna(subset=["value"]))
+    return pd.concat(frames, ignore_index=True)
+
+
+def tokens_to_reach(curves: pd.DataFrame, threshold: float, metric: str = "lm", smooth: int = 3) -> pd.DataFrame:
+    """First token count at which each run's (rolling-mean) `metric` is <= threshold (NaN if never)."""
+    rows = []
+    for run, g in curves[curves.metric == metric].groupby("run", sort=False):
+        g = g.sort_values("tokens")
+        s = g["value"].rolling(smooth, min_periods=1).mean()
+        hit = g["tokens"][s <= threshold]
+        rows.append({"run": run, "metric": f"tokens_to_{metric}_{threshold:g}",
+                     "value": float(hit.iloc[0]) if len(hit) else np.nan})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- evaluations
+
+
+def read_evals(evals: dict[str, str | Path]) -> pd.DataFrame:
+    """Concatenate `lrc eval` CSVs, with the model column set to the given names."""
+    frames = []
+    for name, path in evals.items():
+        df = pd.read_csv(path)
+        assert {"task", "metric", "value"} <= set(df.columns), path
+        df["model"] = name
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def main_table(evals: pd.DataFrame, finals: pd.DataFrame, teacher_heldout_loss: float) -> pd.DataFrame:
+    """Tidy main table: model, task, metric, value, stderr (benchmarks + held-out LM loss)."""
+    bench = evals[["model", "task", "metric", "value", "stderr"]].copy()
+    held = finals[finals.metric == "heldout_loss"].rename(columns={"run": "model"})
+    held = held.assign(task="heldout_lm", metric="loss_nats", stderr=np.nan)[bench.columns]
+    teacher = pd.DataFrame([{"model": "teacher", "task": "heldout_lm", "metric": "loss_nats",
+                             "value": teacher_heldout_loss, "stderr": np.nan}])
+    return pd.concat([bench, held, teacher], ignore_index=True)
+
+
+# ---------------------------------------------------------------- paper
+
+
+def paper_frame(name: str, root: str | Path | None = None) -> pd.DataFrame:
+    """One of the paper CSVs copied into results/paper/ (benchmarks, ablations, fewshot)."""
+    root = project_root(root)
+    path = root / "results" / "paper" / f"paper_{name}.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"paper table {path} is missing")
+    return pd.read_csv(path)
+
+
+def claim_row(claim: str, paper_evidence: str, measured: str, holds: bool | None, value: float = np.nan) -> dict:
+    verdict = "n/a" if holds is None else ("holds" if holds else "does not hold")
+    return {"claim": claim, "paper_evidence": paper_evidence, "measured_here": measured,
+            "value": value, "verdict": verdict}

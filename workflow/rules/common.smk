@@ -1,0 +1,80 @@
+# Profile loading, validation and the helpers the rules share.
+import json
+import shlex
+from pathlib import Path
+
+import yaml
+from snakemake.utils import validate
+
+PROFILE = str(config.get("profile", "tiny"))
+_profile_path = Path("config/workflow") / f"{PROFILE}.yaml"
+if not _profile_path.is_file():
+    _known = sorted(p.stem for p in Path("config/workflow").glob("*.yaml") if p.stem not in ("default", "schema"))
+    raise ValueError(f"unknown profile {PROFILE!r}: no {_profile_path}; known profiles: {_known}")
+P = yaml.safe_load(_profile_path.read_text())
+validate(P, "../../config/workflow/schema.yaml")
+RUNS = P["runs"]
+TABLES = P["tables"]
+for _t, _spec in TABLES.items():
+    _missing = [r for r in _spec.get("runs", []) if r not in RUNS]
+    if _missing:
+        raise ValueError(f"profile {PROFILE}: table {_t} uses undefined run(s) {_missing}")
+_missing = [m for m in P["eval"]["models"] if m != "teacher" and m not in RUNS]
+if _missing:
+    raise ValueError(f"profile {PROFILE}: eval.models uses undefined run(s) {_missing}")
+LAUNCHER = P.get("launcher", "lrc")
+R = f"results/{PROFILE}"
+
+
+wildcard_constraints:
+    profile=PROFILE,
+
+
+def run_dir(run):
+    return f"{R}/runs/{run}"
+
+
+def run_done(run):
+    return f"{R}/runs/{run}/run.json"
+
+
+def set_args(run):
+    """`--set key=value` arguments of a run's overrides (values as YAML flow)."""
+    args = []
+    for key, value in RUNS[run].items():
+        v = yaml.safe_dump(value, default_flow_style=True).strip()
+        v = v[:-4].strip() if v.endswith("\n...") or v.endswith("...") else v
+        args.append("--set " + shlex.quote(f"{key}={v}"))
+    return " ".join(args)
+
+
+def model_dir(model):
+    return f"{R}/assets/teacher" if model == "teacher" else f"{R}/runs/{model}/student"
+
+
+def table_runs(name):
+    return TABLES.get(name, {}).get("runs", [])
+
+
+def notebook_params(name, **extra):
+    """papermill -y YAML: the parameters every table notebook takes, plus extras."""
+    spec = TABLES.get(name, {})
+    params = {
+        "profile": PROFILE,
+        "table": name,
+        "runs": {r: run_dir(r) for r in spec.get("runs", [])},
+        "labels": spec.get("labels", {}),
+        "x": spec.get("x", {}),
+        "metric": spec.get("metric", "heldout_loss"),
+        "assets": f"{R}/assets/assets.json",
+        "output_csv": f"{R}/tables/{name}.csv",
+        "output_png": f"{R}/figures/{name}.png",
+        **extra,
+    }
+    return shlex.quote(json.dumps(params))
+
+
+def all_outputs():
+    outs = [f"{R}/tables/{t}.csv" for t in TABLES]
+    outs += [f"{R}/evals/{m}.csv" for m in P["eval"]["models"]]
+    return outs
