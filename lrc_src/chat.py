@@ -11,8 +11,24 @@ import numpy as np
 IGNORE = -100
 
 
+def read_hub_chats(dataset_id: str, split: str = "train_sft") -> list[list[dict]]:
+    """Conversations of a hub chat dataset with a `messages` column (e.g. UltraChat-200k's
+    train_sft split). Offline it fails at once naming the dataset."""
+    from lrc_src.teachers import hub_offline_reason
+
+    reason = hub_offline_reason()
+    if reason:
+        raise FileNotFoundError(f"chat dataset {dataset_id!r} needs the Hugging Face hub, which is unavailable ({reason})")
+    import datasets
+
+    return [row["messages"] for row in datasets.load_dataset(dataset_id, split=split)]
+
+
 def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
-    """Conversations from a jsonl file, one {"messages": [{"role": ..., "content": ...}, ...]} per line."""
+    """Conversations from a jsonl file, one {"messages": [{"role": ..., "content": ...}, ...]} per line,
+    or from the hub with `hub:<dataset id>` (see read_hub_chats)."""
+    if str(path).startswith("hub:"):
+        return read_hub_chats(str(path)[4:])
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"chat data {str(path)!r} does not exist")

@@ -128,7 +128,16 @@ def paper_frame(name: str, root: str | Path | None = None) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-def claim_row(claim: str, paper_evidence: str, measured: str, holds: bool | None, value: float = np.nan) -> dict:
-    verdict = "n/a" if holds is None else ("holds" if holds else "does not hold")
+def claim_row(claim: str, paper_evidence: str, measured: str, margin: float, tol: float) -> dict:
+    """One claim. `margin` is signed so that > 0 supports the claim (e.g. baseline loss - LRC loss);
+    |margin| <= tol (single seed, run-to-run noise) is 'inconclusive'."""
+    if not np.isfinite(margin):
+        verdict = "n/a"
+    elif margin > tol:
+        verdict = "holds"
+    elif margin < -tol:
+        verdict = "does not hold"
+    else:
+        verdict = "inconclusive"
     return {"claim": claim, "paper_evidence": paper_evidence, "measured_here": measured,
-            "value": value, "verdict": verdict}
+            "margin": margin, "tolerance": tol, "verdict": verdict}

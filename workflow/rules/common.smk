@@ -38,10 +38,35 @@ def run_done(run):
     return f"{R}/runs/{run}/run.json"
 
 
+# Keys of a run entry that the workflow consumes itself (the rest are `lrc train --set` overrides):
+#   config: the run's own train config (default: the profile's train_config)
+#   after:  a run whose exported student this run fine-tunes (sets sft.model, adds the dependency)
+WORKFLOW_KEYS = ("config", "after")
+for _r, _spec in RUNS.items():
+    if _spec.get("after") is not None and _spec["after"] not in RUNS:
+        raise ValueError(f"profile {PROFILE}: run {_r} is after undefined run {_spec['after']!r}")
+
+
+def run_config(run):
+    return RUNS[run].get("config", P["train_config"])
+
+
+def run_inputs(run):
+    ins = [f"{R}/assets/assets.json", run_config(run)]
+    if RUNS[run].get("after"):
+        ins.append(run_done(RUNS[run]["after"]))
+    return ins
+
+
 def set_args(run):
     """`--set key=value` arguments of a run's overrides (values as YAML flow)."""
     args = []
-    for key, value in RUNS[run].items():
+    spec = dict(RUNS[run])
+    if spec.get("after"):
+        spec["sft.model"] = f"{R}/runs/{spec['after']}/student"
+    for key, value in spec.items():
+        if key in WORKFLOW_KEYS:
+            continue
         v = yaml.safe_dump(value, default_flow_style=True).strip()
         v = v[:-4].strip() if v.endswith("\n...") or v.endswith("...") else v
         args.append("--set " + shlex.quote(f"{key}={v}"))
@@ -77,4 +102,5 @@ def notebook_params(name, **extra):
 def all_outputs():
     outs = [f"{R}/tables/{t}.csv" for t in TABLES]
     outs += [f"{R}/evals/{m}.csv" for m in P["eval"]["models"]]
+    outs += [f"{R}/evals/{m}__{s}.csv" for m in P["eval"]["models"] for s in P["eval"].get("extra_suites", [])]
     return outs

@@ -21,3 +21,24 @@ rule evaluate:
         "OMP_NUM_THREADS={threads} lrc eval --model {params.model} --suite {params.suite} {params.limit} "
         "--batch-size {params.batch} {params.heldout} --model-name {wildcards.model} --device {params.device} "
         "--output {output} > {log} 2>&1"
+
+
+rule evaluate_extra_suite:
+    input:
+        assets="results/{profile}/assets/assets.json",
+        run=lambda w: [] if w.model == "teacher" else [run_done(w.model)],
+    output:
+        "results/{profile}/evals/{model}__{suite}.csv",
+    log:
+        "results/{profile}/logs/eval_{model}__{suite}.log",
+    threads: P["threads_per_run"]
+    params:
+        model=lambda w: model_dir(w.model),
+        batch=P["eval"].get("batch_size", 8),
+        device=P["eval"].get("device", "cpu"),
+    wildcard_constraints:
+        suite="|".join(P["eval"].get("extra_suites", []) or ["__none__"]),
+    shell:
+        "OMP_NUM_THREADS={threads} lrc eval --model {params.model} --suite {wildcards.suite} "
+        "--batch-size {params.batch} --model-name {wildcards.model} --device {params.device} "
+        "--output {output} > {log} 2>&1"

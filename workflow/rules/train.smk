@@ -16,14 +16,14 @@ rule prepare:
 
 rule train:
     input:
-        "results/{profile}/assets/assets.json",
+        lambda w: run_inputs(w.run),
     output:
         "results/{profile}/runs/{run}/run.json",
     log:
         "results/{profile}/logs/train_{run}.log",
     threads: P["threads_per_run"]
     params:
-        config=P["train_config"],
+        config=lambda w: run_config(w.run),
         sets=lambda w: set_args(w.run),
         launcher=LAUNCHER,
     wildcard_constraints:
