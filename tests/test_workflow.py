@@ -1,0 +1,96 @@
+"""The replication DAG: the ci profile end to end, dry runs of tiny and paper, profile validation,
+notebook hygiene, environment.yml agreeing with pyproject.toml."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def snakemake(*args, timeout=1800):
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run([str(BIN / "snakemake"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("profile", ["tiny", "paper", "ci"])
+def test_dry_run(profile):
+    r = snakemake("-n", "--cores", "2", "--config", f"profile={profile}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rule all" in r.stdout or "Nothing to be done" in r.stdout
+
+
+def test_unknown_profile_is_a_clear_error():
+    r = snakemake("-n", "--cores", "1", "--config", "profile=huge")
+    assert r.returncode != 0
+    assert "unknown profile 'huge'" in r.stderr + r.stdout
+
+
+def test_ci_dag_end_to_end():
+    """The whole ci DAG: every table rule writes its CSV, figure and executed notebook."""
+    r = snakemake("--cores", "2", "--config", "profile=ci")
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    prof = yaml.safe_load((ROOT / "config/workflow/ci.yaml").read_text())
+    for table in prof["tables"]:
+        csv = ROOT / "results/ci/tables" / f"{table}.csv"
+        assert csv.is_file(), table
+        df = pd.read_csv(csv)
+        assert len(df) > 0, table
+        if table != "table8_throughput":
+            assert (ROOT / "results/ci/figures" / f"{table}.png").is_file(), table
+            assert (ROOT / "results/ci/notebooks" / f"{table}.ipynb").is_file(), table
+    main = pd.read_csv(ROOT / "results/ci/tables/table1_main.csv")
+    ours = main[main.source.str.startswith("this replication")]
+    assert set(ours.model) == {"teacher", "lrc", "scratch", "kd", "tinybert", "prune_kd"}
+    claims = pd.read_csv(ROOT / "results/ci/tables/claims.csv")
+    assert set(claims.verdict) <= {"holds", "does not hold", "inconclusive", "n/a"}
+    # a second invocation has nothing to do (outputs are up to date)
+    again = snakemake("-n", "--cores", "2", "--config", "profile=ci")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_notebook_sources_are_output_free_and_parametrised():
+    for nb_path in (ROOT / "notebooks").glob("*.ipynb"):
+        nb = json.loads(nb_path.read_text())
+        assert nb["cells"][0]["cell_type"] == "markdown" and nb["cells"][0]["source"], nb_path
+        tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, nb_path
+        for c in nb["cells"]:
+            if c["cell_type"] == "code":
+                assert not c.get("outputs") and c.get("execution_count") is None, nb_path
+
+
+def test_every_table_rule_has_a_log():
+    text = "".join(p.read_text() for p in (ROOT / "workflow/rules").glob("*.smk"))
+    rules = re.findall(r"^rule (\w+):", text, flags=re.M)
+    assert rules
+    for block in re.split(r"^rule ", text, flags=re.M)[1:]:
+        name = block.split(":")[0]
+        assert "log:" in block, f"rule {name} has no log"
+
+
+def _pip_pins():
+    text = (ROOT / "pyproject.toml").read_text()
+    deps = re.search(r"dependencies = \[(.*?)\]", text, re.S).group(1)
+    pins = {}
+    for spec in re.findall(r'"([^"]+)"', deps):
+        name = re.split(r"[<>=!\[ ]", spec, 1)[0].lower()
+        pins[name] = spec.replace(" ", "")
+    return pins
+
+
+def test_environment_yml_agrees_with_pyproject():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_list = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    env_pins = {re.split(r"[<>=!\[ ]", s, 1)[0].lower(): s.replace(" ", "") for s in pip_list}
+    for name, spec in _pip_pins().items():
+        assert name in env_pins, f"{name} missing from environment.yml"
+        assert env_pins[name] == spec, (name, env_pins[name], spec)
