@@ -1,0 +1,643 @@
+#!/usr/bin/env python
+"""Training throughput of LRC and every baseline, the paper's Table 8, measured in one process.
+
+For one profile (teacher + student shapes), every method that `lrc_src.train.build_method`
+builds is timed on the same random token batches (fixed seed):
+
+    lrc        LowRankClone, the profile's settings (default: attn/ffn projections "all")
+    lrc_io     the same with attn_projection=io and ffn_projection=io
+    scratch    ordinary training of the student (LM loss only)
+    kd         random student, KL + LM against the teacher
+    tinybert   random student, KL + LM + hidden-state and attention-map MSE
+    prune_kd   hard-pruned teacher, KL + LM
+    bound      the teacher's forward (inference mode) + one `scratch` step on the same batch: what
+               LRC costs at least, since it must run the teacher and train a student of this shape
+
+A timed step is what the trainer does per optimizer step: forward under autocast, backward,
+clip_grad_norm_ (1.0), AdamW step, zero_grad(set_to_none=True) (on CUDA followed by a
+synchronize). Methods alternate round-robin (the start rotates every round) so that machine
+drift affects all alike; the warm-up rounds are dropped and the median of the timed steps is
+reported. `--schedule sequential` (default for paper-1.5b, whose five 1.6B-parameter students with
+their AdamW states do not fit one GPU together) builds, times and frees one method at a time
+(scratch and bound alternate).
+
+Profiles:
+    ci          config/ci.yaml: the micro random Llama teacher (d_T 64) -> d_S 32, batch 4 x 64
+    tiny        config/tiny.yaml: SmolLM2-135M-Instruct (d_T 576) -> d_S 288, batch 4 x 256
+    paper-1.5b  config/paper-lrc-1.5b.yaml with a Llama-3.2-3B-shaped teacher of RANDOM weights
+                built in bf16 on the GPU (hidden 3072, 28 layers, 24/8 heads, head_dim 128, FFN
+                8192, vocab 128256, tied, llama3 RoPE) -> d_S 1536, seq 2048; --device cuda only.
+                Default batch 1 per GPU (the paper used 3 per GPU with ZeRO-2 sharding over 8).
+
+Memory (peak_mem_mb): the largest growth of memory during one timed step of the method over what
+was held just before it, i.e. the step's working memory (activations, generated weights,
+gradients); the method's persistent state (trainable parameters + AdamW moments) is in state_mb.
+    CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus
+          memory_allocated() before the step.
+    CPU:  VmHWM (peak RSS; reset through /proc/self/clear_refs before each step) minus VmRSS
+          before the step. Memory that the allocator kept from an earlier step and reuses is not
+          counted, so on the CPU this is a lower bound.
+
+Model FLOPs and MFU (columns flops_per_step, mfu). With N = B*T tokens per step, L layers,
+nH query heads of size hd, and P_X = the parameters of model X's matrix multiplications (every
+q/k/v/o/gate/up/down weight of every layer + the V x d LM head; embeddings lookups and norms are
+not counted):
+
+    A_fwd  = 2 * B * L * T^2 * nH * hd           (QK^T and AV, 4*T^2*nH*hd per layer, halved by
+                                                  the causal mask; same nH, hd for teacher and student)
+    train(S)   = 6 * N * P_S + 3 * A_fwd          (student forward + backward)
+    forward(T) = 2 * N * P_T + A_fwd              (teacher forward)
+
+    lrc, lrc_io           = train(S) + forward(T)
+    scratch               = train(S)
+    kd, prune_kd, bound   = train(S) + forward(T)
+    tinybert              = train(S) + forward(T) + 6 * N * (L+1) * d_S * d_T  (hidden maps)
+
+LRC's own overheads (generating the student's weights from the teacher's, 3 * 2 * d_S * P_T per
+step; the clone-loss targets o^T P_o, f^T P_down; the MSEs, softmaxes and norms) are NOT model
+FLOPs: they show up as a lower MFU. mfu = flops_per_step / median_step_s / peak_flops, where
+peak_flops is, on CUDA, the dense bf16 (or fp32 without mixed precision) tensor-core peak of the
+device taken from a table by device name (e.g. H100 SXM / H200 989e12 bf16), and on the CPU (or an
+unknown GPU) MEASURED in the same process: the best of repeated 2048 x 2048 matmuls in the
+compute dtype with the same thread count (column peak_flops_source says which).
+
+Output: a tidy CSV (default results/<profile>/tables/table8_throughput.csv, written atomically),
+a readable table, and as the LAST line of stdout:
+
+    lrc_over_bound=<LRC step s / bound step s> lrc_over_ordinary=<LRC tokens/s / scratch tokens/s>
+    lrc_tokens_per_s=<n> mfu=<LRC mfu>
+
+Examples:
+    python benchmarks/throughput.py --profile ci --steps 2 --warmup 1
+    python benchmarks/throughput.py --profile tiny --threads 2 --steps 5 --warmup 2
+    python benchmarks/throughput.py --profile paper-1.5b --device cuda --steps 5 --warmup 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = {
+    "ci": ROOT / "config" / "ci.yaml",
+    "tiny": ROOT / "config" / "tiny.yaml",
+    "paper-1.5b": ROOT / "config" / "paper-lrc-1.5b.yaml",
+}
+CUDA_ONLY_PROFILES = ("paper-1.5b",)
+PROFILE_DEFAULT_BATCH = {"paper-1.5b": 1}  # one H100/H200 without ZeRO sharding
+# name -> (build_method's method, config overrides)
+METHODS = {
+    "lrc": ("lrc", []),
+    "lrc_io": ("lrc", ["lrc.attn_projection=io", "lrc.ffn_projection=io"]),
+    "scratch": ("scratch", []),
+    "kd": ("kd", []),
+    "tinybert": ("tinybert", []),
+    "prune_kd": ("prune_kd", []),
+}
+BOUND = "bound"
+COLUMNS = [
+    "profile", "device", "device_name", "method", "batch_size", "seq_len", "tokens_per_step",
+    "median_step_s", "tokens_per_s", "peak_mem_mb", "threads", "dtype",
+    # extra context
+    "state_mb", "flops_per_step", "mfu", "peak_flops", "peak_flops_source", "schedule", "timed_steps",
+    "status",
+]
+# Dense tensor-core peaks (FLOP/s) by device-name substring; the first match wins, so longer or
+# more specific names come first ("H100 PCIe" before "H100", "A100" before "A10").
+CUDA_PEAK_FLOPS = [
+    # name, bf16, fp32 (TF32 tensor cores)
+    ("H200", 989e12, 494e12),
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100 NVL", 835e12, 418e12),
+    ("H100", 989e12, 494e12),  # SXM
+    ("H800", 989e12, 494e12),
+    ("H20", 148e12, 74e12),
+    ("B200", 2250e12, 1100e12),
+    ("A100", 312e12, 156e12),
+    ("A800", 312e12, 156e12),
+    ("L40S", 362e12, 183e12),
+    ("L4", 121e12, 60e12),
+    ("A10", 125e12, 62e12),
+]
+
+
+def paper_teacher_config():
+    """A Llama-3.2-3B(-Instruct)-shaped config (3.21B parameters, tied embeddings, llama3 RoPE)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+        num_attention_heads=24, num_key_value_heads=8, head_dim=128, hidden_act="silu",
+        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        bos_token_id=128000, eos_token_id=128009,
+    )
+
+
+# ---------------------------------------------------------------- FLOPs and device peaks
+
+
+def matmul_params(tcfg, hidden: int) -> int:
+    """P_X: parameters in the matmuls of a model of tcfg's shape with hidden size `hidden` (layers + LM head)."""
+    hd = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+    q, kv = tcfg.num_attention_heads * hd, tcfg.num_key_value_heads * hd
+    per_layer = hidden * q + 2 * hidden * kv + q * hidden + 3 * hidden * tcfg.intermediate_size
+    return tcfg.num_hidden_layers * per_layer + tcfg.vocab_size * hidden
+
+
+def model_flops(method: str, tcfg, d_S: int, batch: int, seq: int) -> float:
+    """Model FLOPs of one training step of `method` (formula in the module docstring)."""
+    n = batch * seq
+    hd = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+    L, d_T = tcfg.num_hidden_layers, tcfg.hidden_size
+    attn_fwd = 2.0 * batch * L * seq**2 * tcfg.num_attention_heads * hd
+    train_student = 6.0 * n * matmul_params(tcfg, d_S) + 3 * attn_fwd
+    teacher_fwd = 2.0 * n * matmul_params(tcfg, d_T) + attn_fwd
+    if method == "scratch":
+        return train_student
+    if method == "tinybert":
+        return train_student + teacher_fwd + 6.0 * n * (L + 1) * d_S * d_T
+    return train_student + teacher_fwd  # lrc, lrc_io, kd, prune_kd, bound
+
+
+def cuda_peak_flops(device_name: str, bf16: bool) -> float | None:
+    for name, p_bf16, p_fp32 in CUDA_PEAK_FLOPS:
+        if name.lower() in device_name.lower():
+            return p_bf16 if bf16 else p_fp32
+    return None
+
+
+def measure_peak_flops(torch, device, dtype, n: int = 2048, reps: int = 5) -> float:
+    """Best-of-`reps` FLOP/s of an n x n x n matmul in `dtype` on `device` (this process's threads)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = math.inf
+    for i in range(reps + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if i >= 2:
+            best = min(best, dt)
+    return 2.0 * n**3 / best
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+class MemoryMeter:
+    """Per-step working memory: CUDA allocator peaks, or the CPU peak RSS (VmHWM) growth."""
+
+    def __init__(self, torch, device):
+        self.torch, self.cuda = torch, device.type == "cuda"
+        self.can_reset = False
+        if not self.cuda:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # 5 = reset the peak RSS (VmHWM)
+                self.can_reset = _proc_status_kb("VmHWM") is not None
+            except OSError:
+                pass
+
+    def start(self) -> float:
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+            return float(self.torch.cuda.memory_allocated())
+        if self.can_reset:
+            Path("/proc/self/clear_refs").write_text("5")
+            return 1024.0 * (_proc_status_kb("VmRSS") or 0)
+        import resource  # no reset: peak RSS since start, so only growth beyond earlier peaks shows
+
+        return 1024.0 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def stop(self, before: float) -> float:
+        """Bytes above `before` at the step's peak."""
+        if self.cuda:
+            return max(0.0, self.torch.cuda.max_memory_allocated() - before)
+        if self.can_reset:
+            return max(0.0, 1024.0 * (_proc_status_kb("VmHWM") or 0) - before)
+        import resource
+
+        return max(0.0, 1024.0 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+
+
+# ---------------------------------------------------------------- methods
+
+
+@dataclass
+class Unit:
+    """One timed workload: a method (or the bound) with its optimizer and per-step records."""
+
+    name: str
+    module: object = None
+    optimizer: object = None
+    params: list = field(default_factory=list)
+    attn_impl: str | None = None  # the teacher's attention kernel in this method's own process
+    times: list[float] = field(default_factory=list)
+    peak_bytes: float = 0.0
+    state_bytes: float = 0.0
+    status: str = "ok"
+
+
+@contextlib.contextmanager
+def teacher_attention(teacher, impl: str | None):
+    """Run with the teacher's attention kernel set as the method's own training process has it.
+
+    TinyBERTStyle switches the (shared) teacher to the eager kernel to get attention maps; in a
+    real run each method has its own process, so the other methods must keep SDPA.
+    """
+    old = teacher.config._attn_implementation
+    if impl is not None and impl != old:
+        teacher.config._attn_implementation = impl
+    try:
+        yield
+    finally:
+        if teacher.config._attn_implementation != old:
+            teacher.config._attn_implementation = old
+
+
+def build_unit(name, cfg_for, teacher, calib_blocks, device, torch):
+    """Build method `name` as the trainer would (lrc_src.train.build_method) + its AdamW."""
+    import numpy as np
+
+    from lrc_src.baselines import StudentKD, hard_prune
+    from lrc_src.train import build_method
+
+    method, overrides = METHODS[name]
+    cfg = cfg_for(method, overrides)
+    impl_before = teacher.config._attn_implementation
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device):
+        if method == "prune_kd" and device.type != "cpu":
+            # build_method hands the CPU calibration ids to the teacher, which the trainer has not yet
+            # moved to the GPU; here the teacher already lives there: same construction, ids on device.
+            n = cfg.baseline.calibration_batches * cfg.train.batch_size
+            calib = torch.from_numpy(np.asarray(calib_blocks[:n], dtype=np.int64)).to(device)
+            kd = dict(kl_temperature=cfg.baseline.kl_temperature, kl_reduction=cfg.baseline.kl_reduction)
+            module = StudentKD(hard_prune(teacher, cfg.lrc.student_hidden_size, calib),
+                               teacher if cfg.baseline.use_kl else None, **kd)
+        else:
+            module = build_method(cfg, teacher, calib_blocks)
+        module = module.to(device)
+    unit = Unit(name, module, attn_impl=teacher.config._attn_implementation)
+    teacher.config._attn_implementation = impl_before  # the other methods keep the teacher's kernel
+    tc = cfg.train
+    params = module.trainable_named_parameters()
+    norm_lr = tc.lr_norm if tc.lr_norm is not None else tc.lr
+    groups = [{"params": [p for n, p in params if p.ndim >= 2], "lr": tc.lr},
+              {"params": [p for n, p in params if p.ndim < 2], "lr": norm_lr}]
+    unit.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(tc.betas),
+                                       weight_decay=tc.weight_decay)
+    unit.params = [p for _, p in params]
+    module.train()
+    return unit
+
+
+def state_bytes(unit) -> float:
+    """Trainable parameters + AdamW moments of a unit (after its first step)."""
+    total = sum(p.numel() * p.element_size() for p in unit.params)
+    for st in unit.optimizer.state.values():
+        total += sum(v.numel() * v.element_size() for v in st.values() if hasattr(v, "numel") and v.ndim > 0)
+    return float(total)
+
+
+def run_step(unit, scratch, teacher, ids, autocast, grad_clip, torch, device):
+    """One timed optimizer step of `unit` on ids [B, T]; returns seconds."""
+    target = scratch if unit.name == BOUND else unit
+    t0 = time.perf_counter()
+    if unit.name == BOUND:
+        with torch.inference_mode(), autocast():
+            teacher(input_ids=ids, use_cache=False).logits  # [B, T, V], discarded
+    with teacher_attention(teacher, target.attn_impl):
+        with autocast():
+            out = target.module(ids, ids)
+        out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(target.params, grad_clip)
+    target.optimizer.step()
+    target.optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="benchmarks/throughput.py",
+        description=(
+            "Time one training step (forward, backward, clip, AdamW step, zero_grad) of LRC, LRC with IO "
+            "projections, scratch, KD, TinyBERT-style and prune+KD training, and the bound (teacher "
+            "forward + one ordinary student step), on the same teacher, student shapes and random "
+            "batches, in one process; write tokens/s, median step seconds, peak memory and MFU to a CSV "
+            "(the paper's Table 8). The last stdout line is 'lrc_over_bound=R lrc_over_ordinary=R "
+            "lrc_tokens_per_s=N mfu=F'. See the module docstring for the memory and FLOP definitions."),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "profiles:\n"
+            "  ci          config/ci.yaml: micro random Llama teacher (d_T 64) -> d_S 32, batch 4 x 64\n"
+            "  tiny        config/tiny.yaml: SmolLM2-135M-Instruct (576) -> d_S 288, batch 4 x 256\n"
+            "  paper-1.5b  Llama-3.2-3B-shaped teacher with random bf16 weights built on the GPU -> d_S 1536,\n"
+            "              seq 2048, batch 1 (config/paper-lrc-1.5b.yaml); needs --device cuda\n"
+            "examples:\n"
+            "  python benchmarks/throughput.py --profile ci --steps 2 --warmup 1\n"
+            "  python benchmarks/throughput.py --profile tiny --threads 2\n"
+            "  python benchmarks/throughput.py --profile paper-1.5b --device cuda --steps 5 --warmup 2\n"),
+    )
+    p.add_argument("--profile", required=True, metavar="NAME", help=f"one of {', '.join(PROFILES)}")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per method; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per method first (default 2)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="sequences per step (default: the profile's train.batch_size; paper-1.5b: 1)")
+    p.add_argument("--seq-len", type=int, default=None, metavar="T", help="tokens per sequence (default: the profile's data.seq_len)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's default)")
+    p.add_argument("--output", default=None, metavar="CSV",
+                   help="CSV to write (default results/<profile>/tables/table8_throughput.csv)")
+    p.add_argument("--methods", default=",".join([*METHODS, BOUND]),
+                   help=f"comma-separated subset of {','.join([*METHODS, BOUND])} (default: all)")
+    p.add_argument("--schedule", default="auto", choices=("auto", "round-robin", "sequential"),
+                   help="round-robin: all methods alive, alternating every step (drift hits all alike); "
+                        "sequential: one method at a time, freed after (for memory). auto: sequential for "
+                        "paper-1.5b, round-robin otherwise")
+    p.add_argument("--mixed-precision", default="auto", choices=("auto", "bf16", "no"),
+                   help="autocast dtype; auto = lrc_src.train.resolve_mixed_precision('auto') for the device")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token batches (default 0)")
+    return p.parse_args(argv)
+
+
+def fail(msg: str) -> int:
+    print(f"throughput.py: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def resolve_precision(choice: str, device) -> str:
+    from lrc_src.train import resolve_mixed_precision
+
+    if choice != "auto":
+        return choice
+    if device.type == "cpu":
+        import torch
+
+        if torch.cuda.is_available():  # resolve_mixed_precision would answer for the GPU
+            flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+            return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
+    return resolve_mixed_precision("auto")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.profile not in PROFILES:
+        return fail(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS and m != BOUND]
+    if bad or not names:
+        return fail(f"unknown method(s) {bad}; choose from {', '.join([*METHODS, BOUND])}")
+    for opt in ("steps", "batch_size", "seq_len", "threads"):
+        v = getattr(args, opt)
+        if v is not None and v <= 0:
+            return fail(f"--{opt.replace('_', '-')} must be > 0, got {v}")
+    if args.warmup < 0:
+        return fail(f"--warmup must be >= 0, got {args.warmup}")
+
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return fail(f"--device cuda but no CUDA device is available (torch {torch.__version__})")
+    if args.profile in CUDA_ONLY_PROFILES and args.device != "cuda":
+        return fail(f"profile {args.profile} (a 3B teacher at seq 2048) runs only with --device cuda")
+
+    from lrc_src.config import load_config
+
+    device = torch.device(args.device)
+    base = load_config(PROFILES[args.profile])
+    threads = args.threads or getattr(base.train, "threads", None)
+    if threads:
+        torch.set_num_threads(threads)
+    B = args.batch_size or PROFILE_DEFAULT_BATCH.get(args.profile) or base.train.batch_size
+    T = args.seq_len or base.data.seq_len
+    mp = resolve_precision(args.mixed_precision, device)
+    dtype = torch.bfloat16 if mp == "bf16" else torch.float32
+
+    def cfg_for(method, overrides):
+        return load_config(PROFILES[args.profile], [f"method={method}", f"train.batch_size={B}",
+                                                    f"data.seq_len={T}", *overrides])
+
+    # ---- teacher
+    if args.profile == "paper-1.5b":
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(base.train.seed)
+        with torch.device(device):  # random weights, built directly in bf16 on the GPU
+            teacher = AutoModelForCausalLM.from_config(paper_teacher_config(), dtype=torch.bfloat16)
+        teacher.eval().requires_grad_(False)
+    else:
+        from lrc_src.teachers import load_teacher
+
+        try:
+            teacher, _ = load_teacher(base.teacher)
+        except (FileNotFoundError, ValueError) as e:
+            return fail(f"cannot load teacher {base.teacher!r}: {e}")
+        teacher = teacher.to(device)
+    tcfg, d_S = teacher.config, base.lrc.student_hidden_size
+    vocab = int(teacher.get_input_embeddings().num_embeddings)
+
+    # ---- fixed random batches: one per round, shared by every method of the round
+    rounds = args.warmup + args.steps
+    gen = torch.Generator().manual_seed(args.seed)
+    batches = [torch.randint(0, vocab, (B, T), generator=gen) for _ in range(rounds)]
+    calib_blocks = np.random.default_rng(args.seed).integers(0, vocab, (base.baseline.calibration_batches * B, T))
+
+    schedule = args.schedule if args.schedule != "auto" else (
+        "sequential" if args.profile == "paper-1.5b" else "round-robin")
+    wanted = list(dict.fromkeys(names))
+    to_build = [m for m in METHODS if m in wanted or (m == "scratch" and BOUND in wanted)]
+    if schedule == "round-robin":
+        groups = [to_build]
+    else:
+        groups = [[m] for m in to_build if m != "scratch"]
+        if "scratch" in to_build:
+            groups.insert(to_build.index("scratch"), ["scratch"])
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=mp == "bf16")  # noqa: E731
+    meter = MemoryMeter(torch, device)
+    grad_clip = base.train.grad_clip
+    results: dict[str, Unit] = {}
+
+    bar = tqdm(total=rounds * len(wanted), desc=f"{args.profile} throughput", unit="step",
+               dynamic_ncols=True, file=sys.stderr)
+    for group in groups:
+        units: list[Unit] = []
+        for name in group:
+            bar.set_postfix_str(f"building {name}")
+            try:
+                units.append(build_unit(name, cfg_for, teacher, calib_blocks, device, torch))
+            except torch.OutOfMemoryError:
+                results[name] = Unit(name, status="oom (build)")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        scratch = next((u for u in units if u.name == "scratch"), None)
+        if BOUND in wanted and scratch is not None:
+            units.append(Unit(BOUND))
+        elif BOUND in wanted and "scratch" in group:
+            results[BOUND] = Unit(BOUND, status="oom (build)")
+        for r in range(rounds):
+            k = r % max(1, len(units))
+            for unit in units[k:] + units[:k]:  # the start rotates every round
+                if unit.name not in wanted:
+                    continue
+                if unit.status != "ok" or (unit.name == BOUND and scratch.status != "ok"):
+                    unit.status = unit.status if unit.status != "ok" else "skipped (scratch failed)"
+                    bar.update(1)
+                    continue
+                before = meter.start()
+                try:
+                    dt = run_step(unit, scratch, teacher, batches[r].to(device), autocast, grad_clip, torch, device)
+                except torch.OutOfMemoryError:
+                    unit.status = "oom"
+                    target = scratch if unit.name == BOUND else unit
+                    if target.optimizer is not None:
+                        target.optimizer.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    bar.update(1)
+                    continue
+                used = meter.stop(before)
+                if r >= args.warmup:
+                    unit.times.append(dt)
+                    unit.peak_bytes = max(unit.peak_bytes, used)
+                bar.update(1)
+                bar.set_postfix_str(f"{unit.name} {dt:.2f}s")
+        for unit in units:
+            if unit.name != BOUND:
+                unit.state_bytes = state_bytes(unit) if unit.optimizer is not None else 0.0
+            results[unit.name] = unit
+            unit.module = unit.optimizer = None
+            unit.params = []
+        if schedule == "sequential":
+            del units, scratch
+            import gc
+
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    bar.close()
+    if BOUND in results and "scratch" in results:
+        results[BOUND].state_bytes = results["scratch"].state_bytes
+
+    # ---- device peak for MFU
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+        peak = cuda_peak_flops(device_name, mp == "bf16")
+        source = f"table: {device_name} dense {'bf16' if mp == 'bf16' else 'tf32'}"
+        if peak is None:
+            peak = measure_peak_flops(torch, device, dtype)
+            source = f"measured: best 2048^3 {str(dtype).removeprefix('torch.')} matmul (device not in table)"
+    else:
+        device_name = _cpu_name()
+        peak = measure_peak_flops(torch, device, dtype)
+        source = (f"measured: best 2048^3 {str(dtype).removeprefix('torch.')} matmul, "
+                  f"{torch.get_num_threads()} threads, same process")
+
+    # ---- rows
+    rows = []
+    tokens = B * T
+    for name in wanted:
+        u = results.get(name, Unit(name, status="not run"))
+        ok = u.status == "ok" and u.times
+        med = statistics.median(u.times) if ok else float("nan")
+        flops = model_flops(name, tcfg, d_S, B, T)
+        rows.append({
+            "profile": args.profile, "device": device.type, "device_name": device_name, "method": name,
+            "batch_size": B, "seq_len": T, "tokens_per_step": tokens,
+            "median_step_s": _f(med), "tokens_per_s": _f(tokens / med if ok else float("nan")),
+            "peak_mem_mb": _f(u.peak_bytes / 2**20 if ok else float("nan")), "threads": torch.get_num_threads(),
+            "dtype": "bf16-autocast" if mp == "bf16" else "fp32",
+            "state_mb": _f(u.state_bytes / 2**20), "flops_per_step": f"{flops:.4g}",
+            "mfu": _f(flops / med / peak if ok else float("nan")), "peak_flops": f"{peak:.4g}",
+            "peak_flops_source": source, "schedule": schedule, "timed_steps": len(u.times), "status": u.status,
+        })
+    out = Path(args.output) if args.output else ROOT / "results" / args.profile / "tables" / "table8_throughput.csv"
+    write_csv_atomic(out, rows)
+
+    # ---- report
+    print(f"# {args.profile} on {device_name} ({device.type}, {torch.get_num_threads()} threads, "
+          f"{rows[0]['dtype']}), batch {B} x {T}, {args.steps} timed + {args.warmup} warm-up steps, {schedule}")
+    print(f"# peak FLOP/s {peak:.3g} ({source})")
+    print(f"{'method':10s} {'step_s':>9s} {'tokens/s':>10s} {'peak_mb':>9s} {'state_mb':>9s} {'mfu':>8s}  status")
+    for r in rows:
+        print(f"{r['method']:10s} {r['median_step_s']:>9s} {r['tokens_per_s']:>10s} {r['peak_mem_mb']:>9s} "
+              f"{r['state_mb']:>9s} {r['mfu']:>8s}  {r['status']}")
+    print(f"# wrote {out}")
+    by = {r["method"]: r for r in rows}
+
+    def num(method, col):
+        try:
+            return float(by[method][col])
+        except (KeyError, ValueError):
+            return float("nan")
+
+    lrc_s, bound_s = num("lrc", "median_step_s"), num(BOUND, "median_step_s")
+    line = (f"lrc_over_bound={lrc_s / bound_s:.4f} "
+            f"lrc_over_ordinary={num('lrc', 'tokens_per_s') / num('scratch', 'tokens_per_s'):.4f} "
+            f"lrc_tokens_per_s={num('lrc', 'tokens_per_s'):.1f} mfu={num('lrc', 'mfu'):.4f}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    print(line, flush=True)
+    return 0
+
+
+def _f(x: float) -> str:
+    return "nan" if x != x else f"{x:.6g}"
+
+
+def _cpu_name() -> str:
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        m = None
+    return (m.group(1).strip() if m else "cpu") + f" ({os.cpu_count()} cores visible)"
+
+
+def write_csv_atomic(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.DictWriter(f, COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""benchmarks/throughput.py: the ci profile end to end (a few seconds), the FLOP model and the errors."""
+import csv
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "throughput.py"
+REQUIRED = ["profile", "device", "device_name", "method", "batch_size", "seq_len", "tokens_per_step",
+            "median_step_s", "tokens_per_s", "peak_mem_mb", "threads", "dtype"]
+METHODS = ["lrc", "lrc_io", "scratch", "kd", "tinybert", "prune_kd", "bound"]
+LAST_LINE = re.compile(r"^lrc_over_bound=(\S+) lrc_over_ordinary=(\S+) lrc_tokens_per_s=(\S+) mfu=(\S+)$")
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["throughput"] = mod  # its dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(sys.modules["throughput"])
+    return sys.modules["throughput"]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+def test_ci_profile_writes_every_method(tmp_path):
+    out = tmp_path / "t8.csv"
+    p = run("--profile", "ci", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--seq-len", "16",
+            "--threads", "2", "--output", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    last = p.stdout.strip().splitlines()[-1]
+    m = LAST_LINE.match(last)
+    assert m, last
+    ratios = [float(x) for x in m.groups()]
+    assert all(x > 0 and x == x for x in ratios), last
+    with out.open() as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames[: len(REQUIRED)] == REQUIRED
+        rows = list(reader)
+    assert [r["method"] for r in rows] == METHODS
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["profile"] == "ci" and r["device"] == "cpu" and r["threads"] == "2"
+        assert int(r["batch_size"]) * int(r["seq_len"]) == int(r["tokens_per_step"]) == 32
+        assert float(r["tokens_per_s"]) > 0 and float(r["median_step_s"]) > 0, r
+        assert float(r["peak_mem_mb"]) >= 0 and 0 < float(r["mfu"]) < 1, r
+        assert int(r["timed_steps"]) == 2
+        assert r["tokens_per_s"] and abs(float(r["tokens_per_s"]) * float(r["median_step_s"]) - 32) < 1e-3 * 32
+    by = {r["method"]: r for r in rows}
+    assert float(m.group(1)) == pytest.approx(float(by["lrc"]["median_step_s"]) / float(by["bound"]["median_step_s"]), rel=1e-3)
+    assert float(m.group(2)) == pytest.approx(float(by["lrc"]["tokens_per_s"]) / float(by["scratch"]["tokens_per_s"]), rel=1e-3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--profile", "nope"], "unknown profile 'nope'"),
+    (["--profile", "ci", "--methods", "lrc,foo"], "unknown method"),
+    (["--profile", "paper-1.5b"], "--device cuda"),
+])
+def test_one_line_errors(args, message):
+    p = run(*args)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], p.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_without_cuda_fails_cleanly():
+    p = run("--profile", "ci", "--device", "cuda")
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0], p.stderr
+
+
+def test_help_explains_profiles():
+    p = run("--help")
+    assert p.returncode == 0
+    for word in ("ci", "tiny", "paper-1.5b", "--device", "--steps", "--warmup", "--batch-size", "--seq-len",
+                 "--threads", "--output", "lrc_over_bound"):
+        assert word in p.stdout
+
+
+def test_paper_teacher_shape_and_flops():
+    """The paper-1.5b teacher is Llama-3.2-3B-shaped (3.21B parameters); FLOPs follow the docstring."""
+    tp = _module()
+    from transformers import AutoModelForCausalLM
+
+    cfg = tp.paper_teacher_config()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    assert 3.20e9 < n < 3.22e9, n
+    assert cfg.rope_parameters["rope_type"] == "llama3" and cfg.tie_word_embeddings
+    # P_T = every layer matmul + the (tied) head: all parameters except the embedding lookup and norms
+    norms = sum(p.numel() for name, p in model.named_parameters() if "norm" in name)
+    assert tp.matmul_params(cfg, 3072) == n - norms
+    B, T, d_S = 1, 2048, 1536
+    attn = 2.0 * B * 28 * T**2 * 24 * 128
+    want = 6 * B * T * tp.matmul_params(cfg, d_S) + 3 * attn + 2 * B * T * tp.matmul_params(cfg, 3072) + attn
+    assert tp.model_flops("lrc", cfg, d_S, B, T) == pytest.approx(want)
+    assert tp.model_flops("scratch", cfg, d_S, B, T) == pytest.approx(6 * B * T * tp.matmul_params(cfg, d_S) + 3 * attn)
+    assert tp.cuda_peak_flops("NVIDIA H100 80GB HBM3", True) == 989e12
+    assert tp.cuda_peak_flops("NVIDIA H100 PCIe", True) == 756e12
+    assert tp.cuda_peak_flops("NVIDIA A100-SXM4-80GB", True) == 312e12
+    assert tp.cuda_peak_flops("NVIDIA H200", True) == 989e12
