@@ -391,29 +391,50 @@ class LowRankClone(nn.Module):
         return acc / max(count, 1)
 
     # ------------------------------------------------------------------ weight generation
-    def student_weights(self) -> dict[str, torch.Tensor]:
-        """Generate every student weight from the teacher's, keyed by HF state-dict names."""
-        tm, t = self.teacher.model, self.teacher
+    def teacher_weights(self) -> dict[str, torch.Tensor]:
+        """The teacher's matrices (embedding, LM head, every linear weight), keyed by HF names.
+
+        Under autocast they are cast to the autocast dtype here, once per step, and shared by the
+        teacher's forward and the weight generation: autocast casts frozen weights on every use
+        (its cast cache only holds trainable leaves), so each would otherwise be cast twice.
+        """
+        device = self.norm.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        TW = {n: p if dtype is None or not p.is_floating_point() else p.to(dtype)
+              for n, p in self.teacher.named_parameters() if p.ndim == 2}
+        if self.tied:
+            TW["lm_head.weight"] = TW["model.embed_tokens.weight"]
+        return TW
+
+    def student_weights(self, teacher_weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Generate every student weight from the teacher's, keyed by HF state-dict names.
+
+        teacher_weights: `self.teacher_weights()` when the caller already has them.
+        """
+        tm = self.teacher.model
+        TW = self.teacher_weights() if teacher_weights is None else teacher_weights
         W: dict[str, torch.Tensor] = {}
-        E_T = tm.embed_tokens.weight  # [V, d_T]
+        E_T = TW["model.embed_tokens.weight"]  # [V, d_T]
         W["model.embed_tokens.weight"] = _matmul(E_T, self.embed_tokens)  # [V, d_S]
         if not self.tied:
-            W["lm_head.weight"] = _matmul(t.lm_head.weight, self.lm_head)  # [V, d_S]
+            W["lm_head.weight"] = _matmul(TW["lm_head.weight"], self.lm_head)  # [V, d_S]
         W["model.norm.weight"] = self.norm
         for i, (layer, tl) in enumerate(zip(self.layers, tm.layers)):
             pre = f"model.layers.{i}."
             sa, mlp = tl.self_attn, tl.mlp
             for m, lin in (("q", sa.q_proj), ("k", sa.k_proj), ("v", sa.v_proj)):
-                W[pre + f"self_attn.{m}_proj.weight"] = _matmul(lin.weight, self._projection(i, m))  # [out, d_S]
+                W_T = TW[pre + f"self_attn.{m}_proj.weight"]  # [out, d_T]
+                W[pre + f"self_attn.{m}_proj.weight"] = _matmul(W_T, self._projection(i, m))  # [out, d_S]
                 if lin.bias is not None:
                     W[pre + f"self_attn.{m}_proj.bias"] = lin.bias  # kept: size is not d_T
             for m, lin in (("gate", mlp.gate_proj), ("up", mlp.up_proj)):
-                W[pre + f"mlp.{m}_proj.weight"] = _matmul(lin.weight, self._projection(i, m))  # [d_mid, d_S]
+                W_T = TW[pre + f"mlp.{m}_proj.weight"]  # [d_mid, d_T]
+                W[pre + f"mlp.{m}_proj.weight"] = _matmul(W_T, self._projection(i, m))  # [d_mid, d_S]
                 if lin.bias is not None:
                     W[pre + f"mlp.{m}_proj.bias"] = lin.bias
             for key, lin, P in (("self_attn.o_proj", sa.o_proj, layer.self_attn.o_proj),
                                 ("mlp.down_proj", mlp.down_proj, layer.mlp.down_proj)):
-                W[pre + key + ".weight"] = _matmul(lin.weight.T, P).T  # P^T W: [d_S, in]
+                W[pre + key + ".weight"] = _matmul(TW[pre + key + ".weight"].T, P).T  # P^T W: [d_S, in]
                 if lin.bias is not None:
                     W[pre + key + ".bias"] = _matmul(lin.bias[None], P)[0]  # b P: [d_S]
             W[pre + "input_layernorm.weight"] = layer.input_layernorm
@@ -450,7 +471,8 @@ class LowRankClone(nn.Module):
             )
         cfg, tcfg = self.config, self.teacher.config
         tm, eps = self.teacher.model, tcfg.rms_norm_eps
-        W = self.student_weights()
+        TW = self.teacher_weights()  # cast once (autocast), shared by teacher forward and generation
+        W = self.student_weights(TW)
         B, T = input_ids.shape
         relative = cfg.clone_normalize == "relative"
         terms = set(cfg.clone_terms)
@@ -477,12 +499,17 @@ class LowRankClone(nn.Module):
             def lin(name: str, x: torch.Tensor) -> torch.Tensor:
                 return F.linear(x, W[pre + name + ".weight"], W.get(pre + name + ".bias"))
 
+            def t_lin(name: str, x: torch.Tensor) -> torch.Tensor:  # the teacher's linear `name`
+                return F.linear(x, TW[pre + name + ".weight"], tl.get_submodule(name).bias)
+
             # ---- attention
             with torch.no_grad():
                 hn_t = tl.input_layernorm(x_t)  # [B, T, d_T]
-                q_t, k_t, v_t = sa.q_proj(hn_t), sa.k_proj(hn_t), sa.v_proj(hn_t)  # [B, T, nH*hd | nKV*hd]
+                q_t = t_lin("self_attn.q_proj", hn_t)  # [B, T, nH*hd]
+                k_t = t_lin("self_attn.k_proj", hn_t)  # [B, T, nKV*hd]
+                v_t = t_lin("self_attn.v_proj", hn_t)
                 a_t = self._attention(q_t, k_t, v_t, cos, sin)  # [B, T, nH*hd]
-                o_t = sa.o_proj(a_t)  # [B, T, d_T]
+                o_t = t_lin("self_attn.o_proj", a_t)  # [B, T, d_T]
             hn_s = rms_norm(x_s, W[pre + "input_layernorm.weight"], eps)  # [B, T, d_S]
             q_s = lin("self_attn.q_proj", hn_s)  # [B, T, nH*hd]
             k_s = lin("self_attn.k_proj", hn_s)  # [B, T, nKV*hd]
@@ -498,7 +525,7 @@ class LowRankClone(nn.Module):
                 if cfg.alignment == "extra":
                     add("o", i, o_s @ layer.self_attn.o_align, o_t)  # teacher space [B, T, d_T]
                 elif cfg.attn_out_space == "teacher":
-                    add("o", i, F.linear(a_s, sa.o_proj.weight, sa.o_proj.bias), o_t)
+                    add("o", i, t_lin("self_attn.o_proj", a_s), o_t)
                 else:
                     add("o", i, o_s, target(_matmul(o_t, layer.self_attn.o_proj)))  # o^T P_o [B, T, d_S]
             x_t = x_t + o_t
@@ -507,8 +534,8 @@ class LowRankClone(nn.Module):
             # ---- FFN
             with torch.no_grad():
                 hn_t = tl.post_attention_layernorm(x_t)  # [B, T, d_T]
-                g_t, u_t = mlp.gate_proj(hn_t), mlp.up_proj(hn_t)  # [B, T, d_mid]
-                f_t = mlp.down_proj(mlp.act_fn(g_t) * u_t)  # [B, T, d_T]
+                g_t, u_t = t_lin("mlp.gate_proj", hn_t), t_lin("mlp.up_proj", hn_t)  # [B, T, d_mid]
+                f_t = t_lin("mlp.down_proj", mlp.act_fn(g_t) * u_t)  # [B, T, d_T]
             hn_s = rms_norm(x_s, W[pre + "post_attention_layernorm.weight"], eps)  # [B, T, d_S]
             g_s, u_s = lin("mlp.gate_proj", hn_s), lin("mlp.up_proj", hn_s)  # [B, T, d_mid]
             f_s = lin("mlp.down_proj", mlp.act_fn(g_s) * u_s)  # [B, T, d_S]
@@ -525,7 +552,7 @@ class LowRankClone(nn.Module):
             x_s = x_s + f_s
 
         with torch.no_grad():
-            teacher_logits = self.teacher.lm_head(tm.norm(x_t))  # [B, T, V]
+            teacher_logits = F.linear(tm.norm(x_t), TW["lm_head.weight"], self.teacher.lm_head.bias)  # [B, T, V]
         head = W["lm_head.weight"] if not self.tied else W["model.embed_tokens.weight"]
         logits = F.linear(rms_norm(x_s, W["model.norm.weight"], eps), head)  # [B, T, V]
 
