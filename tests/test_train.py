@@ -160,3 +160,25 @@ def test_config_types_are_coerced_and_checked():
         config_from_dict(yaml.safe_load(CI.read_text()), ["train.max_steps=many"])
     with pytest.raises(ValueError, match=r"lrc.alhpa"):
         config_from_dict(yaml.safe_load(CI.read_text()), ["lrc.alhpa=0.3"])
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
+    from lrc_src import baselines
+    from lrc_src.train import NonFiniteLossError
+
+    calls = {"n": 0}
+    original = baselines.LRCMethod.forward
+
+    def poisoned(self, input_ids, labels=None):
+        out = original(self, input_ids, labels)
+        calls["n"] += 1
+        if calls["n"] == 4:  # the 4th step
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(baselines.LRCMethod, "forward", poisoned)
+    run = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match="step 4.*checkpoint"):
+        train(ci_cfg("train.max_steps=8", "train.save_every=2"), run, progress=False)
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert not (run / "run.json").exists()
