@@ -141,3 +141,32 @@ def claim_row(claim: str, paper_evidence: str, measured: str, margin: float, tol
         verdict = "inconclusive"
     return {"claim": claim, "paper_evidence": paper_evidence, "measured_here": measured,
             "margin": margin, "tolerance": tol, "verdict": verdict}
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
+    """A small pipe table (no tabulate dependency)."""
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        cells = [floatfmt.format(v) if isinstance(v, float) and np.isfinite(v) else ("" if isinstance(v, float) else str(v))
+                 for v in r.values]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def results_summary(results_dir: str | Path) -> str:
+    """Markdown summary of a profile's committed results (main table + claims), for the README."""
+    d = Path(results_dir)
+    main = pd.read_csv(d / "tables" / "table1_main.csv")
+    ours = main[main.source.str.startswith("this replication")]
+    ours = ours.assign(col=ours.task + " " + ours.metric)
+    keep = ["heldout_lm loss_nats", "tiny_heldout_ppl bits_per_byte", "tiny_continuation acc_norm", "tiny_mmlu acc"]
+    wide = ours.pivot_table(index="model", columns="col", values="value")[[c for c in keep if c in set(ours.col)]]
+    order = ["teacher"] + [m for m in wide.index if m != "teacher"]
+    wide = wide.loc[order].reset_index()
+    out = [markdown_table(wide)]
+    claims_path = d / "tables" / "claims.csv"
+    if claims_path.is_file():
+        claims = pd.read_csv(claims_path)
+        out += ["", markdown_table(claims[["claim", "measured_here", "verdict"]])]
+    return "\n".join(out)

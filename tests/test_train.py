@@ -182,3 +182,15 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
         train(ci_cfg("train.max_steps=8", "train.save_every=2"), run, progress=False)
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 2
     assert not (run / "run.json").exists()
+
+
+def test_export_from_checkpoint_matches_final_student(tmp_path, capsys):
+    from safetensors.torch import load_file
+    run = train(ci_cfg("train.max_steps=3", "train.save_every=3"), tmp_path / "run", progress=False)
+    assert main(["export", "--run", str(run), "--output", str(tmp_path / "exported")]) == 0
+    a = load_file(run / "student" / "model.safetensors")
+    b = load_file(tmp_path / "exported" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    assert main(["export", "--run", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
