@@ -244,8 +244,7 @@ def load_inputs(cfg: ExperimentConfig):
     """(teacher, tokenizer, train blocks [N, T], train labels or None, held-out blocks) for cfg.
 
     For method=sft the "teacher" is the model being fine-tuned and the blocks are chat examples."""
-    from lrc_src.data import prepare_data  # heavy deps load only when training
-    from lrc_src.teachers import load_teacher
+    from lrc_src.teachers import load_teacher  # heavy deps load only when training
 
     if cfg.method == "sft":
         from transformers import AutoTokenizer
@@ -262,10 +261,17 @@ def load_inputs(cfg: ExperimentConfig):
             raise ValueError(f"sft.chat_data {cfg.sft.chat_data!r} has too few conversations ({len(ids)})")
         return model, tokenizer, ids[n_held:], labels[n_held:], ids[:n_held]
     teacher, tokenizer = load_teacher(cfg.teacher)
-    corpus = {"mix": cfg.data.mix, "data_files": cfg.data.mix_files or {}} if cfg.data.mix else cfg.data.corpus
-    data = prepare_data(tokenizer, corpus, cfg.data.seq_len, heldout_frac=cfg.data.heldout_frac,
-                        seed=cfg.train.seed, max_train_tokens=cfg.data.max_train_tokens)
+    data = _packed_data(cfg, tokenizer)
     return teacher, tokenizer, data.train, None, data.heldout
+
+
+def _packed_data(cfg: ExperimentConfig, tokenizer):
+    """The tokenised, packed corpus of cfg.data (cached on disk by lrc_src.data)."""
+    from lrc_src.data import prepare_data
+
+    corpus = {"mix": cfg.data.mix, "data_files": cfg.data.mix_files or {}} if cfg.data.mix else cfg.data.corpus
+    return prepare_data(tokenizer, corpus, cfg.data.seq_len, heldout_frac=cfg.data.heldout_frac,
+                        seed=cfg.train.seed, max_train_tokens=cfg.data.max_train_tokens)
 
 
 def prepare_assets(cfg: ExperimentConfig, output_dir: str | Path, threads: int | None = None) -> dict:
@@ -294,12 +300,7 @@ def prepare_assets(cfg: ExperimentConfig, output_dir: str | Path, threads: int |
         link.unlink()
     link.symlink_to(Path(info["teacher_folder"]).resolve(), target_is_directory=True)
     if cfg.method != "sft":
-        from lrc_src.data import prepare_data  # cached: returns at once
-
-        src = prepare_data(tokenizer, cfg.data.corpus if not cfg.data.mix else
-                           {"mix": cfg.data.mix, "data_files": cfg.data.mix_files or {}}, cfg.data.seq_len,
-                           heldout_frac=cfg.data.heldout_frac, seed=cfg.train.seed,
-                           max_train_tokens=cfg.data.max_train_tokens).heldout_path
+        src = _packed_data(cfg, tokenizer).heldout_path  # cached: returns at once
         shutil.copyfile(src, out / "heldout.jsonl.tmp")
         (out / "heldout.jsonl.tmp").replace(out / "heldout.jsonl")
         info["heldout_path"] = str((out / "heldout.jsonl").resolve())
