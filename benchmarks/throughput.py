@@ -31,7 +31,8 @@ Profiles:
 
 Memory (peak_mem_mb): the largest growth of memory during one timed step of the method over what
 was held just before it, i.e. the step's working memory (activations, generated weights,
-gradients); the method's persistent state (trainable parameters + AdamW moments) is in state_mb.
+gradients); the method's persistent state (trainable parameters + AdamW moments) is in state_mb,
+and the whole process's peak during the step (teacher, every live method) in peak_total_mb.
     CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus
           memory_allocated() before the step.
     CPU:  VmHWM (peak RSS; reset through /proc/self/clear_refs before each step) minus VmRSS
@@ -60,6 +61,9 @@ peak_flops is, on CUDA, the dense bf16 (or fp32 without mixed precision) tensor-
 device taken from a table by device name (e.g. H100 SXM / H200 989e12 bf16), and on the CPU (or an
 unknown GPU) MEASURED in the same process: the best of repeated 2048 x 2048 matmuls in the
 compute dtype with the same thread count (column peak_flops_source says which).
+
+The 1-minute load average at the start and end of the timing (column load_avg) says whether
+other processes competed for the CPU.
 
 Output: a tidy CSV (default results/<profile>/tables/table8_throughput.csv, written atomically),
 a readable table, and as the LAST line of stdout:
@@ -110,8 +114,8 @@ COLUMNS = [
     "profile", "device", "device_name", "method", "batch_size", "seq_len", "tokens_per_step",
     "median_step_s", "tokens_per_s", "peak_mem_mb", "threads", "dtype",
     # extra context
-    "state_mb", "flops_per_step", "mfu", "peak_flops", "peak_flops_source", "schedule", "timed_steps",
-    "status",
+    "peak_total_mb", "state_mb", "flops_per_step", "mfu", "peak_flops", "peak_flops_source", "schedule", "timed_steps",
+    "load_avg", "status",
 ]
 # Dense tensor-core peaks (FLOP/s) by device-name substring; the first match wins, so longer or
 # more specific names come first ("H100 PCIe" before "H100", "A100" before "A10").
@@ -171,6 +175,14 @@ def model_flops(method: str, tcfg, d_S: int, batch: int, seq: int) -> float:
     if method == "tinybert":
         return train_student + teacher_fwd + 6.0 * n * (L + 1) * d_S * d_T
     return train_student + teacher_fwd  # lrc, lrc_io, kd, prune_kd, bound
+
+
+def lrc_extra_flops(tcfg, d_S: int, batch: int, seq: int) -> float:
+    """FLOPs LRC adds to the bound's work in matmuls alone (default variant, targets not detached):
+    weight generation W_T P, forward + dP backward, 4 * d_T * P_S; the targets o^T P_o and f^T P_down
+    with their P backward, 8 * N * d_T * d_S per layer."""
+    d_T, L = tcfg.hidden_size, tcfg.num_hidden_layers
+    return 4.0 * d_T * matmul_params(tcfg, d_S) + 8.0 * batch * seq * d_T * d_S * L
 
 
 def cuda_peak_flops(device_name: str, bf16: bool) -> float | None:
@@ -233,15 +245,17 @@ class MemoryMeter:
 
         return 1024.0 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    def stop(self, before: float) -> float:
-        """Bytes above `before` at the step's peak."""
+    def stop(self, before: float) -> tuple[float, float]:
+        """(bytes above `before` at the step's peak, the process's peak bytes)."""
         if self.cuda:
-            return max(0.0, self.torch.cuda.max_memory_allocated() - before)
-        if self.can_reset:
-            return max(0.0, 1024.0 * (_proc_status_kb("VmHWM") or 0) - before)
-        import resource
+            peak = float(self.torch.cuda.max_memory_allocated())
+        elif self.can_reset:
+            peak = 1024.0 * (_proc_status_kb("VmHWM") or 0)
+        else:
+            import resource
 
-        return max(0.0, 1024.0 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+            peak = 1024.0 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return max(0.0, peak - before), peak
 
 
 # ---------------------------------------------------------------- methods
@@ -258,6 +272,7 @@ class Unit:
     attn_impl: str | None = None  # the teacher's attention kernel in this method's own process
     times: list[float] = field(default_factory=list)
     peak_bytes: float = 0.0
+    peak_total_bytes: float = 0.0
     state_bytes: float = 0.0
     status: str = "ok"
 
@@ -490,6 +505,7 @@ def main(argv=None) -> int:
     grad_clip = base.train.grad_clip
     results: dict[str, Unit] = {}
 
+    load_start = os.getloadavg()[0]  # other processes on the machine skew CPU timings: recorded
     bar = tqdm(total=rounds * len(wanted), desc=f"{args.profile} throughput", unit="step",
                dynamic_ncols=True, file=sys.stderr)
     for group in groups:
@@ -527,10 +543,11 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
                     bar.update(1)
                     continue
-                used = meter.stop(before)
+                used, total = meter.stop(before)
                 if r >= args.warmup:
                     unit.times.append(dt)
                     unit.peak_bytes = max(unit.peak_bytes, used)
+                    unit.peak_total_bytes = max(unit.peak_total_bytes, total)
                 bar.update(1)
                 bar.set_postfix_str(f"{unit.name} {dt:.2f}s")
         for unit in units:
@@ -547,6 +564,7 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     bar.close()
+    load = f"{load_start:.2f}->{os.getloadavg()[0]:.2f}"
     if BOUND in results and "scratch" in results:
         results[BOUND].state_bytes = results["scratch"].state_bytes
 
@@ -578,9 +596,10 @@ def main(argv=None) -> int:
             "median_step_s": _f(med), "tokens_per_s": _f(tokens / med if ok else float("nan")),
             "peak_mem_mb": _f(u.peak_bytes / 2**20 if ok else float("nan")), "threads": torch.get_num_threads(),
             "dtype": "bf16-autocast" if mp == "bf16" else "fp32",
+            "peak_total_mb": _f(u.peak_total_bytes / 2**20 if ok else float("nan")),
             "state_mb": _f(u.state_bytes / 2**20), "flops_per_step": f"{flops:.4g}",
             "mfu": _f(flops / med / peak if ok else float("nan")), "peak_flops": f"{peak:.4g}",
-            "peak_flops_source": source, "schedule": schedule, "timed_steps": len(u.times), "status": u.status,
+            "peak_flops_source": source, "schedule": schedule, "timed_steps": len(u.times), "load_avg": load, "status": u.status,
         })
     out = Path(args.output) if args.output else ROOT / "results" / args.profile / "tables" / "table8_throughput.csv"
     write_csv_atomic(out, rows)
@@ -588,11 +607,14 @@ def main(argv=None) -> int:
     # ---- report
     print(f"# {args.profile} on {device_name} ({device.type}, {torch.get_num_threads()} threads, "
           f"{rows[0]['dtype']}), batch {B} x {T}, {args.steps} timed + {args.warmup} warm-up steps, {schedule}")
-    print(f"# peak FLOP/s {peak:.3g} ({source})")
+    print(f"# peak FLOP/s {peak:.3g} ({source}); 1-min load average {load} (machine cores: {os.cpu_count()})")
     print(f"{'method':10s} {'step_s':>9s} {'tokens/s':>10s} {'peak_mb':>9s} {'state_mb':>9s} {'mfu':>8s}  status")
     for r in rows:
         print(f"{r['method']:10s} {r['median_step_s']:>9s} {r['tokens_per_s']:>10s} {r['peak_mem_mb']:>9s} "
               f"{r['state_mb']:>9s} {r['mfu']:>8s}  {r['status']}")
+    bound_flops = model_flops(BOUND, tcfg, d_S, B, T)
+    floor = (bound_flops + lrc_extra_flops(tcfg, d_S, B, T)) / bound_flops
+    print(f"# lrc_over_bound if LRC's extra matmuls ran as fast as the bound's and all else were free: {floor:.3f}")
     print(f"# wrote {out}")
     by = {r["method"]: r for r in rows}
 
