@@ -516,8 +516,7 @@ def main(argv=None) -> int:
                 units.append(build_unit(name, cfg_for, teacher, calib_blocks, device, torch))
             except torch.OutOfMemoryError:
                 results[name] = Unit(name, status="oom (build)")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            _release_cached(torch, device)  # after the except block: its traceback held the tensors
         scratch = next((u for u in units if u.name == "scratch"), None)
         if BOUND in wanted and scratch is not None:
             units.append(Unit(BOUND))
@@ -537,10 +536,10 @@ def main(argv=None) -> int:
                     dt = run_step(unit, scratch, teacher, batches[r].to(device), autocast, grad_clip, torch, device)
                 except torch.OutOfMemoryError:
                     unit.status = "oom"
+                if unit.status == "oom":  # outside the except block, so the failed step's tensors are gone
                     target = scratch if unit.name == BOUND else unit
-                    if target.optimizer is not None:
-                        target.optimizer.zero_grad(set_to_none=True)
-                    torch.cuda.empty_cache()
+                    target.optimizer.zero_grad(set_to_none=True)
+                    _release_cached(torch, device)
                     bar.update(1)
                     continue
                 used, total = meter.stop(before)
@@ -558,11 +557,7 @@ def main(argv=None) -> int:
             unit.params = []
         if schedule == "sequential":
             del units, scratch
-            import gc
-
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _release_cached(torch, device)
     bar.close()
     load = f"{load_start:.2f}->{os.getloadavg()[0]:.2f}"
     if BOUND in results and "scratch" in results:
@@ -632,6 +627,15 @@ def main(argv=None) -> int:
     sys.stderr.flush()
     print(line, flush=True)
     return 0
+
+
+def _release_cached(torch, device) -> None:
+    """Collect garbage and hand cached GPU blocks back (between methods, after an OOM)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _f(x: float) -> str:
