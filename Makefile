@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (see README):
 #   make test       - create .venv, install the package with test deps, run the tests + nbval
 #   make replicate  - create .venv, install, run the default (tiny) profile with snakemake
+#   make sweep      - the profile's budget sweep (issue 7; not part of the tiny profile's hour)
 PYTHON  ?= python3
 VENV    ?= .venv
 PY       = $(VENV)/bin/python
@@ -11,7 +12,7 @@ export LRC_CACHE ?= $(CURDIR)/.lrc_cache
 export TOKENIZERS_PARALLELISM = false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv test replicate
+.PHONY: venv test replicate sweep
 
 venv: $(VENV)/.installed
 
@@ -34,3 +35,8 @@ test: venv
 # The default profile runs offline; the paper profile needs the hub (run snakemake directly).
 replicate: venv
 	HF_HUB_OFFLINE=$(if $(filter paper,$(PROFILE)),0,1) $(VENV)/bin/snakemake --cores $(CORES) --config profile=$(PROFILE)
+
+# The budget sweep (each method re-trained at several token budgets and seeds): for the tiny
+# profile it is outside `make replicate`'s hour; name its output to build it (and what it needs).
+sweep: venv
+	HF_HUB_OFFLINE=$(if $(filter paper,$(PROFILE)),0,1) $(VENV)/bin/snakemake results/$(PROFILE)/tables/budget_sweep.csv --cores $(CORES) --config profile=$(PROFILE)

@@ -15,6 +15,8 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/eval.smk"
 include: "workflow/rules/tables.smk"
+include: "workflow/rules/budget.smk"
+include: "workflow/rules/analysis.smk"
 
 
 rule all:

@@ -48,14 +48,19 @@ def student_like(teacher: PreTrainedModel, d_S: int, seed: int) -> PreTrainedMod
     return type(teacher)(scfg)
 
 
-def hard_prune(teacher: PreTrainedModel, d_S: int, calibration_ids: torch.Tensor) -> PreTrainedModel:
+def hard_prune(teacher: PreTrainedModel, d_S: int, calibration_ids: torch.Tensor, init: str = "prune",
+               untie_lm_head: bool = False) -> PreTrainedModel:
     """The teacher with all but the d_S most important hidden channels removed (Minitron-style).
 
     Implemented as LRC's one-hot `init="prune"` start exported once: every projection selects
     the kept channels and the norms keep the teacher's weights there (tested against slicing).
+    init="prune_scaled" rescales the norms, init="pca" rotates instead of selecting (see
+    LRCConfig.init): the control "same start, no clone loss" for those LRC starts.
     """
-    lrc = LowRankClone(teacher, LRCConfig(student_hidden_size=d_S, init="prune"))
-    lrc.init_from_pruning(calibration_ids)
+    if init == "normal":
+        raise ValueError("hard_prune needs a teacher-derived start: init='prune', 'prune_scaled' or 'pca'")
+    lrc = LowRankClone(teacher, LRCConfig(student_hidden_size=d_S, init=init, untie_lm_head=untie_lm_head))
+    lrc.init_from_teacher(calibration_ids)
     return lrc.export_student()
 
 

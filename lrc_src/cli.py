@@ -20,7 +20,8 @@ def _train(args: argparse.Namespace) -> int:
     from lrc_src.train import train
 
     cfg = load_config(args.config, args.set)
-    out = train(cfg, args.output_dir, progress=not args.no_progress, threads=args.threads)
+    out = train(cfg, args.output_dir, progress=not args.no_progress, threads=args.threads,
+                restart_on_config_change=args.restart_on_config_change)
     print(f"run complete: {out}")
     return 0
 
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", required=True, help="run folder (metrics.csv, checkpoint/, student/)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--restart-on-config-change", action="store_true",
+                   help="if --output-dir holds a run of a different config, delete it and start again "
+                        "(default: refuse); the Snakemake workflow passes it")
     t.set_defaults(func=_train)
 
     pr = sub.add_parser("prepare", help="fetch the teacher and tokenise the data of a config once",

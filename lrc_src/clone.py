@@ -71,7 +71,7 @@ NEEDS_DIVISIBLE_HIDDEN = (LlamaConfig, MistralConfig)
 ATTN_TERMS = {"all": ("q", "k", "v", "o"), "io": ("attn_in", "o")}
 FFN_TERMS = {"all": ("gate", "up", "down"), "io": ("ffn_in", "down")}
 ALL_TERMS = ("q", "k", "v", "o", "gate", "up", "down", "attn_in", "ffn_in")
-INITS = ("normal", "prune")
+INITS = ("normal", "prune", "prune_scaled", "pca")
 
 
 @dataclass
@@ -98,10 +98,21 @@ class LRCConfig:
         (the "w/o Alignment-Free" ablation).
     attn_out_space: "student" = E(o^S, o^T P_o) (paper); "teacher" = E(o_proj^T(attn^S),
         o_proj^T(attn^T)) (the authors' code).
-    init: "normal" = every projection N(0, init_std) (authors); "prune" = the hard-pruned start:
-        every P is the one-hot selection of the d_S most important hidden channels and the student
-        norms are the teacher's at those channels, so the student starts as the pruned model
-        (needs calibration ids, see `LowRankClone.init_from_pruning`).
+    init: "normal" = every projection N(0, init_std) (authors). The others start from the teacher
+        and need calibration ids (`LowRankClone.init_from_teacher`):
+        "prune" = the hard-pruned model: every P is the one-hot selection S of the d_S most
+        important hidden channels, student norms = the teacher's at those channels;
+        "prune_scaled" = the same, each student norm weight times c = sqrt(f * d_T / d_S), where f
+        is the share of that norm's input energy in the kept channels (the RMS over fewer channels
+        is larger; c undoes it on average);
+        "pca" = SliceGPT-style rotation: U [d_T, d_S] = top eigenvectors of the second moment of the
+        unit-normalised residual stream (every RMSNorm input); P_emb = P_o = P_down = U, input-side
+        P = c * diag(gamma) @ U with the preceding norm's gamma and c as above, student norms 1.
+        Exact when the residual stream lies in a d_S-dim subspace and the student head is untied
+        (a tied head cannot absorb the final norm's gamma in a rotated basis; then the final norm
+        gets the least-squares diagonal c * diag(U^T diag(gamma) U)).
+    untie_lm_head: give the student its own P_lm even when the teacher ties embeddings (the
+        exported student then has an untied head); needed for an exact "pca" start.
     detach_targets: detach the projected teacher targets (o^T P_o, o^T P_down). The authors do
         not (False), so P_o/P_down also receive gradient through the target.
     clone_normalize: "none" (paper) or "relative" (each term divided by its target's mean square).
@@ -121,6 +132,7 @@ class LRCConfig:
     attn_out_space: str = "student"
     init: str = "normal"
     init_std: float = 0.02
+    untie_lm_head: bool = False
     detach_targets: bool = False
     clone_normalize: str = "none"
     clone_reduction: str = "sum"
@@ -233,14 +245,14 @@ class LowRankClone(nn.Module):
     """A frozen teacher plus the trainable projections and student norms that generate a student.
 
     Trainable state (keys follow HF's state dict; each P is [d_T, d_S]):
-      embed_tokens (P_emb), lm_head (P_lm, untied teachers only), norm (final norm, [d_S]),
+      embed_tokens (P_emb), lm_head (P_lm, untied teachers or untie_lm_head), norm (final norm, [d_S]),
       layers.{i}.self_attn.{q,k,v,o}_proj   (attn_projection="io": in_proj, o_proj)
       layers.{i}.mlp.{gate,up,down}_proj     (ffn_projection="io": in_proj, down_proj)
       layers.{i}.{input,post_attention}_layernorm  ([d_S])
       layers.{i}.self_attn.o_align, layers.{i}.mlp.down_align  ([d_S, d_T], alignment="extra")
 
     Trainable parameter count, L layers:
-      default ("all"/"all"/"free"): L*7*d_T*d_S + d_T*d_S*(1 if tied else 2) + (2L+1)*d_S
+      default ("all"/"all"/"free"): L*7*d_T*d_S + d_T*d_S*(1 if student head tied else 2) + (2L+1)*d_S
       attn_projection="io": 2 instead of 4 attention projections per layer (-2*L*d_T*d_S)
       ffn_projection="io":  2 instead of 3 FFN projections per layer     (-1*L*d_T*d_S)
       alignment="extra":    + 2*L*d_S*d_T
@@ -271,7 +283,8 @@ class LowRankClone(nn.Module):
         self.config = config
         self.d_T, self.d_S, self.num_layers = d_T, d_S, L
         self.head_dim = getattr(tcfg, "head_dim", None) or d_T // n_heads
-        self.tied = bool(getattr(tcfg, "tie_word_embeddings", False))
+        self.tied = bool(getattr(tcfg, "tie_word_embeddings", False))  # the teacher's head
+        self.student_tied = self.tied and not config.untie_lm_head
 
         teacher.eval()
         teacher.requires_grad_(False)
@@ -281,7 +294,7 @@ class LowRankClone(nn.Module):
             return nn.Parameter(torch.empty(d_T, d_S))
 
         self.embed_tokens = proj()  # P_emb
-        self.lm_head = None if self.tied else proj()  # P_lm
+        self.lm_head = None if self.student_tied else proj()  # P_lm
         self.norm = nn.Parameter(torch.ones(d_S))
         self.layers = nn.ModuleList()
         for _ in range(L):
@@ -345,50 +358,122 @@ class LowRankClone(nn.Module):
         return layer.mlp.down_proj
 
     @torch.no_grad()
-    def init_from_pruning(self, calibration_ids: torch.Tensor) -> torch.Tensor:
+    def init_from_teacher(self, calibration_ids: torch.Tensor) -> torch.Tensor | None:
+        """Apply `config.init` ("prune", "prune_scaled" or "pca"; "normal" is a no-op returning
+        None) from teacher statistics on calibration_ids [B, T]. Returns the kept channels [d_S]
+        (prune*) or the basis U [d_T, d_S] (pca)."""
+        init = self.config.init
+        if init == "normal":
+            return None
+        if init == "pca":
+            return self.init_from_pca(calibration_ids)
+        return self.init_from_pruning(calibration_ids, scaled=init == "prune_scaled")
+
+    @torch.no_grad()
+    def init_from_pruning(self, calibration_ids: torch.Tensor, scaled: bool = False) -> torch.Tensor:
         """Hard-pruned start: P = one-hot selection of the d_S most important hidden channels.
 
         Importance of channel c = mean over tokens and over every RMSNorm output of the teacher
         (input/post-attention norms of each layer and the final norm) of |out[..., c]|
         (Minitron-style activation magnitude). Student norm weights = teacher norm weights at the
-        kept channels, so `export_student()` is exactly the hard-pruned teacher.
+        kept channels, so `export_student()` is exactly the hard-pruned teacher; with scaled=True
+        each is multiplied by its norm's c = sqrt(f * d_T / d_S) (see LRCConfig.init).
         calibration_ids: [B, T]. Returns the kept channel indices, sorted, [d_S].
         """
-        keep = self.teacher_channel_importance(calibration_ids).topk(self.d_S).indices.sort().values
+        stats = self.teacher_norm_statistics(calibration_ids)
+        importance = torch.stack([s["abs_out"] for s in stats.values()]).mean(0)  # [d_T]
+        keep = importance.topk(self.d_S).indices.sort().values
         S = torch.zeros(self.d_T, self.d_S, device=self.norm.device)
         S[keep, torch.arange(self.d_S)] = 1.0  # [d_T, d_S] one-hot columns
+
+        def scale(name: str) -> float:
+            return self._energy_scale(stats[name]["second_moment"], S) if scaled else 1.0
+
+        self._set_projections(out_side=S, in_side=lambda norm: S)
         tm = self.teacher.model
-        for _, p in self.trainable_named_parameters():
-            if p.shape == (self.d_T, self.d_S):
-                p.copy_(S)
-            elif p.shape == (self.d_S, self.d_T):  # extra alignment: the transpose maps back
-                p.copy_(S.T)
-        self.norm.copy_(tm.norm.weight[keep])
-        for layer, tl in zip(self.layers, tm.layers):
-            layer.input_layernorm.copy_(tl.input_layernorm.weight[keep])
-            layer.post_attention_layernorm.copy_(tl.post_attention_layernorm.weight[keep])
+        self.norm.copy_(tm.norm.weight[keep] * scale("norm"))
+        for i, (layer, tl) in enumerate(zip(self.layers, tm.layers)):
+            for n in ("input_layernorm", "post_attention_layernorm"):
+                getattr(layer, n).copy_(getattr(tl, n).weight[keep] * scale(f"layers.{i}.{n}"))
         return keep
 
     @torch.no_grad()
-    def teacher_channel_importance(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Mean |RMSNorm output| of the teacher per hidden channel: [d_T]."""
-        acc = torch.zeros(self.d_T, dtype=torch.float32, device=input_ids.device)
-        count = 0
-
-        def hook(_m, _inp, out):
-            nonlocal count
-            acc.add_(out.detach().float().abs().reshape(-1, self.d_T).sum(0))
-            count += out.shape[0] * out.shape[1]
-
+    def init_from_pca(self, calibration_ids: torch.Tensor) -> torch.Tensor:
+        """SliceGPT-style start (see LRCConfig.init): returns the basis U [d_T, d_S]."""
+        stats = self.teacher_norm_statistics(calibration_ids)
+        C = torch.stack([s["second_moment"] for s in stats.values()]).sum(0)  # [d_T, d_T]
+        evals, evecs = torch.linalg.eigh(C.double())  # ascending
+        U = evecs[:, -self.d_S:].flip(-1)  # [d_T, d_S], largest first
+        U = U * torch.sign(U[U.abs().argmax(0), torch.arange(self.d_S)])  # deterministic signs
+        U = U.to(self.norm.dtype)
         tm = self.teacher.model
-        norms = [tm.norm] + [n for l in tm.layers for n in (l.input_layernorm, l.post_attention_layernorm)]
-        handles = [n.register_forward_hook(hook) for n in norms]
+
+        def in_side(norm: str) -> torch.Tensor:  # c * diag(gamma) @ U: [d_T, d_S]
+            gamma = self.teacher.get_submodule(f"model.{norm}").weight.float()
+            return self._energy_scale(stats[norm]["second_moment"], U) * gamma[:, None] * U
+
+        self._set_projections(out_side=U, in_side=in_side)
+        for layer in self.layers:
+            layer.input_layernorm.fill_(1.0)
+            layer.post_attention_layernorm.fill_(1.0)
+        if self.student_tied:  # least-squares diagonal for gamma_final in the rotated basis
+            c = self._energy_scale(stats["norm"]["second_moment"], U)
+            self.norm.copy_(c * (tm.norm.weight.float()[:, None] * U * U).sum(0))
+        else:
+            self.norm.fill_(1.0)
+            self.lm_head.copy_(in_side("norm"))
+        return U
+
+    def _set_projections(self, out_side: torch.Tensor, in_side) -> None:
+        """P_emb, P_o, P_down (and extra alignment, transposed) = out_side [d_T, d_S]; each
+        input-side P = in_side(<name of the RMSNorm that feeds it>); P_lm = in_side("norm")."""
+        self.embed_tokens.copy_(out_side)
+        if self.lm_head is not None:
+            self.lm_head.copy_(in_side("norm"))
+        for i, layer in enumerate(self.layers):
+            for mod, norm in ((layer.self_attn, "input_layernorm"), (layer.mlp, "post_attention_layernorm")):
+                for name, p in mod.named_parameters():
+                    if name in ("o_proj", "down_proj"):
+                        p.copy_(out_side)
+                    elif name in ("o_align", "down_align"):
+                        p.copy_(out_side.T)  # [d_S, d_T]: maps the student output back
+                    else:  # q/k/v/gate/up/in_proj
+                        p.copy_(in_side(f"layers.{i}.{norm}"))
+
+    def _energy_scale(self, second_moment: torch.Tensor, P: torch.Tensor) -> float:
+        """c = sqrt(f * d_T / d_S), f = E||x_hat P||^2 = tr(P^T M P) for M = E[x_hat^T x_hat]."""
+        f = torch.einsum("ij,ik,kj->", P.double(), second_moment.double(), P.double()).item()
+        return math.sqrt(max(f, 1e-12) * self.d_T / self.d_S)
+
+    @torch.no_grad()
+    def teacher_norm_statistics(self, input_ids: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """One teacher forward on input_ids [B, T]; per RMSNorm (keys "norm",
+        "layers.{i}.input_layernorm", "layers.{i}.post_attention_layernorm"):
+          abs_out:       mean |output| per channel [d_T]
+          second_moment: E[x_hat^T x_hat] of the unit-norm input x_hat = x / ||x|| [d_T, d_T]
+        """
+        input_ids = input_ids.to(self.norm.device)
+        tm = self.teacher.model
+        names = ["norm"] + [f"layers.{i}.{n}" for i in range(self.num_layers)
+                            for n in ("input_layernorm", "post_attention_layernorm")]
+        stats = {}
+
+        def hook(name):
+            def fn(_m, inp, out):
+                x = inp[0].detach().float().reshape(-1, self.d_T)  # [N, d_T]
+                xh = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                stats[name] = {"abs_out": out.detach().float().abs().reshape(-1, self.d_T).mean(0),
+                               "second_moment": xh.T @ xh / x.shape[0]}
+            return fn
+
+        handles = [tm.get_submodule(n).register_forward_hook(hook(n)) for n in names]
         try:
             self.teacher(input_ids=input_ids)
         finally:
             for h in handles:
                 h.remove()
-        return acc / max(count, 1)
+        assert set(stats) == set(names), sorted(set(names) - set(stats))
+        return stats
 
     # ------------------------------------------------------------------ weight generation
     def teacher_weights(self) -> dict[str, torch.Tensor]:
@@ -416,7 +501,7 @@ class LowRankClone(nn.Module):
         W: dict[str, torch.Tensor] = {}
         E_T = TW["model.embed_tokens.weight"]  # [V, d_T]
         W["model.embed_tokens.weight"] = _matmul(E_T, self.embed_tokens)  # [V, d_S]
-        if not self.tied:
+        if not self.student_tied:
             W["lm_head.weight"] = _matmul(TW["lm_head.weight"], self.lm_head)  # [V, d_S]
         W["model.norm.weight"] = self.norm
         for i, (layer, tl) in enumerate(zip(self.layers, tm.layers)):
@@ -553,7 +638,7 @@ class LowRankClone(nn.Module):
 
         with torch.no_grad():
             teacher_logits = F.linear(tm.norm(x_t), TW["lm_head.weight"], self.teacher.lm_head.bias)  # [B, T, V]
-        head = W["lm_head.weight"] if not self.tied else W["model.embed_tokens.weight"]
+        head = W["lm_head.weight"] if not self.student_tied else W["model.embed_tokens.weight"]
         logits = F.linear(rms_norm(x_s, W["model.norm.weight"], eps), head)  # [B, T, V]
 
         losses: dict[str, torch.Tensor] = {
@@ -586,7 +671,7 @@ class LowRankClone(nn.Module):
         for k in ("_name_or_path", "quantization_config", "architectures", "transformers_version",
                   "_attn_implementation_autoset", "dtype", "torch_dtype"):
             d.pop(k, None)
-        d.update(hidden_size=self.d_S, head_dim=self.head_dim, tie_word_embeddings=self.tied)
+        d.update(hidden_size=self.d_S, head_dim=self.head_dim, tie_word_embeddings=self.student_tied)
         return type(tcfg)(**d)
 
     @torch.no_grad()
@@ -596,12 +681,12 @@ class LowRankClone(nn.Module):
         model_cls = SUPPORTED_CONFIGS[type(scfg)]
         student = model_cls(scfg).to(self.norm.device)
         W = {k: v.detach().float().contiguous() for k, v in self.student_weights().items()}
-        if self.tied:
+        if self.student_tied:
             W["lm_head.weight"] = W["model.embed_tokens.weight"]
         missing, unexpected = student.load_state_dict(W, strict=False)
         assert not unexpected, unexpected
         assert all(k == "lm_head.weight" for k in missing), missing  # tied head
-        if self.tied:
+        if self.student_tied:
             student.tie_weights()
         student.eval()
         return student

@@ -33,6 +33,7 @@ class DataConfig:
     max_train_tokens: int | None = None  # cap on tokenised training text (None = all)
     mix: dict[str, float] | None = None  # hub mix weights (paper profile), e.g. {fineweb_edu: 10}
     mix_files: dict[str, str] | None = None  # local stand-ins for hub sources (same schema)
+    seed: int = 0  # held-out split and block order; fixed across train.seed so every seed is scored alike
 
     def __post_init__(self) -> None:
         if self.seq_len <= 0:

@@ -116,6 +116,60 @@ def main_table(evals: pd.DataFrame, finals: pd.DataFrame, teacher_heldout_loss: 
     return pd.concat([bench, held, teacher], ignore_index=True)
 
 
+# ---------------------------------------------------------------- budget sweep
+
+
+SWEEP_EVAL_METRICS = {("tiny_heldout_ppl", "bits_per_byte"), ("tiny_continuation", "acc_norm"), ("tiny_mmlu", "acc")}
+
+
+def budget_sweep_frame(runs: dict[str, dict], evals: dict[str, str | Path] | None = None) -> pd.DataFrame:
+    """Tidy sweep: method, seed, tokens, metric, value. runs: name -> {dir, method, seed, tokens};
+    metric heldout_loss (final held-out LM loss) for every run, plus the eval suite's headline
+    metrics ("<task>/<metric>") for the runs in `evals` (name -> `lrc eval` CSV)."""
+    rows = []
+    finals = final_losses({n: r["dir"] for n, r in runs.items()})
+    held = finals[finals.metric == "heldout_loss"].set_index("run")["value"]
+    for name, r in runs.items():
+        key = {"method": r["method"], "seed": int(r["seed"]), "tokens": int(r["tokens"])}
+        rows.append({**key, "metric": "heldout_loss", "value": float(held[name])})
+        if evals and name in evals:
+            ev = pd.read_csv(evals[name])
+            for _, e in ev.iterrows():
+                if (e.task, e.metric) in SWEEP_EVAL_METRICS:
+                    rows.append({**key, "metric": f"{e.task}/{e.metric}", "value": float(e.value)})
+    return pd.DataFrame(rows, columns=["method", "seed", "tokens", "metric", "value"])
+
+
+def sweep_summary(sweep: pd.DataFrame, metric: str = "heldout_loss") -> pd.DataFrame:
+    """Per method and budget: mean, min, max and spread (max - min) over seeds, and n seeds."""
+    g = sweep[sweep.metric == metric].groupby(["method", "tokens"])["value"]
+    out = g.agg(mean="mean", min="min", max="max", n="count").reset_index()
+    out["spread"] = out["max"] - out["min"]
+    return out
+
+
+def sweep_margins(sweep: pd.DataFrame, method: str, others: list[str], metric: str = "heldout_loss") -> pd.DataFrame:
+    """For each budget and each other method: margin = best of other's seeds - worst of method's
+    seeds (lower is better, so margin > 0 means `method` wins on every seed pairing), the mean
+    difference, and the larger of the two seed spreads."""
+    s = sweep_summary(sweep, metric).set_index(["method", "tokens"])
+    rows = []
+    for t in sorted(sweep.tokens.unique()):
+        if (method, t) not in s.index:
+            continue
+        me = s.loc[(method, t)]
+        for o in others:
+            if (o, t) not in s.index:
+                continue
+            ot = s.loc[(o, t)]
+            rows.append({"tokens": int(t), "method": method, "versus": o,
+                         "mean_difference": float(ot["mean"] - me["mean"]),
+                         "margin_worst_case": float(ot["min"] - me["max"]),
+                         "seed_spread": float(max(me["spread"], ot["spread"])),
+                         "n_seeds": int(min(me["n"], ot["n"]))})
+    return pd.DataFrame(rows)
+
+
 # ---------------------------------------------------------------- paper
 
 

@@ -8,7 +8,8 @@ Run folder:
     metrics.csv        one row per log_every steps: step, tokens, lr, loss, every loss term,
                        grad_norm, tokens_per_s, heldout_loss (every eval_every steps and at the end)
     checkpoint/        trainable state (safetensors), optimizer, scheduler, RNG, step
-    exports/step_N/    students exported at train.export_at steps
+    exports/step_N/    students exported at train.export_at steps, plus projections.safetensors
+                       (the trainable state at that step, as in checkpoint/)
     student/           the final student as a plain HF folder with tokenizer
     run.json           written last: {"status": "complete", ...}; its absence means incomplete
 
@@ -92,12 +93,15 @@ def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray) -> to
     """The method module for cfg.method (see lrc_src.baselines for what each one trains)."""
     b, d_S, seed = cfg.baseline, cfg.lrc.student_hidden_size, cfg.train.seed
     kd = dict(kl_temperature=b.kl_temperature, kl_reduction=b.kl_reduction)
+
+    def calibration() -> torch.Tensor:  # the first calibration_batches training batches: [N, T]
+        n = b.calibration_batches * cfg.train.batch_size
+        return torch.from_numpy(np.asarray(train_blocks[:n], dtype=np.int64))
     if cfg.method == "lrc":
         torch.manual_seed(seed)
         clone = LowRankClone(teacher, cfg.lrc)
-        if cfg.lrc.init == "prune":
-            n = b.calibration_batches * cfg.train.batch_size
-            clone.init_from_pruning(torch.from_numpy(np.asarray(train_blocks[:n], dtype=np.int64)))
+        if cfg.lrc.init != "normal":
+            clone.init_from_teacher(calibration())
         return LRCMethod(clone)
     if cfg.method == "scratch":
         return StudentKD(student_like(teacher, d_S, seed))
@@ -106,10 +110,10 @@ def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray) -> to
     if cfg.method == "tinybert":
         torch.manual_seed(seed)
         return TinyBERTStyle(student_like(teacher, d_S, seed), teacher, b.hidden_weight, b.attn_weight, **kd)
-    if cfg.method == "prune_kd":
-        n = b.calibration_batches * cfg.train.batch_size
-        calib = torch.from_numpy(np.asarray(train_blocks[:n], dtype=np.int64))
-        return StudentKD(hard_prune(teacher, d_S, calib), teacher if b.use_kl else None, **kd)
+    if cfg.method == "prune_kd":  # LRC's start (lrc.init; "normal" means "prune"), exported, then KD
+        init = "prune" if cfg.lrc.init == "normal" else cfg.lrc.init
+        start = hard_prune(teacher, d_S, calibration(), init=init, untie_lm_head=cfg.lrc.untie_lm_head)
+        return StudentKD(start, teacher if b.use_kl else None, **kd)
     if cfg.method == "sft":
         return StudentKD(teacher)  # for sft the "teacher" slot holds the model being fine-tuned
     raise AssertionError(cfg.method)
@@ -271,7 +275,7 @@ def _packed_data(cfg: ExperimentConfig, tokenizer):
 
     corpus = {"mix": cfg.data.mix, "data_files": cfg.data.mix_files or {}} if cfg.data.mix else cfg.data.corpus
     return prepare_data(tokenizer, corpus, cfg.data.seq_len, heldout_frac=cfg.data.heldout_frac,
-                        seed=cfg.train.seed, max_train_tokens=cfg.data.max_train_tokens)
+                        seed=cfg.data.seed, max_train_tokens=cfg.data.max_train_tokens)
 
 
 def prepare_assets(cfg: ExperimentConfig, output_dir: str | Path, threads: int | None = None) -> dict:
@@ -325,14 +329,26 @@ def export_run(cfg: ExperimentConfig, run_dir: str | Path, output: str | Path) -
 # ---------------------------------------------------------------- train
 
 
-def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, threads: int | None = None) -> Path:
-    """Train cfg.method; resume if output_dir holds a checkpoint of the same config. Returns output_dir."""
+def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, threads: int | None = None,
+          restart_on_config_change: bool = False) -> Path:
+    """Train cfg.method; resume if output_dir holds a checkpoint of the same config. Returns output_dir.
+
+    A folder holding a run of a different config is an error, unless restart_on_config_change:
+    then that run is deleted and training starts again (the workflow's choice: it owns its folders).
+    """
     out = Path(output_dir)
+    saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else None
+    if saved is not None and saved != dump_config(cfg) and restart_on_config_change:
+        for name in ("run.json", "metrics.csv", "config.yaml"):
+            (out / name).unlink(missing_ok=True)
+        for name in ("checkpoint", "exports", "student"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        saved = None
     if (out / "run.json").is_file() and json.loads((out / "run.json").read_text()).get("status") == "complete":
-        saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else None
         if saved == dump_config(cfg):
             return out
-        raise ValueError(f"{out} holds a completed run of a different config; choose another --output-dir")
+        raise ValueError(f"{out} holds a completed run of a different config; choose another --output-dir "
+                         "(or pass --restart-on-config-change)")
     _set_threads(threads)
     tc = cfg.train
 
@@ -364,7 +380,8 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     if ckpt.is_dir():
         saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else None
         if saved is not None and saved != dump_config(cfg):
-            raise ValueError(f"{out} holds a checkpoint of a different config; choose another --output-dir")
+            raise ValueError(f"{out} holds a checkpoint of a different config; choose another --output-dir "
+                             "(or pass --restart-on-config-change)")
         start = load_checkpoint(ckpt, unwrapped, optimizer, scheduler)
     if accelerator.is_main_process:
         (out / "config.yaml").write_text(dump_config(cfg))
@@ -417,7 +434,7 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
             log.write({k: _fmt(v) for k, v in row.items()})
             t_last, tokens_last = time.perf_counter(), tokens
         if accelerator.is_main_process and done in tc.export_at:
-            _export_atomic(unwrapped, out / "exports" / f"step_{done}", tokenizer)
+            _export_atomic(unwrapped, out / "exports" / f"step_{done}", tokenizer, with_trainable=True)
         if accelerator.is_main_process and (done % tc.save_every == 0 or is_last):
             save_checkpoint(ckpt, unwrapped, optimizer, scheduler, done)
         accelerator.wait_for_everyone()
@@ -435,9 +452,15 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     return out
 
 
-def _export_atomic(method, directory: Path, tokenizer) -> None:
+def _export_atomic(method, directory: Path, tokenizer, with_trainable: bool = False) -> None:
+    """Export the student to directory/ atomically; with_trainable also writes the trainable state
+    there as projections.safetensors (same keys as checkpoint/trainable.safetensors: for LRC the
+    projections P and student norms at that step, for Tables 21-22)."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     method.export(tmp, tokenizer)
+    if with_trainable:
+        state = {n: p.detach().cpu().contiguous() for n, p in method.trainable_named_parameters()}
+        save_file(state, tmp / "projections.safetensors")
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)

@@ -107,6 +107,32 @@ def test_rerun_of_complete_run_is_a_no_op(tmp_path):
     assert (run / "metrics.csv").stat().st_mtime == mtime
     with pytest.raises(ValueError, match="different config"):
         train(ci_cfg("train.max_steps=3"), run, progress=False)
+    # the workflow's choice: a changed config retrains from scratch in the same folder
+    train(ci_cfg("train.max_steps=3"), run, progress=False, restart_on_config_change=True)
+    assert len(read_metrics(run)) == 3 and "max_steps: 3" in (run / "config.yaml").read_text()
+
+
+def test_restart_on_config_change_discards_a_stale_checkpoint(tmp_path):
+    run = tmp_path / "r"
+    train(ci_cfg("train.max_steps=4", "train.save_every=2"), run, progress=False)
+    (run / "run.json").unlink()  # an interrupted run: checkpoint but no run.json
+    with pytest.raises(ValueError, match="checkpoint of a different config"):
+        train(ci_cfg("train.max_steps=4", "lrc.alpha=0.5"), run, progress=False)
+    train(ci_cfg("train.max_steps=4", "lrc.alpha=0.5"), run, progress=False, restart_on_config_change=True)
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("init", ["prune_scaled", "pca"])
+def test_teacher_derived_starts_train(init, tmp_path):
+    """lrc and prune_kd from the same teacher-derived start: same held-out loss before training."""
+    runs = {}
+    for method in ("lrc", "prune_kd"):
+        cfg = ci_cfg(f"method={method}", f"lrc.init={init}", "lrc.untie_lm_head=true", "train.max_steps=2",
+                     "train.lr=1.0e-12", "train.eval_every=1", "train.mixed_precision='no'")
+        runs[method] = read_metrics(train(cfg, tmp_path / method, progress=False))
+    a, b = (float(runs[m][0]["heldout_loss"]) for m in ("lrc", "prune_kd"))
+    assert a == pytest.approx(b, abs=1e-3)
 
 
 def test_grad_accum_and_max_tokens(tmp_path):
@@ -194,3 +220,19 @@ def test_export_from_checkpoint_matches_final_student(tmp_path, capsys):
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
     assert main(["export", "--run", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_intermediate_exports_keep_the_trainable_state(tmp_path):
+    """train.export_at writes exports/step_N/ with the student and projections.safetensors (the
+    trainable state after step N, keyed as in checkpoint/): Tables 21-22 read it."""
+    from safetensors.torch import load_file
+    run = train(ci_cfg("train.max_steps=3", "train.save_every=3", "train.eval_every=0", "train.export_at=[1,3]"),
+                tmp_path / "run", progress=False)
+    final = load_file(run / "checkpoint" / "trainable.safetensors")
+    first = load_file(run / "exports" / "step_1" / "projections.safetensors")
+    last = load_file(run / "exports" / "step_3" / "projections.safetensors")
+    assert first.keys() == final.keys() == last.keys()
+    assert any(k.endswith("layers.0.mlp.up_proj") for k in final)
+    assert all(torch.equal(last[k], final[k]) for k in final)
+    assert not all(torch.equal(first[k], final[k]) for k in final)
+    assert (run / "exports" / "step_1" / "config.json").is_file()

@@ -21,7 +21,7 @@ def snakemake(*args, timeout=1800):
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("profile", ["tiny", "paper", "ci"])
+@pytest.mark.parametrize("profile", ["tiny", "paper", "ci", "cpu-full"])
 def test_dry_run(profile):
     r = snakemake("-n", "--cores", "2", "--config", f"profile={profile}")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -50,6 +50,14 @@ def test_ci_dag_end_to_end():
     main = pd.read_csv(ROOT / "results/ci/tables/table1_main.csv")
     ours = main[main.source.str.startswith("this replication")]
     assert set(ours.model) == {"teacher", "lrc", "scratch", "kd", "tinybert", "prune_kd", "lrc_small"}
+    # the analysis items (issue 5)
+    t5 = pd.read_csv(ROOT / "results/ci/tables/table5_neuron_masking.csv")
+    assert {"unmasked", "important_top50_masked", "random_masked"} <= set(t5.condition)
+    t22 = pd.read_csv(ROOT / "results/ci/tables/table22_gram_mse.csv")
+    assert {"teacher_vs_student", "teacher_vs_random"} <= set(t22.comparison)
+    f4 = pd.read_csv(ROOT / "results/ci/tables/figure4_tokens.csv")
+    assert set(f4[f4.run == "lrc"].step) == {2, 4, 8}
+    assert (ROOT / "results/ci/runs/lrc/exports/step_2/projections.safetensors").is_file()
     claims = pd.read_csv(ROOT / "results/ci/tables/claims.csv")
     assert set(claims.verdict) <= {"holds", "does not hold", "inconclusive", "n/a"}
     # a second invocation has nothing to do (outputs are up to date)

@@ -15,6 +15,31 @@ P = yaml.safe_load(_profile_path.read_text())
 validate(P, "../../config/workflow/schema.yaml")
 RUNS = P["runs"]
 TABLES = P["tables"]
+
+
+def _train_setting(run, key):
+    """train.<key> of a run: its override, else its train config's value."""
+    if f"train.{key}" in RUNS[run]:
+        return RUNS[run][f"train.{key}"]
+    base = yaml.safe_load(Path(RUNS[run].get("config", P["train_config"])).read_text())
+    return (base.get("train") or {}).get(key, 0 if key == "seed" else None)
+
+
+# budget_sweep: every base run re-trained at each token budget and seed (its own full schedule).
+# A (budget, seed) equal to the base run's own is the base run itself (trained once).
+SWEEP = {}  # run name -> {"method": base run, "tokens": int, "seed": int}
+if P.get("budget_sweep"):
+    _bs = P["budget_sweep"]
+    for _b in _bs["runs"]:
+        if _b not in RUNS:
+            raise ValueError(f"profile {PROFILE}: budget_sweep uses undefined run {_b!r}")
+        _own = (_train_setting(_b, "max_tokens"), _train_setting(_b, "seed"))
+        for _t in _bs["tokens"]:
+            for _s in _bs["seeds"]:
+                _name = _b if (_t, _s) == _own else f"{_b}__t{_t}_s{_s}"
+                if _name != _b:
+                    RUNS[_name] = {**RUNS[_b], "train.max_tokens": _t, "train.seed": _s}
+                SWEEP[_name] = {"method": _b, "tokens": int(_t), "seed": int(_s)}
 for _t, _spec in TABLES.items():
     _missing = [r for r in _spec.get("runs", []) if r not in RUNS]
     if _missing:
@@ -103,4 +128,6 @@ def all_outputs():
     outs = [f"{R}/tables/{t}.csv" for t in TABLES]
     outs += [f"{R}/evals/{m}.csv" for m in P["eval"]["models"]]
     outs += [f"{R}/evals/{m}__{s}.csv" for m in P["eval"]["models"] for s in P["eval"].get("extra_suites", [])]
+    if SWEEP and P["budget_sweep"].get("in_all", True):
+        outs.append(f"{R}/tables/budget_sweep.csv")
     return outs

@@ -30,5 +30,5 @@ rule train:
         run="|".join(RUNS),
     shell:
         "OMP_NUM_THREADS={threads} {params.launcher} train --config {params.config} {params.sets} "
-        "--threads {threads} --output-dir results/{wildcards.profile}/runs/{wildcards.run} --no-progress "
+        "--threads {threads} --output-dir results/{wildcards.profile}/runs/{wildcards.run} --no-progress --restart-on-config-change "
         "> {log} 2>&1"
