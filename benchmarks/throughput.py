@@ -12,6 +12,14 @@ builds is timed on the same random token batches (fixed seed):
     prune_kd   hard-pruned teacher, KL + LM
     bound      the teacher's forward (inference mode) + one `scratch` step on the same batch: what
                LRC costs at least, since it must run the teacher and train a student of this shape
+    lrc_regen  (only with --grad-accum > 1) lrc generating the student's weights for every
+               micro-batch, as before the trainer's accumulation window: the before/after of
+               generating them once per optimizer step
+
+With --grad-accum K a timed step is K micro-batches (forward + backward each, loss / K) and one
+optimizer step, for every method; the bound runs the teacher's forward and the student's
+forward/backward K times. LRC then generates its weights once per step (the trainer does the same,
+`LRCMethod.accumulation_window`), so its fixed per-step cost is shared by K micro-batches.
 
 A timed step is what the trainer does per optimizer step: forward under autocast, backward,
 clip_grad_norm_ (1.0), AdamW step, zero_grad(set_to_none=True) (on CUDA followed by a
@@ -108,14 +116,16 @@ METHODS = {
     "kd": ("kd", []),
     "tinybert": ("tinybert", []),
     "prune_kd": ("prune_kd", []),
+    "lrc_regen": ("lrc", []),  # with --grad-accum > 1 only: no accumulation window
 }
+ACCUM_ONLY = ("lrc_regen",)
 BOUND = "bound"
 COLUMNS = [
     "profile", "device", "device_name", "method", "batch_size", "seq_len", "tokens_per_step",
     "median_step_s", "tokens_per_s", "peak_mem_mb", "threads", "dtype",
     # extra context
     "peak_total_mb", "state_mb", "flops_per_step", "mfu", "peak_flops", "peak_flops_source", "schedule", "timed_steps",
-    "load_avg", "status",
+    "load_avg", "status", "grad_accum",
 ]
 # Dense tensor-core peaks (FLOP/s) by device-name substring; the first match wins, so longer or
 # more specific names come first ("H100 PCIe" before "H100", "A100" before "A10").
@@ -296,27 +306,14 @@ def teacher_attention(teacher, impl: str | None):
 
 def build_unit(name, cfg_for, teacher, calib_blocks, device, torch):
     """Build method `name` as the trainer would (lrc_src.train.build_method) + its AdamW."""
-    import numpy as np
-
-    from lrc_src.baselines import StudentKD, hard_prune
     from lrc_src.train import build_method
 
     method, overrides = METHODS[name]
     cfg = cfg_for(method, overrides)
     impl_before = teacher.config._attn_implementation
     torch.manual_seed(cfg.train.seed)
-    with torch.device(device):
-        if method == "prune_kd" and device.type != "cpu":
-            # build_method hands the CPU calibration ids to the teacher, which the trainer has not yet
-            # moved to the GPU; here the teacher already lives there: same construction, ids on device.
-            n = cfg.baseline.calibration_batches * cfg.train.batch_size
-            calib = torch.from_numpy(np.asarray(calib_blocks[:n], dtype=np.int64)).to(device)
-            kd = dict(kl_temperature=cfg.baseline.kl_temperature, kl_reduction=cfg.baseline.kl_reduction)
-            module = StudentKD(hard_prune(teacher, cfg.lrc.student_hidden_size, calib),
-                               teacher if cfg.baseline.use_kl else None, **kd)
-        else:
-            module = build_method(cfg, teacher, calib_blocks)
-        module = module.to(device)
+    with torch.device(device):  # teacher-derived starts move their calibration ids to the teacher's device
+        module = build_method(cfg, teacher, calib_blocks).to(device)
     unit = Unit(name, module, attn_impl=teacher.config._attn_implementation)
     teacher.config._attn_implementation = impl_before  # the other methods keep the teacher's kernel
     tc = cfg.train
@@ -339,17 +336,22 @@ def state_bytes(unit) -> float:
     return float(total)
 
 
-def run_step(unit, scratch, teacher, ids, autocast, grad_clip, torch, device):
-    """One timed optimizer step of `unit` on ids [B, T]; returns seconds."""
+def run_step(unit, scratch, teacher, micro_batches, autocast, grad_clip, torch, device):
+    """One timed optimizer step of `unit` over micro_batches (a list of ids [B, T]); returns seconds."""
     target = scratch if unit.name == BOUND else unit
+    K = len(micro_batches)
+    window = getattr(target.module, "accumulation_window", None)
+    reuse = K > 1 and window is not None and unit.name not in ACCUM_ONLY
     t0 = time.perf_counter()
-    if unit.name == BOUND:
-        with torch.inference_mode(), autocast():
-            teacher(input_ids=ids, use_cache=False).logits  # [B, T, V], discarded
-    with teacher_attention(teacher, target.attn_impl):
-        with autocast():
-            out = target.module(ids, ids)
-        out.loss.backward()
+    with window() if reuse else contextlib.nullcontext():
+        for ids in micro_batches:
+            if unit.name == BOUND:
+                with torch.inference_mode(), autocast():
+                    teacher(input_ids=ids, use_cache=False).logits  # [B, T, V], discarded
+            with teacher_attention(teacher, target.attn_impl):
+                with autocast():
+                    out = target.module(ids, ids)
+                (out.loss / K).backward()
     torch.nn.utils.clip_grad_norm_(target.params, grad_clip)
     target.optimizer.step()
     target.optimizer.zero_grad(set_to_none=True)
@@ -390,12 +392,15 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
                    help="sequences per step (default: the profile's train.batch_size; paper-1.5b: 1)")
     p.add_argument("--seq-len", type=int, default=None, metavar="T", help="tokens per sequence (default: the profile's data.seq_len)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                   help="micro-batches per optimizer step (default 1); K > 1 also times lrc_regen")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's default)")
     p.add_argument("--output", default=None, metavar="CSV",
                    help="CSV to write (default results/<profile>/tables/table8_throughput.csv)")
-    p.add_argument("--methods", default=",".join([*METHODS, BOUND]),
-                   help=f"comma-separated subset of {','.join([*METHODS, BOUND])} (default: all)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {','.join([*METHODS, BOUND])} (default: all; "
+                        "lrc_regen only with --grad-accum > 1)")
     p.add_argument("--schedule", default="auto", choices=("auto", "round-robin", "sequential"),
                    help="round-robin: all methods alive, alternating every step (drift hits all alike); "
                         "sequential: one method at a time, freed after (for memory). auto: sequential for "
@@ -429,11 +434,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.profile not in PROFILES:
         return fail(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
+    if args.methods is None:
+        args.methods = ",".join(m for m in [*METHODS, BOUND] if m not in ACCUM_ONLY or args.grad_accum > 1)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in names if m not in METHODS and m != BOUND]
     if bad or not names:
         return fail(f"unknown method(s) {bad}; choose from {', '.join([*METHODS, BOUND])}")
-    for opt in ("steps", "batch_size", "seq_len", "threads"):
+    for opt in ("steps", "batch_size", "seq_len", "threads", "grad_accum"):
         v = getattr(args, opt)
         if v is not None and v <= 0:
             return fail(f"--{opt.replace('_', '-')} must be > 0, got {v}")
@@ -487,7 +494,8 @@ def main(argv=None) -> int:
     # ---- fixed random batches: one per round, shared by every method of the round
     rounds = args.warmup + args.steps
     gen = torch.Generator().manual_seed(args.seed)
-    batches = [torch.randint(0, vocab, (B, T), generator=gen) for _ in range(rounds)]
+    K = args.grad_accum
+    batches = [[torch.randint(0, vocab, (B, T), generator=gen) for _ in range(K)] for _ in range(rounds)]
     calib_blocks = np.random.default_rng(args.seed).integers(0, vocab, (base.baseline.calibration_batches * B, T))
 
     schedule = args.schedule if args.schedule != "auto" else (
@@ -533,7 +541,8 @@ def main(argv=None) -> int:
                     continue
                 before = meter.start()
                 try:
-                    dt = run_step(unit, scratch, teacher, batches[r].to(device), autocast, grad_clip, torch, device)
+                    dt = run_step(unit, scratch, teacher, [b.to(device) for b in batches[r]], autocast, grad_clip,
+                                  torch, device)
                 except torch.OutOfMemoryError:
                     unit.status = "oom"
                 if unit.status == "oom":  # outside the except block, so the failed step's tensors are gone
@@ -579,12 +588,12 @@ def main(argv=None) -> int:
 
     # ---- rows
     rows = []
-    tokens = B * T
+    tokens = B * T * K
     for name in wanted:
         u = results.get(name, Unit(name, status="not run"))
         ok = u.status == "ok" and u.times
         med = statistics.median(u.times) if ok else float("nan")
-        flops = model_flops(name, tcfg, d_S, B, T)
+        flops = model_flops(name, tcfg, d_S, B * K, T)
         rows.append({
             "profile": args.profile, "device": device.type, "device_name": device_name, "method": name,
             "batch_size": B, "seq_len": T, "tokens_per_step": tokens,
@@ -595,20 +604,22 @@ def main(argv=None) -> int:
             "state_mb": _f(u.state_bytes / 2**20), "flops_per_step": f"{flops:.4g}",
             "mfu": _f(flops / med / peak if ok else float("nan")), "peak_flops": f"{peak:.4g}",
             "peak_flops_source": source, "schedule": schedule, "timed_steps": len(u.times), "load_avg": load, "status": u.status,
+            "grad_accum": K,
         })
     out = Path(args.output) if args.output else ROOT / "results" / args.profile / "tables" / "table8_throughput.csv"
     write_csv_atomic(out, rows)
 
     # ---- report
     print(f"# {args.profile} on {device_name} ({device.type}, {torch.get_num_threads()} threads, "
-          f"{rows[0]['dtype']}), batch {B} x {T}, {args.steps} timed + {args.warmup} warm-up steps, {schedule}")
+          f"{rows[0]['dtype']}), batch {B} x {T} x {K} micro-batches, {args.steps} timed + {args.warmup} warm-up "
+          f"steps, {schedule}")
     print(f"# peak FLOP/s {peak:.3g} ({source}); 1-min load average {load} (machine cores: {os.cpu_count()})")
     print(f"{'method':10s} {'step_s':>9s} {'tokens/s':>10s} {'peak_mb':>9s} {'state_mb':>9s} {'mfu':>8s}  status")
     for r in rows:
         print(f"{r['method']:10s} {r['median_step_s']:>9s} {r['tokens_per_s']:>10s} {r['peak_mem_mb']:>9s} "
               f"{r['state_mb']:>9s} {r['mfu']:>8s}  {r['status']}")
-    bound_flops = model_flops(BOUND, tcfg, d_S, B, T)
-    floor = (bound_flops + lrc_extra_flops(tcfg, d_S, B, T)) / bound_flops
+    bound_flops = model_flops(BOUND, tcfg, d_S, B * K, T)
+    floor = (bound_flops + lrc_extra_flops(tcfg, d_S, B * K, T)) / bound_flops
     print(f"# lrc_over_bound if LRC's extra matmuls ran as fast as the bound's and all else were free: {floor:.3f}")
     print(f"# wrote {out}")
     by = {r["method"]: r for r in rows}

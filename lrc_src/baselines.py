@@ -21,6 +21,7 @@ Every method is an nn.Module with
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,13 +145,47 @@ class LRCMethod(nn.Module):
     def __init__(self, clone: LowRankClone):
         super().__init__()
         self.clone = clone
+        self._window: dict | None = None  # set inside accumulation_window()
 
     def trainable_named_parameters(self):
         return [(f"clone.{n}", p) for n, p in self.clone.trainable_named_parameters()]
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> MethodOutput:
-        out = self.clone.clone(input_ids, labels)
+        weights = None
+        if self._window is not None:
+            if not self._window:  # first micro-batch: generate under the caller's autocast
+                TW = self.clone.teacher_weights()
+                W = self.clone.student_weights(TW)  # in the graph of the projections
+                leaves = {k: w.detach().requires_grad_() for k, w in W.items() if w.grad_fn is not None}
+                self._window.update(TW=TW, W=W, leaves=leaves)
+            win = self._window
+            weights = (win["TW"], {**win["W"], **win["leaves"]})
+        out = self.clone.clone(input_ids, labels, weights=weights)
         return MethodOutput(out.loss, out.losses)
+
+    @contextlib.contextmanager
+    def accumulation_window(self):
+        """Generate the student's weights once for all micro-batches of an optimizer step.
+
+        Inside the window, every forward uses the same generated weights as detached leaves
+        W'; each backward accumulates dL/dW' there (and the projections' direct gradients, e.g.
+        through the clone targets o^T P_o, into P.grad as usual). On exit, one backward through
+        the generation, W = W_T P, turns the summed dL/dW' into P.grad. The gradients equal those
+        of generating per micro-batch (tested); the generation's forward and backward run once
+        per optimizer step instead of once per micro-batch. Single process only (the trainer
+        does not open it under DDP/FSDP/DeepSpeed, whose gradient sync would miss this backward).
+        """
+        assert self._window is None, "nested accumulation windows"
+        self._window = {}
+        try:
+            yield self
+            win = self._window
+            if win:
+                keys = [k for k, leaf in win["leaves"].items() if leaf.grad is not None]
+                if keys:
+                    torch.autograd.backward([win["W"][k] for k in keys], [win["leaves"][k].grad for k in keys])
+        finally:
+            self._window = None
 
     def eval_model(self) -> PreTrainedModel:
         return self.clone.export_student()

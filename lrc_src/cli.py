@@ -57,6 +57,16 @@ def _eval(args: argparse.Namespace) -> int:
     return run_eval_from_args(args)
 
 
+def _add_config_arguments(parser: argparse.ArgumentParser, output_help: str) -> None:
+    """--config, --set, --output-dir, --threads: shared by `train` and `prepare`."""
+    parser.add_argument("--config", required=True, help="YAML profile, e.g. config/tiny.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.max_steps=20 --set lrc.alpha=0.5 "
+                             "(repeatable; values are YAML)")
+    parser.add_argument("--output-dir", required=True, help=output_help)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lrc", description="Low-Rank Clone distillation: train, export, evaluate.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -65,12 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the method named in the config (lrc, scratch, kd, tinybert, prune_kd, "
                                    "sft). Re-running the same command on the same --output-dir resumes from its "
                                    "last checkpoint. Multi-GPU: accelerate launch -m lrc_src.cli train ...")
-    t.add_argument("--config", required=True, help="YAML profile, e.g. config/tiny.yaml")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.max_steps=20 --set lrc.alpha=0.5 (repeatable)")
-    t.add_argument("--output-dir", required=True, help="run folder (metrics.csv, checkpoint/, student/)")
+    _add_config_arguments(t, "run folder (metrics.csv, checkpoint/, student/)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--restart-on-config-change", action="store_true",
                    help="if --output-dir holds a run of a different config, delete it and start again "
                         "(default: refuse); the Snakemake workflow passes it")
@@ -80,10 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Convert/fetch the teacher, build and tokenise the corpus (cached), and "
                                     "write OUTPUT_DIR/assets.json (teacher folder, held-out documents, the "
                                     "teacher's held-out loss) and OUTPUT_DIR/heldout.jsonl.")
-    pr.add_argument("--config", required=True, help="YAML profile, e.g. config/tiny.yaml")
-    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    pr.add_argument("--output-dir", required=True, help="folder for assets.json and heldout.jsonl")
-    pr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _add_config_arguments(pr, "folder for assets.json and heldout.jsonl")
     pr.set_defaults(func=_prepare)
 
     e = sub.add_parser("export", help="export the student of a run's checkpoint as a plain HF folder",

@@ -539,10 +539,13 @@ class LowRankClone(nn.Module):
         )  # [B, nH, T, hd]
         return out.transpose(1, 2).reshape(B, T, -1)  # [B, T, nH*hd]
 
-    def clone(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> CloneOutput:
+    def clone(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+              weights: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None) -> CloneOutput:
         """Run teacher and student side by side on input_ids [B, T]; labels [B, T] (default:
         input_ids; -100 = ignored) for the LM loss.
 
+        weights: (teacher_weights(), student_weights(...)) generated once by the caller and reused
+            (see `lrc_src.baselines.LRCMethod.accumulation_window`); default: generate them here.
         `.losses` holds scalars "kl", "lm" (always reported; in `.loss` only when use_kl/use_lm),
         "clone" and one "clone/<term>" per enabled term (summed over layers).
         """
@@ -556,8 +559,11 @@ class LowRankClone(nn.Module):
             )
         cfg, tcfg = self.config, self.teacher.config
         tm, eps = self.teacher.model, tcfg.rms_norm_eps
-        TW = self.teacher_weights()  # cast once (autocast), shared by teacher forward and generation
-        W = self.student_weights(TW)
+        if weights is None:
+            TW = self.teacher_weights()  # cast once (autocast), shared by teacher forward and generation
+            W = self.student_weights(TW)
+        else:
+            TW, W = weights
         B, T = input_ids.shape
         relative = cfg.clone_normalize == "relative"
         terms = set(cfg.clone_terms)

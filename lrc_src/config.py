@@ -173,6 +173,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ValueError(f"{key}={value!r}: expected {tp.__name__}") from None
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads yes/no/on/off as booleans
+            raise ValueError(f"{key}={value!r}: expected a string; quote it, e.g. {key}='no'")
         if not isinstance(value, str):
             raise ValueError(f"{key}={value!r}: expected a string")
         return value

@@ -389,29 +389,34 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
 
     # ---- loop
     method.train()
+    # One weight generation per optimizer step when accumulating (single process: the gradient
+    # sync of DDP/FSDP/DeepSpeed would miss the window's closing backward).
+    reuse = tc.grad_accum > 1 and accelerator.num_processes == 1 and hasattr(unwrapped, "accumulation_window")
+    window = unwrapped.accumulation_window if reuse else contextlib.nullcontext
     bar = tqdm(total=total_steps, initial=start, desc=f"{cfg.method}", unit="step",
                disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
     t_last, tokens_last, t0 = time.perf_counter(), start * tokens_per_step, time.perf_counter()
     for step in range(start, total_steps):
         lr_now = [g["lr"] for g in optimizer.param_groups][0]
         sums: dict[str, float] = {}
-        for micro in range(tc.grad_accum):
-            index = (step * tc.grad_accum + micro) * accelerator.num_processes + accelerator.process_index
-            ids, labels = batches.get(index)
-            ids = ids.to(accelerator.device)
-            labels = labels.to(accelerator.device) if labels is not None else None
-            sync = micro == tc.grad_accum - 1
-            with accelerator.no_sync(method) if not sync else contextlib.nullcontext():
-                with accelerator.autocast():
-                    o = method(ids, labels)
-                if not torch.isfinite(o.loss):
-                    bar.close()
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({o.loss.item()}) at step {step + 1}; last good checkpoint: "
-                        f"{ckpt if ckpt.is_dir() else 'none'} (lower train.lr or check the data)")
-                accelerator.backward(o.loss / tc.grad_accum)
-            for k, v in [("loss", o.loss)] + list(o.losses.items()):
-                sums[k] = sums.get(k, 0.0) + v.detach().float().item() / tc.grad_accum
+        with window():  # LRC: generate the student's weights once per optimizer step
+            for micro in range(tc.grad_accum):
+                index = (step * tc.grad_accum + micro) * accelerator.num_processes + accelerator.process_index
+                ids, labels = batches.get(index)
+                ids = ids.to(accelerator.device)
+                labels = labels.to(accelerator.device) if labels is not None else None
+                sync = micro == tc.grad_accum - 1
+                with accelerator.no_sync(method) if not sync else contextlib.nullcontext():
+                    with accelerator.autocast():
+                        o = method(ids, labels)
+                    if not torch.isfinite(o.loss):
+                        bar.close()
+                        raise NonFiniteLossError(
+                            f"non-finite loss ({o.loss.item()}) at step {step + 1}; last good checkpoint: "
+                            f"{ckpt if ckpt.is_dir() else 'none'} (lower train.lr or check the data)")
+                    accelerator.backward(o.loss / tc.grad_accum)
+                for k, v in [("loss", o.loss)] + list(o.losses.items()):
+                    sums[k] = sums.get(k, 0.0) + v.detach().float().item() / tc.grad_accum
         grad_norm = accelerator.clip_grad_norm_([p for _, p in params], tc.grad_clip)
         optimizer.step()
         scheduler.step()

@@ -53,6 +53,7 @@ def test_ci_profile_writes_every_method(tmp_path):
         assert float(r["peak_mem_mb"]) >= 0 and 0 < float(r["mfu"]) < 1, r
         assert int(r["timed_steps"]) == 2
         assert r["tokens_per_s"] and abs(float(r["tokens_per_s"]) * float(r["median_step_s"]) - 32) < 1e-3 * 32
+    assert all(r["grad_accum"] == "1" for r in rows)
     by = {r["method"]: r for r in rows}
     assert float(m.group(1)) == pytest.approx(float(by["lrc"]["median_step_s"]) / float(by["bound"]["median_step_s"]), rel=1e-3)
     assert float(m.group(2)) == pytest.approx(float(by["lrc"]["tokens_per_s"]) / float(by["scratch"]["tokens_per_s"]), rel=1e-3)
@@ -109,3 +110,18 @@ def test_paper_teacher_shape_and_flops():
     assert tp.cuda_peak_flops("NVIDIA H100 PCIe", True) == 756e12
     assert tp.cuda_peak_flops("NVIDIA A100-SXM4-80GB", True) == 312e12
     assert tp.cuda_peak_flops("NVIDIA H200", True) == 989e12
+
+
+def test_grad_accum_times_micro_batches_and_lrc_regen(tmp_path):
+    """--grad-accum K: tokens per step = B*T*K for every method, and lrc_regen (weights generated
+    per micro-batch) is timed beside lrc (generated once per step)."""
+    out = tmp_path / "t8.csv"
+    p = run("--profile", "ci", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--seq-len", "16",
+            "--threads", "1", "--grad-accum", "3", "--methods", "lrc,lrc_regen,scratch,bound", "--output", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["lrc", "lrc_regen", "scratch", "bound"]
+    for r in rows:
+        assert r["status"] == "ok" and r["grad_accum"] == "3" and int(r["tokens_per_step"]) == 2 * 16 * 3, r
+    assert run("--profile", "ci", "--grad-accum", "0").returncode == 2

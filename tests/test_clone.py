@@ -349,3 +349,27 @@ def test_bad_labels(ids):
     lrc = make_clone()
     with pytest.raises(ValueError, match=r"labels shape \(2, 18\)"):
         lrc.clone(ids, labels=ids[:, :-1])
+
+
+@pytest.mark.parametrize("variant", [{}, dict(attn_projection="io", ffn_projection="io"), dict(alignment="extra"),
+                                     dict(untie_lm_head=True, clone_normalize="relative")])
+def test_accumulation_window_gradients_equal_per_micro_batch_generation(variant):
+    """Generating the weights once per optimizer step (LRCMethod.accumulation_window) gives the
+    same gradients as generating them for every micro-batch."""
+    from lrc_src.baselines import LRCMethod
+
+    g = torch.Generator().manual_seed(3)
+    micro = [torch.randint(0, VOCAB, (2, 11), generator=g) for _ in range(3)]
+    method = LRCMethod(make_clone("llama-bias", **variant))
+    params = [p for _, p in method.trainable_named_parameters()]
+    for ids in micro:
+        (method(ids, ids).loss / 3).backward()
+    per_micro = [p.grad.clone() for p in params]
+    method.zero_grad(set_to_none=True)
+    with method.accumulation_window():
+        for ids in micro:
+            (method(ids, ids).loss / 3).backward()
+    for (n, p), ref in zip(method.trainable_named_parameters(), per_micro):
+        assert p.grad is not None, n
+        assert torch.allclose(p.grad, ref, rtol=1e-4, atol=1e-6), (n, (p.grad - ref).abs().max().item())
+    assert method._window is None

@@ -58,6 +58,15 @@ def test_ci_dag_end_to_end():
     f4 = pd.read_csv(ROOT / "results/ci/tables/figure4_tokens.csv")
     assert set(f4[f4.run == "lrc"].step) == {2, 4, 8}
     assert (ROOT / "results/ci/runs/lrc/exports/step_2/projections.safetensors").is_file()
+    # issue 7's budget sweep: every method x budget x seed has a held-out loss; evals at the largest
+    sweep = pd.read_csv(ROOT / "results/ci/tables/budget_sweep.csv")
+    assert list(sweep.columns) == ["method", "seed", "tokens", "metric", "value"]
+    held = sweep[sweep.metric == "heldout_loss"]
+    assert len(held) == 2 * 2 * 2 and held.value.notna().all()
+    assert set(held.method) == {"lrc_small", "prune_kd"} and set(held.tokens) == {1024, 2048}
+    assert set(sweep[sweep.metric != "heldout_loss"].tokens) == {2048}
+    margins = pd.read_csv(ROOT / "results/ci/tables/budget_sweep_margins.csv")
+    assert set(margins.versus) == {"prune_kd"} and len(margins) == 2
     claims = pd.read_csv(ROOT / "results/ci/tables/claims.csv")
     assert set(claims.verdict) <= {"holds", "does not hold", "inconclusive", "n/a"}
     # a second invocation has nothing to do (outputs are up to date)
