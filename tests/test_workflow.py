@@ -28,6 +28,19 @@ def test_dry_run(profile):
     assert "rule all" in r.stdout or "Nothing to be done" in r.stdout
 
 
+def test_tiny_notebook_parameters_are_the_profiles():
+    """Every notebook parameter a profile leaves unset must not fall back to the notebook's ci
+    default: the tiny analysis items run without the suite, and the budget sweep is planned."""
+    r = snakemake("-n", "-p", "--cores", "2", "--forceall", "--config", "profile=tiny")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for item in ("table5_neuron_masking", "figure4_tokens"):
+        cmd = next(line for line in r.stdout.splitlines() if f"notebooks/{item}.ipynb" in line and "papermill" in line)
+        assert '"suite": false' in cmd and "results/ci" not in cmd, cmd
+    sweep = snakemake("-n", "--cores", "2", "--config", "profile=tiny", "--", "results/tiny/tables/budget_sweep.csv")
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    assert "budget_sweep" in sweep.stdout
+
+
 def test_unknown_profile_is_a_clear_error():
     r = snakemake("-n", "--cores", "1", "--config", "profile=huge")
     assert r.returncode != 0

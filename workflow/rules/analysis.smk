@@ -22,8 +22,13 @@ def _suite_evals(name):
     return evals
 
 
+SUITE_ITEMS = ("figure4_tokens", "table5_neuron_masking")  # notebooks that can run the tiny suite themselves
+
+
 def _analysis_notebook_params(name):
     extra = _analysis_params(name)
+    if name in SUITE_ITEMS:
+        extra.setdefault("suite", False)  # explicit: never the notebook's (ci) default
     if extra.get("suite"):
         extra["suite_dir"] = f"{R}/assets/tiny_suite"
     if name == "table4_data_mix":
