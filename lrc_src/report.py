@@ -170,6 +170,17 @@ def sweep_margins(sweep: pd.DataFrame, method: str, others: list[str], metric: s
     return pd.DataFrame(rows)
 
 
+def sweep_markdown(sweep: pd.DataFrame, metric: str = "heldout_loss") -> str:
+    """Pipe table: one row per method, one column per budget, cells "mean (min-max)" over seeds."""
+    summ = sweep_summary(sweep, metric)
+    budgets = sorted(summ.tokens.unique())
+    methods = list(dict.fromkeys(sweep.method))
+    cell = {(r.method, r.tokens): (f"{r.mean:.3f} ({r.min:.3f}-{r.max:.3f})" if r.n > 1 else f"{r.mean:.3f}")
+            for r in summ.itertuples()}
+    rows = [{"method": m, **{f"{int(t):,} tokens": cell.get((m, t), "") for t in budgets}} for m in methods]
+    return markdown_table(pd.DataFrame(rows))
+
+
 # ---------------------------------------------------------------- paper
 
 

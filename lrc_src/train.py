@@ -453,6 +453,8 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
                 sum(p.numel() for _, p in params), "mixed_precision": accelerator.mixed_precision,
                 "num_processes": accelerator.num_processes}
         (out / "run.json").write_text(json.dumps(info, indent=2))
+        if not tc.keep_optimizer_state:  # a finished run needs only its trainable state (export, analysis)
+            (ckpt / "optimizer.pt").unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     return out
 

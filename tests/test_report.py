@@ -48,3 +48,10 @@ def test_budget_sweep_frame_reads_runs_and_evals(tmp_path):
     assert held[0] == 4.0 and held[1] == 3.0
     assert df[df.metric == "tiny_continuation/acc_norm"].value.tolist() == [0.7]  # headline metrics only
     assert len(df) == 3
+
+
+def test_sweep_markdown_cells():
+    md = report.sweep_markdown(_sweep())
+    lines = md.splitlines()
+    assert lines[0] == "| method | 100 tokens | 200 tokens |"
+    assert lines[2] == "| small | 3.100 (3.000-3.200) | 2.700 (2.500-2.900) |"

@@ -102,6 +102,11 @@ def test_kill_and_resume_is_exact(tmp_path):
 def test_rerun_of_complete_run_is_a_no_op(tmp_path):
     cfg = ci_cfg("train.max_steps=2")
     run = train(cfg, tmp_path / "r", progress=False)
+    # a finished run drops its optimizer state (disk) unless asked to keep it
+    assert (run / "checkpoint" / "trainable.safetensors").is_file()
+    assert not (run / "checkpoint" / "optimizer.pt").exists()
+    kept = train(ci_cfg("train.max_steps=2", "train.keep_optimizer_state=true"), tmp_path / "k", progress=False)
+    assert (kept / "checkpoint" / "optimizer.pt").is_file()
     mtime = (run / "metrics.csv").stat().st_mtime
     train(cfg, run, progress=False)
     assert (run / "metrics.csv").stat().st_mtime == mtime
