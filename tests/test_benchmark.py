@@ -125,3 +125,14 @@ def test_grad_accum_times_micro_batches_and_lrc_regen(tmp_path):
     for r in rows:
         assert r["status"] == "ok" and r["grad_accum"] == "3" and int(r["tokens_per_step"]) == 2 * 16 * 3, r
     assert run("--profile", "ci", "--grad-accum", "0").returncode == 2
+
+
+def test_init_starts_scores_every_start(tmp_path):
+    out = tmp_path / "starts.csv"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "init_starts.py"), "--config", "config/ci.yaml",
+                        "--threads", "1", "--output", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["init"], r["untie_lm_head"]) for r in rows] == [
+        ("teacher", ""), ("normal", "False"), ("prune", "False"), ("prune_scaled", "False"), ("pca", "False"), ("pca", "True")]
+    assert all(float(r["value"]) > 0 for r in rows)
