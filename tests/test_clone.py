@@ -180,11 +180,9 @@ def test_io_variant_terms(ids):
     assert {k for k in out.losses if k.startswith("clone/")} == {"clone/attn_in", "clone/o", "clone/ffn_in", "clone/down"}
 
 
-def test_prune_init_is_hard_pruned_teacher(ids):
-    """init_from_pruning: the exported student equals the teacher with channels sliced out."""
-    lrc = make_clone("llama-mqa-untied", init="prune")
-    keep = lrc.init_from_teacher(ids)
-    assert keep.shape == (32,) and torch.all(keep[1:] > keep[:-1])
+def _sliced_teacher(lrc, keep, norm_scale=lambda name: 1.0):
+    """The teacher with only the hidden channels `keep` (naive slicing of its state dict); each norm
+    weight times norm_scale(<norm name, e.g. "layers.1.input_layernorm">)."""
     t = lrc.teacher
     sd = {}
     for k, v in t.state_dict().items():
@@ -194,10 +192,20 @@ def test_prune_init_is_hard_pruned_teacher(ids):
         elif k.endswith(("o_proj.weight", "down_proj.weight")):
             v = v[keep, :]
         elif k.endswith("norm.weight"):
-            v = v[keep]
+            v = v[keep] * norm_scale(k[len("model."):-len(".weight")])
         sd[k] = v
     pruned = type(t)(lrc.student_config())
     pruned.load_state_dict(sd)
+    pruned.tie_weights()
+    return pruned
+
+
+def test_prune_init_is_hard_pruned_teacher(ids):
+    """init_from_pruning: the exported student equals the teacher with channels sliced out."""
+    lrc = make_clone("llama-mqa-untied", init="prune")
+    keep = lrc.init_from_teacher(ids)
+    assert keep.shape == (32,) and torch.all(keep[1:] > keep[:-1])
+    pruned = _sliced_teacher(lrc, keep)
     with torch.no_grad():
         assert (pruned(ids).logits - lrc.export_student()(ids).logits).abs().max() <= 1e-5
         assert (pruned(ids).logits - lrc.clone(ids).logits).abs().max() <= 1e-4
@@ -229,20 +237,8 @@ def test_prune_scaled_init_rescales_each_norm(ids):
         x = xs[name]
         f = ((x[:, keep] ** 2).sum(-1) / (x ** 2).sum(-1)).mean().item()
         return (f * 64 / 32) ** 0.5
-    sd = {}
-    for k, v in t.state_dict().items():
-        if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")) \
-                or k in ("model.embed_tokens.weight", "lm_head.weight"):
-            v = v[:, keep]
-        elif k.endswith(("o_proj.weight", "down_proj.weight")):
-            v = v[keep, :]
-        elif k.endswith("norm.weight"):
-            v = v[keep] * c(k[len("model."):-len(".weight")])
-        sd[k] = v
     assert c("layers.1.input_layernorm") > 1.0  # the kept channels carry more than half the energy
-    pruned = type(t)(lrc.student_config())
-    pruned.load_state_dict(sd)
-    pruned.tie_weights()
+    pruned = _sliced_teacher(lrc, keep, norm_scale=c)
     with torch.no_grad():
         assert (pruned(ids).logits - lrc.export_student()(ids).logits).abs().max() <= 1e-4
 
