@@ -380,7 +380,7 @@ class LowRankClone(nn.Module):
         each is multiplied by its norm's c = sqrt(f * d_T / d_S) (see LRCConfig.init).
         calibration_ids: [B, T]. Returns the kept channel indices, sorted, [d_S].
         """
-        stats = self.teacher_norm_statistics(calibration_ids)
+        stats = self.teacher_norm_statistics(calibration_ids, second_moment=scaled)
         importance = torch.stack([s["abs_out"] for s in stats.values()]).mean(0)  # [d_T]
         keep = importance.topk(self.d_S).indices.sort().values
         S = torch.zeros(self.d_T, self.d_S, device=self.norm.device)
@@ -446,11 +446,13 @@ class LowRankClone(nn.Module):
         return math.sqrt(max(f, 1e-12) * self.d_T / self.d_S)
 
     @torch.no_grad()
-    def teacher_norm_statistics(self, input_ids: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    def teacher_norm_statistics(self, input_ids: torch.Tensor,
+                                second_moment: bool = True) -> dict[str, dict[str, torch.Tensor]]:
         """One teacher forward on input_ids [B, T]; per RMSNorm (keys "norm",
         "layers.{i}.input_layernorm", "layers.{i}.post_attention_layernorm"):
           abs_out:       mean |output| per channel [d_T]
           second_moment: E[x_hat^T x_hat] of the unit-norm input x_hat = x / ||x|| [d_T, d_T]
+                         (only when second_moment=True: an N x d_T x d_T product per norm)
         """
         input_ids = input_ids.to(self.norm.device)
         tm = self.teacher.model
@@ -460,10 +462,11 @@ class LowRankClone(nn.Module):
 
         def hook(name):
             def fn(_m, inp, out):
-                x = inp[0].detach().float().reshape(-1, self.d_T)  # [N, d_T]
-                xh = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-                stats[name] = {"abs_out": out.detach().float().abs().reshape(-1, self.d_T).mean(0),
-                               "second_moment": xh.T @ xh / x.shape[0]}
+                stats[name] = {"abs_out": out.detach().float().abs().reshape(-1, self.d_T).mean(0)}
+                if second_moment:
+                    x = inp[0].detach().float().reshape(-1, self.d_T)  # [N, d_T]
+                    xh = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                    stats[name]["second_moment"] = xh.T @ xh / x.shape[0]  # [d_T, d_T]
             return fn
 
         handles = [tm.get_submodule(n).register_forward_hook(hook(n)) for n in names]
