@@ -30,14 +30,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lrc_src.clone import LowRankClone, LRCConfig
-from lrc_src.losses import clone_mse, kl_loss, lm_loss
+from lrc_src.clone import SUPPORTED_CONFIGS, LowRankClone, LRCConfig
+from lrc_src.losses import clone_mse, head_losses, kl_loss, lm_loss
 
 
 @dataclass
 class MethodOutput:
     loss: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _fusable(model: nn.Module) -> bool:
+    """Whether model's logits are exactly lm_head(model.model(...).last_hidden_state): true for the
+    Llama / Qwen2 / Mistral classes LRC supports (no logit soft-capping or scaling)."""
+    return type(model.config) in SUPPORTED_CONFIGS and isinstance(getattr(model, "lm_head", None), nn.Linear)
 
 
 def student_like(teacher: PreTrainedModel, d_S: int, seed: int) -> PreTrainedModel:
@@ -82,6 +88,25 @@ class StudentKD(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> MethodOutput:
         labels = input_ids if labels is None else labels
+        if not (_fusable(self.student) and (self.teacher is None or _fusable(self.teacher))):
+            return self._forward_logits(input_ids, labels)
+        # the decoders' final-norm outputs; head_losses forms the logits chunk by chunk
+        h_s = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, d_S]
+        teacher = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                h_t = self.teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, d_T]
+            teacher = (h_t, self.teacher.lm_head.weight, self.teacher.lm_head.bias)
+        loss, losses = head_losses(
+            h_s, self.student.lm_head.weight, labels, teacher, bias=self.student.lm_head.bias,
+            temperature=self.kl_temperature, reduction=self.kl_reduction,
+        )
+        if self.teacher is None:
+            del losses["kl"]
+        return MethodOutput(loss, losses)
+
+    def _forward_logits(self, input_ids: torch.Tensor, labels: torch.Tensor) -> MethodOutput:
+        """The same losses on whole logits, for models `head_losses` cannot split (see `_fusable`)."""
         logits = self.student(input_ids=input_ids).logits  # [B, T, V]
         losses = {"lm": lm_loss(logits, labels)}
         loss = losses["lm"]

@@ -56,7 +56,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from lrc_src.losses import KL_REDUCTIONS, clone_mse, kl_loss, lm_loss
+from lrc_src.losses import KL_REDUCTIONS, clone_mse, head_losses
 
 # Teacher families, chosen by config class (never by a substring of a name or path).
 SUPPORTED_CONFIGS: dict[type, type] = {
@@ -207,9 +207,22 @@ class LRCConfig:
 @dataclass
 class CloneOutput:
     loss: torch.Tensor  # scalar: KL + LM + alpha * clone, honouring the switches
-    logits: torch.Tensor  # [B, T, V] student
-    teacher_logits: torch.Tensor  # [B, T, V]
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # scalars, see LowRankClone.clone
+    hidden: torch.Tensor | None = None  # [B, T, d_S] the student's final-norm output
+    head: torch.Tensor | None = None  # [V, d_S] the student's LM head
+    teacher_hidden: torch.Tensor | None = None  # [B, T, d_T]
+    teacher_head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # ([V, d_T], bias)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """[B, T, V] the student's logits, formed on demand (the losses never need them whole)."""
+        return F.linear(self.hidden, self.head)
+
+    @property
+    def teacher_logits(self) -> torch.Tensor:
+        """[B, T, V] the teacher's logits, formed on demand."""
+        with torch.no_grad():
+            return F.linear(self.teacher_hidden, *self.teacher_head)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -646,15 +659,17 @@ class LowRankClone(nn.Module):
             x_s = x_s + f_s
 
         with torch.no_grad():
-            teacher_logits = F.linear(tm.norm(x_t), TW["lm_head.weight"], self.teacher.lm_head.bias)  # [B, T, V]
-        head = W["lm_head.weight"] if not self.student_tied else W["model.embed_tokens.weight"]
-        logits = F.linear(rms_norm(x_s, W["model.norm.weight"], eps), head)  # [B, T, V]
-
-        losses: dict[str, torch.Tensor] = {
-            "kl": kl_loss(logits, teacher_logits, cfg.kl_temperature, cfg.kl_reduction),
-            "lm": lm_loss(logits, labels),
-        }
-        zero = logits.new_zeros((), dtype=torch.float32)
+            h_t = tm.norm(x_t)  # [B, T, d_T]
+        head = W["lm_head.weight"] if not self.student_tied else W["model.embed_tokens.weight"]  # [V, d_S]
+        h_s = rms_norm(x_s, W["model.norm.weight"], eps)  # [B, T, d_S]
+        # logits = h_s head^T and teacher_logits = h_t lm_head^T are never formed at [B, T, V]:
+        # head_losses takes the KL and LM loss chunk by chunk (CloneOutput.logits forms them on demand)
+        head_loss, losses = head_losses(
+            h_s, head, labels, (h_t, TW["lm_head.weight"], self.teacher.lm_head.bias),
+            temperature=cfg.kl_temperature, reduction=cfg.kl_reduction,
+            kl_weight=float(cfg.use_kl), lm_weight=float(cfg.use_lm),
+        )
+        zero = h_s.new_zeros((), dtype=torch.float32)
         for t, vals in per_term.items():
             losses[f"clone/{t}"] = torch.stack(vals).sum() if vals else zero
         n_terms = sum(len(v) for v in per_term.values())
@@ -662,12 +677,9 @@ class LowRankClone(nn.Module):
         if cfg.clone_reduction == "mean" and n_terms:
             clone = clone / n_terms
         losses["clone"] = clone
-        loss = cfg.alpha * clone
-        if cfg.use_kl:
-            loss = loss + losses["kl"]
-        if cfg.use_lm:
-            loss = loss + losses["lm"]
-        return CloneOutput(loss=loss, logits=logits, teacher_logits=teacher_logits, losses=losses)
+        loss = cfg.alpha * clone + head_loss  # + KL and LM as switched on (use_kl, use_lm)
+        return CloneOutput(loss=loss, losses=losses, hidden=h_s, head=head, teacher_hidden=h_t,
+                           teacher_head=(TW["lm_head.weight"], self.teacher.lm_head.bias))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> CloneOutput:
         return self.clone(input_ids, labels)

@@ -369,3 +369,28 @@ def test_accumulation_window_gradients_equal_per_micro_batch_generation(variant)
         assert p.grad is not None, n
         assert torch.allclose(p.grad, ref, rtol=1e-4, atol=1e-6), (n, (p.grad - ref).abs().max().item())
     assert method._window is None
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa-tied", "llama-bias", "qwen2-bias"])
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_student_kd_fused_head_equals_logits_path(kind, with_teacher, ids):
+    """scratch/kd/prune_kd/sft take KL and LM through head_losses on the decoders' hidden states;
+    value and gradients equal the whole-logits path (kl_loss + lm_loss on HF logits)."""
+    from lrc_src.baselines import StudentKD, student_like
+
+    teacher = make_teacher(kind)
+    method = StudentKD(student_like(teacher, 32, seed=0), teacher if with_teacher else None, kl_temperature=3.0)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    fused = method(ids, labels)
+    fused.loss.backward()
+    grads = {n: p.grad.clone() for n, p in method.trainable_named_parameters()}
+    method.zero_grad()
+    ref = method._forward_logits(ids, labels)
+    ref.loss.backward()
+    assert set(fused.losses) == set(ref.losses) == ({"kl", "lm"} if with_teacher else {"lm"})
+    for k in ref.losses:
+        assert fused.losses[k].item() == pytest.approx(ref.losses[k].item(), rel=1e-4, abs=1e-6), k
+    for n, p in method.trainable_named_parameters():
+        assert torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-6), n
+    assert all(p.grad is None for p in teacher.parameters())

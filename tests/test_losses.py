@@ -88,3 +88,93 @@ def test_kl_gradient_matches_autograd_reference(dtype, reduction, monkeypatch):
     assert s.grad.dtype == dtype
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert torch.allclose(s.grad.float(), s_ref.grad, rtol=tol, atol=tol * 1e-2), (s.grad.float() - s_ref.grad).abs().max()
+
+
+def _head_reference(h, w, b, labels, ht, wt, bt, tau, reduction, kl_weight, lm_weight):
+    """kl_weight * F.kl_div + lm_weight * F.cross_entropy on whole fp32 logits (autograd)."""
+    B, T, _ = h.shape
+    z = F.linear(h.float(), w.float(), None if b is None else b.float())  # [B, T, V]
+    loss = lm_weight * F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), labels[:, 1:].reshape(-1),
+                                       ignore_index=-100)
+    if ht is not None:
+        zt = F.linear(ht, wt, bt)
+        kl = F.kl_div(F.log_softmax(z / tau, -1), F.log_softmax(zt / tau, -1), log_target=True, reduction="sum")
+        loss = loss + kl_weight * kl / (B if reduction == "batchmean" else B * T)
+    return loss
+
+
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+@pytest.mark.parametrize("reduction", ["batchmean", "token_mean"])
+@pytest.mark.parametrize("with_teacher", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_head_losses_match_autograd_reference(tau, reduction, with_teacher, with_bias, monkeypatch):
+    """The fused head + KL + LM: value, parts and gradients (hidden, weight, bias) equal autograd
+    through whole logits, over several chunks, with ignored labels and weighted terms."""
+    from lrc_src import losses
+
+    V = 37
+    monkeypatch.setitem(losses.HEAD_CHUNK_ELEMENTS, "cpu", 4 * V)  # 4 rows per chunk: 5 chunks for 18 rows
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 9, 16, generator=g).requires_grad_()
+    w = torch.randn(V, 16, generator=g).requires_grad_()
+    b = torch.randn(V, generator=g).requires_grad_() if with_bias else None
+    labels = torch.randint(0, V, (2, 9), generator=g)
+    labels[0, 3] = labels[1, 8] = -100
+    ht, wt = torch.randn(2, 9, 24, generator=g), torch.randn(V, 24, generator=g)
+    bt = torch.randn(V, generator=g) if with_bias else None
+    teacher = (ht, wt, bt) if with_teacher else None
+    loss, parts = losses.head_losses(h, w, labels, teacher, bias=b, temperature=tau, reduction=reduction,
+                                     kl_weight=0.7, lm_weight=1.3)
+    (loss * 2.5).backward()
+    grads = [h.grad, w.grad] + ([b.grad] if with_bias else [])
+    for x in [h, w] + ([b] if with_bias else []):
+        x.grad = None
+    ref = _head_reference(h, w, b, labels, *(teacher or (None, None, None)), tau, reduction, 0.7, 1.3)
+    (ref * 2.5).backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    z = F.linear(h, w, b).detach()
+    assert parts["lm"].item() == pytest.approx(lm_loss(z, labels).item(), rel=1e-5)
+    if with_teacher:
+        assert parts["kl"].item() == pytest.approx(kl_loss(z, F.linear(ht, wt, bt), tau, reduction).item(), rel=1e-5)
+    else:
+        assert parts["kl"].item() == 0.0
+    assert not parts["kl"].requires_grad and not parts["lm"].requires_grad
+    for got, x in zip(grads, [h, w] + ([b] if with_bias else [])):
+        assert torch.allclose(got, x.grad, rtol=1e-5, atol=1e-6), (got - x.grad).abs().max()
+
+
+def test_head_losses_under_bf16_autocast_and_no_grad():
+    """Under bf16 autocast the logits are formed in bf16 (as F.linear would), the softmaxes in fp32;
+    gradients come back in the inputs' dtypes. Without grad no buffer is kept."""
+    from lrc_src import losses
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 6, 16, generator=g).requires_grad_()
+    w = (torch.randn(29, 16, generator=g) * 0.3).requires_grad_()
+    labels = torch.randint(0, 29, (2, 6), generator=g)
+    ht, wt = torch.randn(2, 6, 8, generator=g), torch.randn(29, 8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, parts = losses.head_losses(h, w, labels, (ht, wt, None), temperature=2.0)
+        z, zt = F.linear(h, w), F.linear(ht, wt)  # bf16
+        ref_kl, ref_lm = kl_loss(z, zt, 2.0), lm_loss(z, labels)
+    assert parts["kl"].item() == pytest.approx(ref_kl.item(), rel=1e-4)
+    assert parts["lm"].item() == pytest.approx(ref_lm.item(), rel=1e-4)
+    loss.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    (ref_kl + ref_lm).backward()
+    assert torch.allclose(gh, h.grad, rtol=2e-2, atol=1e-3) and torch.allclose(gw, w.grad, rtol=2e-2, atol=1e-3)
+    with torch.no_grad():
+        loss2, _ = losses.head_losses(h, w, labels, (ht, wt, None), temperature=2.0)
+    assert loss2.item() == pytest.approx(_head_reference(h, w, None, labels, ht, wt, None, 2.0, "batchmean",
+                                                         1.0, 1.0).item(), rel=1e-5)
+
+
+def test_head_losses_bad_input():
+    h, w = torch.zeros(1, 3, 4), torch.zeros(5, 4)
+    with pytest.raises(ValueError, match="labels shape"):
+        from lrc_src.losses import head_losses
+        head_losses(h, w, torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="kl_reduction"):
+        head_losses(h, w, torch.zeros(1, 3, dtype=torch.long), reduction="sum")
