@@ -126,7 +126,9 @@ def head_losses(
     share of both losses and writes the gradient w.r.t. its logits,
         lm_weight (p_S - onehot) / n_targets + kl_weight (p_S^tau - p_T^tau) / (tau * den),
     into one [B*T, V] buffer in the matmul dtype (only when a gradient is needed). Backward is two
-    matmuls with that buffer (d hidden = G W, d weight = G^T hidden).
+    matmuls with that buffer (d hidden = G W, d weight = G^T hidden). One softmax per distribution
+    (three exp passes per logit at tau != 1, two at tau = 1) gives both the probabilities and,
+    through the argmax, the log-partition.
     """
     if reduction not in KL_REDUCTIONS:
         raise ValueError(f"kl_reduction={reduction!r} is not one of {KL_REDUCTIONS}")
@@ -151,6 +153,12 @@ def head_losses(
 # 49K vocabulary: measured fastest of 16-256 rows at the tiny shapes); GPUs: 64M.
 HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 22}
 HEAD_CHUNK_ELEMENTS_DEFAULT = 1 << 26
+
+
+def _row_logsumexp(x: torch.Tensor, p: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """logsumexp of each row of x [c, V] from p = softmax(x) and k = argmax(x) [c, 1]: x_k - log p_k
+    (p_k >= 1/V, so no exp pass of its own). Returns [c, 1]."""
+    return x.gather(1, k) - p.gather(1, k).log()
 
 
 class _FusedHeadLosses(torch.autograd.Function):
@@ -183,28 +191,31 @@ class _FusedHeadLosses(torch.autograd.Function):
                 z = F.linear(h[i:j], w, b).float()  # [c, V] student logits
                 ok = valid[i:j]
                 tgt = torch.where(ok, targets[i:j], 0)  # [c]
-                lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [c, 1]
+                k = z.argmax(dim=-1, keepdim=True)  # [c, 1]
+                ps = torch.softmax(z, dim=-1)  # p_S  [c, V]
+                lse = _row_logsumexp(z, ps, k)  # [c, 1]
                 lm_sum += ((lse.squeeze(1) - z.gather(1, tgt[:, None]).squeeze(1)) * ok).sum()
                 lm_row = ok[:, None] * lm_c  # [c, 1]: the CE weight of each row (0 = no target)
                 if t_hidden is None:
-                    if want_grad:  # lm_c (p_S - onehot) on rows with a target
-                        g = z.sub_(lse).exp_().mul_(lm_row)
+                    g = ps.mul_(lm_row) if want_grad else None  # lm_c p_S (- onehot below)
                 else:
-                    lpt = F.linear(ht[i:j], wt, bt).float().div_(tau)  # [c, V] teacher logits / tau
-                    lpt = lpt.sub_(torch.logsumexp(lpt, dim=-1, keepdim=True))  # log p_T
-                    pt = lpt.exp()
+                    zt = F.linear(ht[i:j], wt, bt).float().div_(tau)  # [c, V] teacher logits / tau
+                    pt = torch.softmax(zt, dim=-1)  # p_T
+                    lse_t = _row_logsumexp(zt, pt, zt.argmax(dim=-1, keepdim=True))
                     if tau == 1.0:  # p_S^tau = p_S: one softmax serves both terms
-                        lps = z.sub_(lse)  # log p_S
+                        zs, ps_tau, lse_s = z, ps, lse
                     else:
-                        lps = z / tau
-                        lps = lps.sub_(torch.logsumexp(lps, dim=-1, keepdim=True))  # log p_S^tau
-                    kl_sum += lpt.sub_(lps).mul_(pt).sum()  # sum p_T (log p_T - log p_S)
-                    if want_grad:
-                        if tau == 1.0:  # (lm_c [row has a target] + kl_c) p_S - kl_c p_T
-                            g = lps.exp_().mul_(lm_row + kl_c).sub_(pt.mul_(kl_c))
-                        else:  # lm_c p_S [..] + kl_c / tau (p_S^tau - p_T)
-                            g = lps.exp_().sub_(pt).mul_(kl_c / tau)
-                            g.add_(z.sub_(lse).exp_().mul_(lm_row))
+                        zs = z / tau
+                        ps_tau = torch.softmax(zs, dim=-1)  # p_S^tau
+                        lse_s = _row_logsumexp(zs, ps_tau, k)
+                    # sum p_T (log p_T - log p_S), log p_T - log p_S = (zt - zs) - (lse_t - lse_s)
+                    kl_sum += torch.dot(pt.view(-1), zt.sub_(zs).sub_(lse_t - lse_s).view(-1))
+                    if not want_grad:
+                        g = None
+                    elif tau == 1.0:  # (lm_c [row has a target] + kl_c) p_S - kl_c p_T
+                        g = ps.mul_(lm_row + kl_c).sub_(pt.mul_(kl_c))
+                    else:  # kl_c / tau (p_S^tau - p_T) + lm_c p_S [..]
+                        g = ps_tau.sub_(pt).mul_(kl_c / tau).add_(ps.mul_(lm_row))
                 if want_grad:
                     rows = ok.nonzero().squeeze(1)
                     g[rows, tgt[rows]] -= lm_c  # the onehot of the targets
