@@ -197,8 +197,10 @@ class LRCMethod(nn.Module):
         through the clone targets o^T P_o, into P.grad as usual). On exit, one backward through
         the generation, W = W_T P, turns the summed dL/dW' into P.grad. The gradients equal those
         of generating per micro-batch (tested); the generation's forward and backward run once
-        per optimizer step instead of once per micro-batch. Single process only (the trainer
-        does not open it under DDP/FSDP/DeepSpeed, whose gradient sync would miss this backward).
+        per optimizer step instead of once per micro-batch. Under DDP the trainer runs every
+        micro-batch without DDP's gradient sync and averages the gradients itself after this
+        backward (`lrc_src.train.average_gradients`); under FSDP/DeepSpeed (sharded parameters)
+        it does not open the window.
         """
         assert self._window is None, "nested accumulation windows"
         self._window = {}

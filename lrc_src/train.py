@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -329,6 +330,24 @@ def export_run(cfg: ExperimentConfig, run_dir: str | Path, output: str | Path) -
 # ---------------------------------------------------------------- train
 
 
+# data-parallel types whose replicas hold whole parameters: the accumulation window's gradients
+# can be averaged by hand (see train())
+DDP_TYPES = tuple(getattr(DistributedType, n) for n in ("MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU",
+                                                         "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_HPU")
+                  if hasattr(DistributedType, n))
+
+
+def average_gradients(params: list[torch.Tensor], accelerator: Accelerator) -> None:
+    """Average p.grad over the processes (one all-reduce of a flat buffer), as DDP's sync would;
+    a parameter without a gradient counts as zeros."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")  # [sum numel]
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g)
+        offset += g.numel()
+
+
 def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, threads: int | None = None,
           restart_on_config_change: bool = False) -> Path:
     """Train cfg.method; resume if output_dir holds a checkpoint of the same config. Returns output_dir.
@@ -353,7 +372,14 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     tc = cfg.train
 
     # ---- setup: everything that can fail on user input happens before the run folder is written
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc.mixed_precision))
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    # several processes without a GPU: accelerate's CPU data parallelism (gloo); it only turns that on
+    # when asked (accelerate launch --cpu sets ACCELERATE_USE_CPU), plain torchrun would not
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc.mixed_precision),
+                              cpu=world > 1 and not torch.accelerator.is_available())
+    if accelerator.num_processes != world:
+        raise ValueError(f"WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es): "
+                         "launch with `accelerate launch` or torchrun on a supported backend")
     torch.manual_seed(tc.seed)
     teacher, tokenizer, train_blocks, train_labels, heldout = load_inputs(cfg)
     batches = Batches(train_blocks, tc.batch_size, tc.seed, train_labels)
@@ -389,9 +415,12 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
 
     # ---- loop
     method.train()
-    # One weight generation per optimizer step when accumulating (single process: the gradient
-    # sync of DDP/FSDP/DeepSpeed would miss the window's closing backward).
-    reuse = tc.grad_accum > 1 and accelerator.num_processes == 1 and hasattr(unwrapped, "accumulation_window")
+    # One weight generation per optimizer step when accumulating. Under DDP every micro-batch runs
+    # without gradient sync and the gradients are averaged after the window's closing backward
+    # (DDP's own sync would miss that backward); FSDP/DeepSpeed shard the parameters: no window.
+    reuse = tc.grad_accum > 1 and hasattr(unwrapped, "accumulation_window") and (
+        accelerator.num_processes == 1 or accelerator.distributed_type in DDP_TYPES)
+    manual_sync = reuse and accelerator.num_processes > 1
     window = unwrapped.accumulation_window if reuse else contextlib.nullcontext
     bar = tqdm(total=total_steps, initial=start, desc=f"{cfg.method}", unit="step",
                disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
@@ -405,7 +434,7 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
                 ids, labels = batches.get(index)
                 ids = ids.to(accelerator.device)
                 labels = labels.to(accelerator.device) if labels is not None else None
-                sync = micro == tc.grad_accum - 1
+                sync = micro == tc.grad_accum - 1 and not manual_sync
                 with accelerator.no_sync(method) if not sync else contextlib.nullcontext():
                     with accelerator.autocast():
                         o = method(ids, labels)
@@ -417,6 +446,8 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
                     accelerator.backward(o.loss / tc.grad_accum)
                 for k, v in [("loss", o.loss)] + list(o.losses.items()):
                     sums[k] = sums.get(k, 0.0) + v.detach().float().item() / tc.grad_accum
+        if manual_sync:
+            average_gradients([p for _, p in params], accelerator)
         grad_norm = accelerator.clip_grad_norm_([p for _, p in params], tc.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -451,7 +482,8 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
         info = {"status": "complete", "method": cfg.method, "steps": total_steps,
                 "tokens": total_steps * tokens_per_step, "trainable_parameters":
                 sum(p.numel() for _, p in params), "mixed_precision": accelerator.mixed_precision,
-                "num_processes": accelerator.num_processes}
+                "num_processes": accelerator.num_processes,
+                "accumulation_window": reuse}  # student weights generated once per optimizer step
         (out / "run.json").write_text(json.dumps(info, indent=2))
         if not tc.keep_optimizer_state:  # a finished run needs only its trainable state (export, analysis)
             (ckpt / "optimizer.pt").unlink(missing_ok=True)

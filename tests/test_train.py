@@ -241,3 +241,26 @@ def test_intermediate_exports_keep_the_trainable_state(tmp_path):
     assert all(torch.equal(last[k], final[k]) for k in final)
     assert not all(torch.equal(first[k], final[k]) for k in final)
     assert (run / "exports" / "step_1" / "config.json").is_file()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_ddp_accumulation_window_matches_one_process(tmp_path):
+    """2 processes x 2 micro-batches under DDP (weights generated once per step, gradients averaged
+    by hand after the window) train the same student as 1 process x 4 micro-batches: the same 4
+    batches per step, batch index (step * grad_accum + micro) * processes + rank."""
+    args = ["--config", str(CI), "--set", "train.max_steps=3", "--set", "train.eval_every=0", "--no-progress"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", *args, "--set", "train.grad_accum=4", "--output-dir", str(one)]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lrc_src.cli", "train", *args, "--set", "train.grad_accum=2", "--output-dir", str(two)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((two / "run.json").read_text())
+    assert info["num_processes"] == 2 and info["accumulation_window"] is True
+    assert json.loads((one / "run.json").read_text())["accumulation_window"] is True
+    from safetensors.torch import load_file
+    sa, sb = load_file(one / "student" / "model.safetensors"), load_file(two / "student" / "model.safetensors")
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-6), (k, (sa[k] - sb[k]).abs().max())
