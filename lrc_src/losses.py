@@ -252,31 +252,36 @@ def clone_mse(student: torch.Tensor, target: torch.Tensor, relative: bool = Fals
     option; the paper uses the plain MSE).
     """
     mse = _MeanSquaredError.apply(student, target)
-    if relative:
-        mse = mse / target.detach().float().pow(2).mean().clamp_min(1e-12)
+    if relative:  # mean square of the target, accumulated in fp32 without an fp32 copy
+        ms = torch.linalg.vector_norm(target.detach(), dtype=torch.float32).square() / target.numel()
+        mse = mse / ms.clamp_min(1e-12)
     return mse
 
 
 class _MeanSquaredError(torch.autograd.Function):
-    """mean((student - target)^2) in fp32, for inputs of any float dtype (bf16 under autocast).
+    """mean((student - target)^2) for inputs of any float dtype (bf16 under autocast); fp32 scalar.
 
-    The same value and gradient (bit for bit) as (student.float() - target.float()).pow(2).mean(),
-    with one fp32 temporary instead of four; it keeps the inputs themselves for backward (not an
-    fp32 difference) and recomputes the difference there. The target may require grad (the
-    projected teacher targets o^T P_o, f^T P_down).
+    The difference is formed once, in the inputs' (promoted) dtype, and kept for backward (instead
+    of both inputs); the sum of squares accumulates in fp32 (`vector_norm(..., dtype=float32)`).
+    In bf16 the difference of two bf16 numbers is exact when they are close (Sterbenz) and
+    otherwise rounded like any bf16 activation gradient, so the gradient 2 (student - target) / n,
+    which autocast would hand back in bf16 anyway, loses nothing that matters; the value agrees
+    with the fp32 reference to ~1e-4 (tested). Three passes over the data instead of about ten
+    with fp32 temporaries. The target may require grad (the projected teacher targets
+    o^T P_o, f^T P_down).
     """
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(student, target)
-        diff = student.to(torch.float32, copy=True).sub_(target)  # same shape, fp32
-        return diff.pow_(2).mean()
+        diff = student - target  # same shape, the promoted dtype
+        ctx.save_for_backward(diff)
+        ctx.dtypes = (student.dtype, target.dtype)
+        return torch.linalg.vector_norm(diff, dtype=torch.float32).square() / diff.numel()
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        student, target = ctx.saved_tensors
-        diff = student.to(torch.float32, copy=True).sub_(target)
-        grad = diff.mul_(2 * (grad_out / diff.numel()))  # d mse / d student, fp32
-        d_student = grad.to(student.dtype) if ctx.needs_input_grad[0] else None
-        d_target = (-grad).to(target.dtype) if ctx.needs_input_grad[1] else None
+        (diff,) = ctx.saved_tensors
+        grad = diff * (2 * grad_out / diff.numel())  # d mse / d student; a 0-dim fp32 factor keeps diff.dtype
+        d_student = grad.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        d_target = (-grad).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
         return d_student, d_target

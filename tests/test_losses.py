@@ -178,3 +178,23 @@ def test_head_losses_bad_input():
         head_losses(h, w, torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="kl_reduction"):
         head_losses(h, w, torch.zeros(1, 3, dtype=torch.long), reduction="sum")
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_clone_mse_bf16_value_and_gradients(relative):
+    """bf16 inputs (autocast): value within 1e-3 of the fp32 reference, gradients (student and a
+    target that requires grad) within bf16 rounding, in the inputs' dtypes."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(4, 7, 33, generator=g).bfloat16().requires_grad_()
+    t = (s.detach().float() + 0.1 * torch.randn(4, 7, 33, generator=g)).bfloat16().requires_grad_()
+    value = clone_mse(s, t, relative)
+    (value * 3.0).backward()
+    s32, t32 = s.detach().float().requires_grad_(), t.detach().float().requires_grad_()
+    ref = (s32 - t32).pow(2).mean()
+    if relative:
+        ref = ref / t32.detach().pow(2).mean()
+    (ref * 3.0).backward()
+    assert value.dtype == torch.float32 and value.item() == pytest.approx(ref.item(), rel=1e-3)
+    assert s.grad.dtype == t.grad.dtype == torch.bfloat16
+    assert torch.allclose(s.grad.float(), s32.grad, rtol=1e-2, atol=1e-6)
+    assert torch.allclose(t.grad.float(), t32.grad, rtol=1e-2, atol=1e-6)
