@@ -330,6 +330,12 @@ def export_run(cfg: ExperimentConfig, run_dir: str | Path, output: str | Path) -
 # ---------------------------------------------------------------- train
 
 
+def _has_accelerator() -> bool:
+    """A GPU (or other torch accelerator) is present."""
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return bool(acc.is_available()) if acc is not None else torch.cuda.is_available()
+
+
 # data-parallel types whose replicas hold whole parameters: the accumulation window's gradients
 # can be averaged by hand (see train())
 DDP_TYPES = tuple(getattr(DistributedType, n) for n in ("MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU",
@@ -376,7 +382,7 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     # several processes without a GPU: accelerate's CPU data parallelism (gloo); it only turns that on
     # when asked (accelerate launch --cpu sets ACCELERATE_USE_CPU), plain torchrun would not
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc.mixed_precision),
-                              cpu=world > 1 and not torch.accelerator.is_available())
+                              cpu=world > 1 and not _has_accelerator())
     if accelerator.num_processes != world:
         raise ValueError(f"WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es): "
                          "launch with `accelerate launch` or torchrun on a supported backend")
