@@ -6,7 +6,8 @@ builds is timed on the same random token batches (fixed seed):
 
     lrc        LowRankClone, the profile's settings (default: attn/ffn projections "all")
     lrc_io     the same with attn_projection=io and ffn_projection=io
-    scratch    ordinary training of the student (LM loss only)
+    scratch    ordinary training of the student (LM loss only; the trainer's code, whose LM head and
+               loss are the same fused, position-chunked `losses.head_losses` as every method's)
     kd         random student, KL + LM against the teacher
     tinybert   random student, KL + LM + hidden-state and attention-map MSE
     prune_kd   hard-pruned teacher, KL + LM
