@@ -562,7 +562,7 @@ class LowRankClone(nn.Module):
 
         weights: (teacher_weights(), student_weights(...)) generated once by the caller and reused
             (see `lrc_src.baselines.LRCMethod.accumulation_window`); default: generate them here.
-        `.losses` holds scalars "kl", "lm" (always reported; in `.loss` only when use_kl/use_lm),
+        `.losses` holds scalars "kl", "lm" (detached values, always reported; in `.loss` only when use_kl/use_lm),
         "clone" and one "clone/<term>" per enabled term (summed over layers).
         """
         if input_ids.ndim != 2:
