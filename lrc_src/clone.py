@@ -216,13 +216,19 @@ class CloneOutput:
     @property
     def logits(self) -> torch.Tensor:
         """[B, T, V] the student's logits, formed on demand (the losses never need them whole)."""
-        return F.linear(self.hidden, self.head)
+        return _linear_promoted(self.hidden, self.head)
 
     @property
     def teacher_logits(self) -> torch.Tensor:
         """[B, T, V] the teacher's logits, formed on demand."""
         with torch.no_grad():
-            return F.linear(self.teacher_hidden, *self.teacher_head)
+            return _linear_promoted(self.teacher_hidden, *self.teacher_head)
+
+
+def _linear_promoted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear in the wider of the two dtypes, e.g. outside the autocast that made w bf16."""
+    dtype = torch.promote_types(x.dtype, w.dtype)
+    return F.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -394,3 +394,15 @@ def test_student_kd_fused_head_equals_logits_path(kind, with_teacher, ids):
     for n, p in method.trainable_named_parameters():
         assert torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-6), n
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_clone_output_logits_outside_autocast(ids):
+    """CloneOutput.logits / .teacher_logits, formed on demand, work after a bf16-autocast forward
+    (bf16 generated head, fp32 hidden states) and agree with the fp32 forward to bf16 rounding."""
+    lrc = make_clone("llama-mqa-untied")
+    ref = lrc.clone(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lrc.clone(ids)
+    for got, want in ((out.logits, ref.logits), (out.teacher_logits, ref.teacher_logits)):
+        assert got.shape == (*ids.shape, VOCAB)
+        assert (got.float() - want).abs().max() <= 0.05 * want.abs().max()
