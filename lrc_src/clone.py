@@ -438,9 +438,8 @@ class LowRankClone(nn.Module):
         if self.student_tied:  # least-squares diagonal for gamma_final in the rotated basis
             c = self._energy_scale(stats["norm"]["second_moment"], U)
             self.norm.copy_(c * (tm.norm.weight.float()[:, None] * U * U).sum(0))
-        else:
+        else:  # P_lm = in_side("norm") absorbs gamma_final (set by _set_projections)
             self.norm.fill_(1.0)
-            self.lm_head.copy_(in_side("norm"))
         return U
 
     def _set_projections(self, out_side: torch.Tensor, in_side) -> None:

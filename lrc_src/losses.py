@@ -14,6 +14,13 @@ import torch.nn.functional as F
 KL_REDUCTIONS = ("batchmean", "token_mean")
 
 
+def _check_kl_arguments(temperature: float, reduction: str) -> None:
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"kl_reduction={reduction!r} is not one of {KL_REDUCTIONS}")
+    if temperature <= 0:
+        raise ValueError(f"kl_temperature={temperature} must be > 0")
+
+
 def kl_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -35,10 +42,7 @@ def kl_loss(
     F.kl_div(log_softmax(s/tau), log_softmax(t/tau), log_target=True, reduction="sum"), without
     its ~10 full-size [B, T, V] fp32 temporaries).
     """
-    if reduction not in KL_REDUCTIONS:
-        raise ValueError(f"kl_reduction={reduction!r} is not one of {KL_REDUCTIONS}")
-    if temperature <= 0:
-        raise ValueError(f"kl_temperature={temperature} must be > 0")
+    _check_kl_arguments(temperature, reduction)
     B, T, V = student_logits.shape
     kl_sum = _SoftKLSum.apply(student_logits, teacher_logits.detach(), float(temperature))
     return kl_sum / (B if reduction == "batchmean" else B * T)
@@ -130,10 +134,7 @@ def head_losses(
     (three exp passes per logit at tau != 1, two at tau = 1) gives both the probabilities and,
     through the argmax, the log-partition.
     """
-    if reduction not in KL_REDUCTIONS:
-        raise ValueError(f"kl_reduction={reduction!r} is not one of {KL_REDUCTIONS}")
-    if temperature <= 0:
-        raise ValueError(f"kl_temperature={temperature} must be > 0")
+    _check_kl_arguments(temperature, reduction)
     B, T, _ = hidden.shape
     if labels.shape != (B, T):
         raise ValueError(f"labels shape {tuple(labels.shape)} must be {(B, T)}")
@@ -216,10 +217,8 @@ class _FusedHeadLosses(torch.autograd.Function):
                         g = ps.mul_(lm_row + kl_c).sub_(pt.mul_(kl_c))
                     else:  # kl_c / tau (p_S^tau - p_T) + lm_c p_S [..]
                         g = ps_tau.sub_(pt).mul_(kl_c / tau).add_(ps.mul_(lm_row))
-                if want_grad:
-                    rows = ok.nonzero().squeeze(1)
-                    g[rows, tgt[rows]] -= lm_c  # the onehot of the targets
-                    G[i:j] = g
+                if want_grad:  # - lm_c onehot(target) on rows with a target (lm_row is 0 elsewhere)
+                    G[i:j] = g.scatter_add_(1, tgt[:, None], -lm_row)
             ctx.save_for_backward(h, w, G)
             ctx.has_bias, ctx.dtypes = bias is not None, (hidden.dtype, weight.dtype)
             ctx.shape = hidden.shape

@@ -409,8 +409,7 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     start = 0
-    if ckpt.is_dir():
-        saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else None
+    if ckpt.is_dir():  # `saved`: the folder's config.yaml, read (or cleared by a restart) above
         if saved is not None and saved != dump_config(cfg):
             raise ValueError(f"{out} holds a checkpoint of a different config; choose another --output-dir "
                              "(or pass --restart-on-config-change)")
