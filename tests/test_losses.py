@@ -198,3 +198,98 @@ def test_clone_mse_bf16_value_and_gradients(relative):
     assert s.grad.dtype == t.grad.dtype == torch.bfloat16
     assert torch.allclose(s.grad.float(), s32.grad, rtol=1e-2, atol=1e-6)
     assert torch.allclose(t.grad.float(), t32.grad, rtol=1e-2, atol=1e-6)
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """compile_losses switched on for one test (fresh dynamo caches), the eager code made to fail so
+    that a test cannot pass on it; switched off after."""
+    from lrc_src import losses
+
+    torch._dynamo.reset()
+    try:
+        losses.compile_losses(True)
+    except ValueError as e:  # no C++ compiler on this machine
+        pytest.skip(str(e))
+
+    def eager_used(*a, **k):
+        raise AssertionError("the eager loss code ran although compile_losses is on")
+    monkeypatch.setattr(losses, "_head_chunk", eager_used)
+    monkeypatch.setattr(losses._MeanSquaredError, "apply", eager_used)
+    yield losses
+    losses.compile_losses(False)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_compiled_head_losses_match_autograd_reference(compiled, tau, with_teacher, monkeypatch):
+    """compile_losses: the compiled head's value, parts and gradients (hidden, weight, bias) equal
+    autograd through whole logits, over several chunks (a shorter last one), with ignored labels;
+    and without grad."""
+    V = 37
+    monkeypatch.setitem(compiled.HEAD_CHUNK_ELEMENTS, "cpu", 4 * V)  # chunks of 4, 4, 4, 4, 2 rows
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 9, 16, generator=g).requires_grad_()
+    w = torch.randn(V, 16, generator=g).requires_grad_()
+    b = torch.randn(V, generator=g).requires_grad_()
+    labels = torch.randint(0, V, (2, 9), generator=g)
+    labels[0, 3] = labels[1, 8] = -100
+    teacher = (torch.randn(2, 9, 24, generator=g), torch.randn(V, 24, generator=g), None) if with_teacher else None
+    loss, parts = compiled.head_losses(h, w, labels, teacher, bias=b, temperature=tau, reduction="token_mean",
+                                       kl_weight=0.7, lm_weight=1.3)
+    (loss * 2.5).backward()
+    grads = [x.grad for x in (h, w, b)]
+    for x in (h, w, b):
+        x.grad = None
+    ref = _head_reference(h, w, b, labels, *(teacher or (None, None, None)), tau, "token_mean", 0.7, 1.3)
+    (ref * 2.5).backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    z = F.linear(h, w, b).detach()
+    assert parts["lm"].item() == pytest.approx(lm_loss(z, labels).item(), rel=1e-5)
+    if with_teacher:
+        assert parts["kl"].item() == pytest.approx(kl_loss(z, F.linear(*teacher[:2]), tau, "token_mean").item(), rel=1e-5)
+    for got, x in zip(grads, (h, w, b)):
+        assert torch.allclose(got, x.grad, rtol=1e-5, atol=1e-6), (got - x.grad).abs().max()
+    with torch.no_grad():
+        loss2, _ = compiled.head_losses(h, w, labels, teacher, bias=b, temperature=tau, reduction="token_mean",
+                                        kl_weight=0.7, lm_weight=1.3)
+    assert loss2.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch._dynamo.utils.counters["frames"]["ok"] > 0
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_compiled_clone_mse_matches_eager(compiled, relative):
+    """compile_losses: the clone MSE's value and gradients (student, and a target that requires grad)
+    equal the fp32 reference, for fp32 and bf16 inputs."""
+    g = torch.Generator().manual_seed(6)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        s = torch.randn(3, 5, 12, generator=g).to(dtype).requires_grad_()
+        t = (s.detach().float() + 0.2 * torch.randn(3, 5, 12, generator=g)).to(dtype).requires_grad_()
+        value = compiled.clone_mse(s, t, relative)
+        (value * 3.0).backward()
+        s32, t32 = s.detach().float().requires_grad_(), t.detach().float().requires_grad_()
+        ref = (s32 - t32).pow(2).mean()
+        if relative:
+            ref = ref / t32.detach().pow(2).mean()
+        (ref * 3.0).backward()
+        assert value.dtype == torch.float32 and value.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert s.grad.dtype == t.grad.dtype == dtype
+        assert torch.allclose(s.grad.float(), s32.grad, rtol=tol, atol=1e-6)
+        assert torch.allclose(t.grad.float(), t32.grad, rtol=tol, atol=1e-6)
+    with pytest.raises(ValueError, match="differ"):
+        compiled.clone_mse(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_compile_losses_failure_is_a_clear_error(monkeypatch):
+    """No working compiler: compile_losses raises one readable ValueError and leaves the eager code on."""
+    from lrc_src import losses
+
+    def broken_compile(fn, **kwargs):
+        def run(*a):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\nlong log ...")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.raises(ValueError, match="cannot build kernels on cpu .*CppCompileError"):
+        losses.compile_losses(True)
+    assert losses._COMPILED == {}
