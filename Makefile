@@ -33,10 +33,25 @@ test: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q --nbval-lax notebooks
 
 # The default profile runs offline; the paper profile needs the hub (run snakemake directly).
+# A checkout carries the committed results/<profile>/ tables and evals, which snakemake would keep
+# as they are (their run folders are not committed). So until `make replicate` has finished in
+# this checkout (marked by results/<profile>/.replicated, not committed), every rule but prepare
+# and train is forced: the committed outputs are recomputed, and `git diff results/` shows what
+# changed. Training itself runs whenever a run folder is missing or unfinished (it resumes from its
+# checkpoint), so an interrupted `make replicate` goes on where it stopped.
+SMK        = HF_HUB_OFFLINE=$(if $(filter paper,$(PROFILE)),0,1) $(VENV)/bin/snakemake
+OUTPUT_RULES = $(filter-out all prepare train,$(shell $(VENV)/bin/snakemake --list-rules 2>/dev/null))
+done_here  = $(wildcard results/$(PROFILE)/$(1))
+
 replicate: venv
-	HF_HUB_OFFLINE=$(if $(filter paper,$(PROFILE)),0,1) $(VENV)/bin/snakemake --cores $(CORES) --config profile=$(PROFILE)
+	$(SMK) --cores $(CORES) --config profile=$(PROFILE) $(if $(call done_here,.replicated),,--forcerun $(OUTPUT_RULES))
+	touch results/$(PROFILE)/.replicated
 
 # The budget sweep (each method re-trained at several token budgets and seeds): for the tiny
 # profile it is outside `make replicate`'s hour; name its output to build it (and what it needs).
+# Forced the same way until it has finished here (.swept), with the shared evaluations too while
+# `make replicate` has not run here.
 sweep: venv
-	HF_HUB_OFFLINE=$(if $(filter paper,$(PROFILE)),0,1) $(VENV)/bin/snakemake results/$(PROFILE)/tables/budget_sweep.csv --cores $(CORES) --config profile=$(PROFILE)
+	$(SMK) results/$(PROFILE)/tables/budget_sweep.csv --cores $(CORES) --config profile=$(PROFILE) \
+	  $(if $(call done_here,.swept),,--forcerun budget_sweep $(if $(call done_here,.replicated),,evaluate))
+	touch results/$(PROFILE)/.swept

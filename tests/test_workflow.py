@@ -41,6 +41,40 @@ def test_tiny_notebook_parameters_are_the_profiles():
     assert "budget_sweep" in sweep.stdout
 
 
+
+def make_recipe(target, profile):
+    """The commands `make TARGET PROFILE=profile` would run (make -n; the venv taken as built)."""
+    r = subprocess.run(["make", "-n", "-o", "venv", target, f"PROFILE={profile}", f"VENV={BIN.parent}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.replace("\\\n", " ")
+
+
+def test_make_replicate_recomputes_the_committed_results_of_a_fresh_checkout():
+    """results/tiny/ is committed, so snakemake alone would keep it (a fresh clone's `make replicate`
+    would train nothing): until `make replicate` has finished in a checkout, every output rule is
+    forced, so all 13 training runs and 7 evaluations happen; after it (the stamp), nothing is."""
+    if (ROOT / "results" / "tiny" / ".replicated").exists():
+        pytest.skip("this checkout has already run make replicate")
+    cmd = next(line for line in make_recipe("replicate", "tiny").splitlines() if "snakemake" in line)
+    forced = cmd.split("--forcerun", 1)[1].split()
+    assert {"evaluate", "table1_main", "claims", "budget_sweep"} <= set(forced) and not {"train", "prepare"} & set(forced)
+    r = snakemake("-n", "--cores", "2", "--config", "profile=tiny", "--forcerun", *forced)
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = dict(re.findall(r"^(train|evaluate|table1_main)\s+(\d+)$", r.stdout, re.M))
+    assert counts == {"train": "13", "evaluate": "7", "table1_main": "1"}, r.stdout[-2000:]
+    sweep = make_recipe("sweep", "tiny")
+    assert "--forcerun budget_sweep evaluate" in sweep
+    stamp = ROOT / "results" / "ci" / ".replicated"  # results/ci/ is not committed
+    made = not stamp.exists()
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.touch()
+    try:
+        assert "--forcerun" not in make_recipe("replicate", "ci")
+    finally:
+        if made:
+            stamp.unlink()
+
 def test_unknown_profile_is_a_clear_error():
     r = snakemake("-n", "--cores", "1", "--config", "profile=huge")
     assert r.returncode != 0
