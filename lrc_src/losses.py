@@ -162,6 +162,7 @@ def _row_logsumexp(x: torch.Tensor, p: torch.Tensor, k: torch.Tensor) -> torch.T
     return x.gather(1, k) - p.gather(1, k).log()
 
 
+
 def _head_chunk(z: torch.Tensor, zt: torch.Tensor | None, targets: torch.Tensor, ok: torch.Tensor,
                 lm_c: float, kl_c: float, tau: float, want_grad: bool):
     """One chunk of rows of `_FusedHeadLosses`: z [c, V] student logits, zt [c, V] teacher logits or
@@ -367,7 +368,7 @@ def compile_losses(enabled: bool = True, device: str | torch.device = "cpu") -> 
     except Exception as e:  # any backend failure: no compiler, no triton, unsupported device
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"compile_losses: torch.compile cannot build kernels on {device} here "
-                         f"({type(e).__name__}: {first}); run without --compile-losses") from e
+                         f"({type(e).__name__}: {first}); run without it (--compile-losses)") from e
     head_chunk = torch.compile(_head_chunk_functional)
 
     def head_chunk_tensors(z, zt, targets, ok, lm_c: float, kl_c: float, tau: float, want_grad: bool):
