@@ -22,11 +22,6 @@ optimizer step, for every method; the bound runs the teacher's forward and the s
 forward/backward K times. LRC then generates its weights once per step (the trainer does the same,
 `LRCMethod.accumulation_window`), so its fixed per-step cost is shared by K micro-batches.
 
-With --compile-losses every method's loss arithmetic (the clone MSE, the fused head's softmaxes, KL
-and gradient) runs as torch.compile'd kernels (`lrc_src.losses.compile_losses`, the trainer's
-`--compile-losses`); the bound's student step uses the same head. Compilation happens in the
-warm-up steps, so give at least 1.
-
 A timed step is what the trainer does per optimizer step: forward under autocast, backward,
 clip_grad_norm_ (1.0), AdamW step, zero_grad(set_to_none=True) (on CUDA followed by a
 synchronize). Methods alternate round-robin (the start rotates every round) so that machine
@@ -131,7 +126,7 @@ COLUMNS = [
     "median_step_s", "tokens_per_s", "peak_mem_mb", "threads", "dtype",
     # extra context
     "peak_total_mb", "state_mb", "flops_per_step", "mfu", "peak_flops", "peak_flops_source", "schedule", "timed_steps",
-    "load_avg", "status", "grad_accum", "compiled_losses",
+    "load_avg", "status", "grad_accum",
 ]
 # Dense tensor-core peaks (FLOP/s) by device-name substring; the first match wins, so longer or
 # more specific names come first ("H100 PCIe" before "H100", "A100" before "A10").
@@ -414,9 +409,6 @@ def parse_args(argv):
     p.add_argument("--mixed-precision", default="auto", choices=("auto", "bf16", "no"),
                    help="autocast dtype; auto = lrc_src.train.resolve_mixed_precision('auto') for the device")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token batches (default 0)")
-    p.add_argument("--compile-losses", action="store_true",
-                   help="every method's loss arithmetic as torch.compile'd kernels (lrc train --compile-losses); "
-                        "compiles during the warm-up steps")
     return p.parse_args(argv)
 
 
@@ -475,13 +467,6 @@ def main(argv=None) -> int:
     B = args.batch_size or PROFILE_DEFAULT_BATCH.get(args.profile) or base.train.batch_size
     T = args.seq_len or base.data.seq_len
     mp = resolve_precision(args.mixed_precision, device)
-    if args.compile_losses:
-        from lrc_src.losses import compile_losses
-
-        try:
-            compile_losses(True, device)
-        except ValueError as e:
-            return fail(str(e))
     dtype = torch.bfloat16 if mp == "bf16" else torch.float32
 
     def cfg_for(method, overrides):
@@ -620,7 +605,7 @@ def main(argv=None) -> int:
             "state_mb": _f(u.state_bytes / 2**20), "flops_per_step": f"{flops:.4g}",
             "mfu": _f(flops / med / peak if ok else float("nan")), "peak_flops": f"{peak:.4g}",
             "peak_flops_source": source, "schedule": schedule, "timed_steps": len(u.times), "load_avg": load, "status": u.status,
-            "grad_accum": K, "compiled_losses": args.compile_losses,
+            "grad_accum": K,
         })
     out = Path(args.output) if args.output else ROOT / "results" / args.profile / "tables" / "table8_throughput.csv"
     write_csv_atomic(out, rows)
@@ -628,7 +613,7 @@ def main(argv=None) -> int:
     # ---- report
     print(f"# {args.profile} on {device_name} ({device.type}, {torch.get_num_threads()} threads, "
           f"{rows[0]['dtype']}), batch {B} x {T} x {K} micro-batches, {args.steps} timed + {args.warmup} warm-up "
-          f"steps, {schedule}{', compiled losses' if args.compile_losses else ''}")
+          f"steps, {schedule}")
     print(f"# peak FLOP/s {peak:.3g} ({source}); 1-min load average {load} (machine cores: {os.cpu_count()})")
     print(f"{'method':10s} {'step_s':>9s} {'tokens/s':>10s} {'peak_mb':>9s} {'state_mb':>9s} {'mfu':>8s}  status")
     for r in rows:

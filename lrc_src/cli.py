@@ -21,7 +21,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     out = train(cfg, args.output_dir, progress=not args.no_progress, threads=args.threads,
-                restart_on_config_change=args.restart_on_config_change, compile_losses=args.compile_losses)
+                restart_on_config_change=args.restart_on_config_change)
     print(f"run complete: {out}")
     return 0
 
@@ -80,10 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--restart-on-config-change", action="store_true",
                    help="if --output-dir holds a run of a different config, delete it and start again "
                         "(default: refuse); the Snakemake workflow passes it")
-    t.add_argument("--compile-losses", action="store_true",
-                   help="run the clone MSE and the KL/LM head arithmetic as torch.compile'd kernels: faster "
-                        "on CPUs (README, Table 8), equal to rounding; needs a C++ compiler (CPU) or triton "
-                        "(GPU); the first steps compile")
     t.set_defaults(func=_train)
 
     pr = sub.add_parser("prepare", help="fetch the teacher and tokenise the data of a config once",

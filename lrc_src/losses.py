@@ -162,71 +162,6 @@ def _row_logsumexp(x: torch.Tensor, p: torch.Tensor, k: torch.Tensor) -> torch.T
     return x.gather(1, k) - p.gather(1, k).log()
 
 
-
-def _head_chunk(z: torch.Tensor, zt: torch.Tensor | None, targets: torch.Tensor, ok: torch.Tensor,
-                lm_c: float, kl_c: float, tau: float, want_grad: bool):
-    """One chunk of rows of `_FusedHeadLosses`: z [c, V] student logits, zt [c, V] teacher logits or
-    None, targets [c], ok [c] whether the row has a target, lm_c / kl_c the weights of one row's CE /
-    KL in the loss. Returns (sum of the rows' CE, sum of their KL, d loss / d z or None; the caller
-    stores it in the matmul dtype). Eager, in place where it can; `_head_chunk_functional` is
-    the same arithmetic for torch.compile."""
-    z = z.float()
-    tgt = torch.where(ok, targets, 0)  # [c]
-    k = z.argmax(dim=-1, keepdim=True)  # [c, 1]
-    ps = torch.softmax(z, dim=-1)  # p_S  [c, V]
-    lse = _row_logsumexp(z, ps, k)  # [c, 1]
-    lm = ((lse.squeeze(1) - z.gather(1, tgt[:, None]).squeeze(1)) * ok).sum()
-    lm_row = ok[:, None] * lm_c  # [c, 1]: the CE weight of each row (0 = no target)
-    kl = torch.zeros((), dtype=torch.float32, device=z.device)
-    if zt is None:
-        g = ps.mul_(lm_row) if want_grad else None  # lm_c p_S (- onehot below)
-    else:
-        zt = zt.float().div_(tau)  # [c, V] teacher logits / tau
-        pt = torch.softmax(zt, dim=-1)  # p_T
-        lse_t = _row_logsumexp(zt, pt, zt.argmax(dim=-1, keepdim=True))
-        if tau == 1.0:  # p_S^tau = p_S: one softmax serves both terms
-            zs, ps_tau, lse_s = z, ps, lse
-        else:
-            zs = z / tau
-            ps_tau = torch.softmax(zs, dim=-1)  # p_S^tau
-            lse_s = _row_logsumexp(zs, ps_tau, k)
-        # sum p_T (log p_T - log p_S), log p_T - log p_S = (zt - zs) - (lse_t - lse_s)
-        kl = torch.dot(pt.view(-1), zt.sub_(zs).sub_(lse_t - lse_s).view(-1))
-        if not want_grad:
-            g = None
-        elif tau == 1.0:  # (lm_c [row has a target] + kl_c) p_S - kl_c p_T
-            g = ps.mul_(lm_row + kl_c).sub_(pt.mul_(kl_c))
-        else:  # kl_c / tau (p_S^tau - p_T) + lm_c p_S [..]
-            g = ps_tau.sub_(pt).mul_(kl_c / tau).add_(ps.mul_(lm_row))
-    if g is not None:  # - lm_c onehot(target) on rows with a target (lm_row is 0 elsewhere)
-        g = g.scatter_add_(1, tgt[:, None], -lm_row)
-    return lm, kl, g
-
-
-def _head_chunk_functional(z, zt, targets, ok, lm_c, kl_c, tau: float, want_grad: bool):
-    """`_head_chunk` without in-place ops, for torch.compile (lm_c, kl_c: 0-dim tensors, so a new
-    value is no recompile): it fuses the softmaxes, the KL and the gradient into a few passes."""
-    out_dtype = z.dtype
-    z = z.float()  # [c, V]
-    ok = ok[:, None]  # [c, 1]
-    tgt = torch.where(ok, targets[:, None], 0)  # [c, 1]
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [c, 1]
-    lm = ((lse - z.gather(1, tgt)) * ok).sum()
-    lm_row = ok * lm_c  # [c, 1]
-    g = None
-    if want_grad:
-        onehot = torch.arange(z.shape[-1], device=z.device)[None] == tgt  # [c, V]
-        g = lm_row * ((z - lse).exp() - onehot.float())  # lm_c (p_S - onehot)
-    kl = torch.zeros((), dtype=torch.float32, device=z.device)
-    if zt is not None:
-        log_pt = torch.log_softmax(zt.float() / tau, dim=-1)  # [c, V]
-        log_ps = torch.log_softmax(z / tau, dim=-1)  # [c, V]
-        kl = (log_pt.exp() * (log_pt - log_ps)).sum()
-        if want_grad:
-            g = g + (kl_c / tau) * (log_ps.exp() - log_pt.exp())
-    return lm, kl, (g.to(out_dtype) if g is not None else None)
-
-
 class _FusedHeadLosses(torch.autograd.Function):
     """See `head_losses`. Outputs (loss, kl, lm); only loss is differentiable."""
 
@@ -254,14 +189,36 @@ class _FusedHeadLosses(torch.autograd.Function):
             step = max(1, HEAD_CHUNK_ELEMENTS.get(dev.type, HEAD_CHUNK_ELEMENTS_DEFAULT) // V)  # rows
             for i in range(0, N, step):
                 j = min(i + step, N)
-                z = F.linear(h[i:j], w, b)  # [c, V] student logits (matmul dtype)
-                zt = None if t_hidden is None else F.linear(ht[i:j], wt, bt)  # [c, V] teacher logits
-                chunk = _COMPILED.get("head_chunk", _head_chunk)
-                lm_part, kl_part, g = chunk(z, zt, targets[i:j], valid[i:j], lm_c, kl_c, tau, want_grad)
-                lm_sum += lm_part
-                kl_sum += kl_part
-                if want_grad:
-                    G[i:j] = g
+                z = F.linear(h[i:j], w, b).float()  # [c, V] student logits
+                ok = valid[i:j]
+                tgt = torch.where(ok, targets[i:j], 0)  # [c]
+                k = z.argmax(dim=-1, keepdim=True)  # [c, 1]
+                ps = torch.softmax(z, dim=-1)  # p_S  [c, V]
+                lse = _row_logsumexp(z, ps, k)  # [c, 1]
+                lm_sum += ((lse.squeeze(1) - z.gather(1, tgt[:, None]).squeeze(1)) * ok).sum()
+                lm_row = ok[:, None] * lm_c  # [c, 1]: the CE weight of each row (0 = no target)
+                if t_hidden is None:
+                    g = ps.mul_(lm_row) if want_grad else None  # lm_c p_S (- onehot below)
+                else:
+                    zt = F.linear(ht[i:j], wt, bt).float().div_(tau)  # [c, V] teacher logits / tau
+                    pt = torch.softmax(zt, dim=-1)  # p_T
+                    lse_t = _row_logsumexp(zt, pt, zt.argmax(dim=-1, keepdim=True))
+                    if tau == 1.0:  # p_S^tau = p_S: one softmax serves both terms
+                        zs, ps_tau, lse_s = z, ps, lse
+                    else:
+                        zs = z / tau
+                        ps_tau = torch.softmax(zs, dim=-1)  # p_S^tau
+                        lse_s = _row_logsumexp(zs, ps_tau, k)
+                    # sum p_T (log p_T - log p_S), log p_T - log p_S = (zt - zs) - (lse_t - lse_s)
+                    kl_sum += torch.dot(pt.view(-1), zt.sub_(zs).sub_(lse_t - lse_s).view(-1))
+                    if not want_grad:
+                        g = None
+                    elif tau == 1.0:  # (lm_c [row has a target] + kl_c) p_S - kl_c p_T
+                        g = ps.mul_(lm_row + kl_c).sub_(pt.mul_(kl_c))
+                    else:  # kl_c / tau (p_S^tau - p_T) + lm_c p_S [..]
+                        g = ps_tau.sub_(pt).mul_(kl_c / tau).add_(ps.mul_(lm_row))
+                if want_grad:  # - lm_c onehot(target) on rows with a target (lm_row is 0 elsewhere)
+                    G[i:j] = g.scatter_add_(1, tgt[:, None], -lm_row)
             ctx.save_for_backward(h, w, G)
             ctx.has_bias, ctx.dtypes = bias is not None, (hidden.dtype, weight.dtype)
             ctx.shape = hidden.shape
@@ -293,10 +250,6 @@ def clone_mse(student: torch.Tensor, target: torch.Tensor, relative: bool = Fals
     mean square of the (detached) target, so every term starts on the same scale (a small-budget
     option; the paper uses the plain MSE).
     """
-    if student.shape != target.shape:
-        raise ValueError(f"clone_mse: student {tuple(student.shape)} and target {tuple(target.shape)} differ")
-    if _COMPILED:  # one fused kernel each way (see compile_losses)
-        return _COMPILED["mse"](student, target, relative)
     mse = _MeanSquaredError.apply(student, target)
     if relative:  # mean square of the target, accumulated in fp32 without an fp32 copy
         ms = torch.linalg.vector_norm(target.detach(), dtype=torch.float32).square() / target.numel()
@@ -331,49 +284,3 @@ class _MeanSquaredError(torch.autograd.Function):
         d_student = grad.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         d_target = (-grad).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
         return d_student, d_target
-
-
-# ---------------------------------------------------------------- compiled kernels (opt-in)
-
-_COMPILED: dict = {}  # filled by compile_losses(): "mse", "head_chunk"
-
-
-def _mse_functional(student: torch.Tensor, target: torch.Tensor, relative: bool) -> torch.Tensor:
-    """`clone_mse` for torch.compile: the difference in fp32 (never stored), one fused kernel each way."""
-    mse = (student.float() - target.float()).square().sum() / student.numel()
-    if relative:
-        t = target.detach().float()
-        mse = mse / (t.square().sum() / t.numel()).clamp_min(1e-12)
-    return mse
-
-
-def compile_losses(enabled: bool = True, device: str | torch.device = "cpu") -> None:
-    """Process-wide switch: run the clone MSE and the head's per-chunk softmax / KL / gradient
-    arithmetic as torch.compile'd kernels (inductor: C++/OpenMP on CPUs, triton on GPUs), or, with
-    enabled=False, the eager code again (the default).
-
-    The eager code makes about fifteen passes over each chunk of logits and five over each clone
-    activation; the compiled kernels fuse them into a few, which matters on CPUs (measured in the
-    README's Table 8). The same functions to rounding (tests compare both ways); the MSE's difference
-    is taken in fp32 instead of the inputs' dtype. The first steps compile (seconds per new shape;
-    inductor's cache on disk serves later processes). Needs a C++ compiler on CPUs or triton on GPUs:
-    checked here by compiling a small kernel on `device`, ValueError when that fails.
-    """
-    _COMPILED.clear()
-    if not enabled:
-        return
-    try:
-        probe = torch.compile(lambda x: (x * 2).sum(), dynamic=False)
-        probe(torch.ones(8, device=device))
-    except Exception as e:  # any backend failure: no compiler, no triton, unsupported device
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"compile_losses: torch.compile cannot build kernels on {device} here "
-                         f"({type(e).__name__}: {first}); run without it (--compile-losses)") from e
-    head_chunk = torch.compile(_head_chunk_functional)
-
-    def head_chunk_tensors(z, zt, targets, ok, lm_c: float, kl_c: float, tau: float, want_grad: bool):
-        c = lambda x: torch.tensor(x, dtype=torch.float32, device=z.device)  # noqa: E731
-        return head_chunk(z, zt, targets, ok, c(lm_c), c(kl_c), tau, want_grad)
-
-    _COMPILED["mse"] = torch.compile(_mse_functional)
-    _COMPILED["head_chunk"] = head_chunk_tensors

@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 from lrc_src.baselines import LRCMethod, StudentKD, TinyBERTStyle, hard_prune, load_causal_lm, student_like
 from lrc_src.clone import LowRankClone
 from lrc_src.config import ExperimentConfig, dump_config
-from lrc_src.losses import compile_losses as use_compiled_losses
 from lrc_src.losses import lm_loss
 
 TIMING_COLUMNS = ("tokens_per_s", "elapsed_s")  # the only columns that differ between reruns
@@ -356,13 +355,11 @@ def average_gradients(params: list[torch.Tensor], accelerator: Accelerator) -> N
 
 
 def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, threads: int | None = None,
-          restart_on_config_change: bool = False, compile_losses: bool = False) -> Path:
+          restart_on_config_change: bool = False) -> Path:
     """Train cfg.method; resume if output_dir holds a checkpoint of the same config. Returns output_dir.
 
     A folder holding a run of a different config is an error, unless restart_on_config_change:
     then that run is deleted and training starts again (the workflow's choice: it owns its folders).
-    compile_losses: the loss arithmetic as torch.compile'd kernels (`lrc_src.losses.compile_losses`);
-    an execution choice like threads, equal to rounding, so not part of the config.
     """
     out = Path(output_dir)
     saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else None
@@ -389,7 +386,6 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     if accelerator.num_processes != world:
         raise ValueError(f"WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es): "
                          "launch with `accelerate launch` or torchrun on a supported backend")
-    use_compiled_losses(compile_losses, accelerator.device)  # process-wide; False = the eager code
     torch.manual_seed(tc.seed)
     teacher, tokenizer, train_blocks, train_labels, heldout = load_inputs(cfg)
     batches = Batches(train_blocks, tc.batch_size, tc.seed, train_labels)
@@ -492,8 +488,7 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
                 "tokens": total_steps * tokens_per_step, "trainable_parameters":
                 sum(p.numel() for _, p in params), "mixed_precision": accelerator.mixed_precision,
                 "num_processes": accelerator.num_processes,
-                "accumulation_window": reuse,  # student weights generated once per optimizer step
-                "compile_losses": compile_losses}
+                "accumulation_window": reuse}  # student weights generated once per optimizer step
         (out / "run.json").write_text(json.dumps(info, indent=2))
         if not tc.keep_optimizer_state:  # a finished run needs only its trainable state (export, analysis)
             (ckpt / "optimizer.pt").unlink(missing_ok=True)

@@ -127,16 +127,6 @@ def test_grad_accum_times_micro_batches_and_lrc_regen(tmp_path):
     assert run("--profile", "ci", "--grad-accum", "0").returncode == 2
 
 
-
-def test_compile_losses_flag(tmp_path):
-    """--compile-losses: every method's loss kernels compiled; the CSV says so."""
-    out = tmp_path / "t8.csv"
-    p = run("--profile", "ci", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--seq-len", "16",
-            "--threads", "1", "--methods", "lrc,scratch,bound", "--compile-losses", "--output", str(out))
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = list(csv.DictReader(out.open()))
-    assert [r["compiled_losses"] for r in rows] == ["True"] * 3 and all(r["status"] == "ok" for r in rows)
-
 def test_init_starts_scores_every_start(tmp_path):
     out = tmp_path / "starts.csv"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "init_starts.py"), "--config", "config/ci.yaml",

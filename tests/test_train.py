@@ -147,27 +147,6 @@ def test_grad_accum_and_max_tokens(tmp_path):
     assert len(rows) == 4 and rows[-1]["tokens"] == "1024"  # 1024 / (2*2*64) = 4 steps
 
 
-
-@pytest.mark.parametrize("method", ["lrc", "kd"])
-def test_compile_losses_trains_like_the_eager_code(method, tmp_path):
-    """`lrc train --compile-losses`: the compiled loss kernels give the eager code's loss on the first
-    step (same start, same batch) and a run that completes; run.json records the choice."""
-    from lrc_src import losses
-
-    args = ["--config", str(CI), "--set", f"method={method}", "--set", "train.max_steps=3",
-            "--set", "train.save_every=100", "--set", "train.eval_every=0", "--no-progress"]
-    try:
-        assert main(["train", *args, "--output-dir", str(tmp_path / "eager")]) == 0
-        torch._dynamo.reset()
-        assert main(["train", *args, "--compile-losses", "--output-dir", str(tmp_path / "compiled")]) == 0
-        assert losses._COMPILED  # switched on by train()
-    finally:
-        losses.compile_losses(False)
-    eager, comp = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
-    assert len(comp) == 3 and float(comp[0]["loss"]) == pytest.approx(float(eager[0]["loss"]), rel=2e-3)
-    assert json.loads((tmp_path / "compiled" / "run.json").read_text())["compile_losses"] is True
-    assert json.loads((tmp_path / "eager" / "run.json").read_text())["compile_losses"] is False
-
 def _bad(tmp_path, capsys, *argv, config=CI):
     out = tmp_path / "out"
     code = main(["train", "--config", str(config), *argv, "--output-dir", str(out), "--no-progress"])
