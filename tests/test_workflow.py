@@ -41,7 +41,6 @@ def test_tiny_notebook_parameters_are_the_profiles():
     assert "budget_sweep" in sweep.stdout
 
 
-
 def make_recipe(target, profile):
     """The commands `make TARGET PROFILE=profile` would run (make -n; the venv taken as built)."""
     r = subprocess.run(["make", "-n", "-o", "venv", target, f"PROFILE={profile}", f"VENV={BIN.parent}"], cwd=ROOT,
@@ -74,6 +73,7 @@ def test_make_replicate_recomputes_the_committed_results_of_a_fresh_checkout():
     finally:
         if made:
             stamp.unlink()
+
 
 def test_unknown_profile_is_a_clear_error():
     r = snakemake("-n", "--cores", "1", "--config", "profile=huge")
