@@ -38,15 +38,21 @@ Profiles:
                 8192, vocab 128256, tied, llama3 RoPE) -> d_S 1536, seq 2048; --device cuda only.
                 Default batch 1 per GPU (the paper used 3 per GPU with ZeRO-2 sharding over 8).
 
-Memory (peak_mem_mb): the largest growth of memory during one timed step of the method over what
+Memory (peak_mem_mb): the largest growth of memory during one step of the method over what
 was held just before it, i.e. the step's working memory (activations, generated weights,
 gradients); the method's persistent state (trainable parameters + AdamW moments) is in state_mb,
 and the whole process's peak during the step (teacher, every live method) in peak_total_mb.
     CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus
-          memory_allocated() before the step.
-    CPU:  VmHWM (peak RSS; reset through /proc/self/clear_refs before each step) minus VmRSS
-          before the step. Memory that the allocator kept from an earlier step and reuses is not
-          counted, so on the CPU this is a lower bound.
+          memory_allocated() before the step; every timed step.
+    CPU:  VmHWM (peak RSS; reset through /proc/self/clear_refs) minus VmRSS before the step, in
+          one extra untimed step per method after the timed ones, with the heap's free memory
+          first given back to the OS (glibc malloc_trim): the timed steps reuse the memory that
+          earlier steps freed (below), which RSS growth would not see.
+
+CPU allocator (column freed_memory): as the trainer does (`lrc_src.train.keep_freed_memory`), the
+process keeps the memory that tensors free for the next step instead of returning it to the OS,
+which glibc otherwise does for every large block, so each step page-faults its whole working set
+anew ("kept"); --return-freed-memory times glibc's default ("returned").
 
 Model FLOPs and MFU (columns flops_per_step, mfu). With N = B*T tokens per step, L layers,
 nH query heads of size hd, and P_X = the parameters of model X's matrix multiplications (every
@@ -91,8 +97,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
 import math
 import os
+import platform
 import re
 import statistics
 import sys
@@ -126,7 +134,7 @@ COLUMNS = [
     "median_step_s", "tokens_per_s", "peak_mem_mb", "threads", "dtype",
     # extra context
     "peak_total_mb", "state_mb", "flops_per_step", "mfu", "peak_flops", "peak_flops_source", "schedule", "timed_steps",
-    "load_avg", "status", "grad_accum",
+    "load_avg", "status", "grad_accum", "freed_memory",
 ]
 # Dense tensor-core peaks (FLOP/s) by device-name substring; the first match wins, so longer or
 # more specific names come first ("H100 PCIe" before "H100", "A100" before "A10").
@@ -269,6 +277,13 @@ class MemoryMeter:
         return max(0.0, peak - before), peak
 
 
+def trim_heap() -> None:
+    """glibc: give the heap's free memory back to the OS (malloc_trim), so that the next step's RSS
+    growth is its working memory even where freed memory is otherwise kept."""
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 # ---------------------------------------------------------------- methods
 
 
@@ -409,6 +424,9 @@ def parse_args(argv):
     p.add_argument("--mixed-precision", default="auto", choices=("auto", "bf16", "no"),
                    help="autocast dtype; auto = lrc_src.train.resolve_mixed_precision('auto') for the device")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token batches (default 0)")
+    p.add_argument("--return-freed-memory", action="store_true",
+                   help="CPU: time glibc's default allocator behaviour (freed memory goes back to the OS) "
+                        "instead of the trainer's (kept for the next step; lrc_src.train.keep_freed_memory)")
     return p.parse_args(argv)
 
 
@@ -464,6 +482,9 @@ def main(argv=None) -> int:
     threads = args.threads or getattr(base.train, "threads", None)
     if threads:
         torch.set_num_threads(threads)
+    from lrc_src.train import keep_freed_memory
+
+    kept = device.type == "cpu" and not args.return_freed_memory and keep_freed_memory()  # as the trainer
     B = args.batch_size or PROFILE_DEFAULT_BATCH.get(args.profile) or base.train.batch_size
     T = args.seq_len or base.data.seq_len
     mp = resolve_precision(args.mixed_precision, device)
@@ -515,7 +536,8 @@ def main(argv=None) -> int:
     results: dict[str, Unit] = {}
 
     load_start = os.getloadavg()[0]  # other processes on the machine skew CPU timings: recorded
-    bar = tqdm(total=rounds * len(wanted), desc=f"{args.profile} throughput", unit="step",
+    mem_round = device.type == "cpu"  # CPU: working memory from one extra untimed step (docstring)
+    bar = tqdm(total=(rounds + mem_round) * len(wanted), desc=f"{args.profile} throughput", unit="step",
                dynamic_ncols=True, file=sys.stderr)
     for group in groups:
         units: list[Unit] = []
@@ -531,7 +553,8 @@ def main(argv=None) -> int:
             units.append(Unit(BOUND))
         elif BOUND in wanted and "scratch" in group:
             results[BOUND] = Unit(BOUND, status="oom (build)")
-        for r in range(rounds):
+        for r in range(rounds + mem_round):
+            timed = args.warmup <= r < rounds
             k = r % max(1, len(units))
             for unit in units[k:] + units[:k]:  # the start rotates every round
                 if unit.name not in wanted:
@@ -540,10 +563,12 @@ def main(argv=None) -> int:
                     unit.status = unit.status if unit.status != "ok" else "skipped (scratch failed)"
                     bar.update(1)
                     continue
+                if r == rounds:
+                    trim_heap()
                 before = meter.start()
                 try:
-                    dt = run_step(unit, scratch, teacher, [b.to(device) for b in batches[r]], autocast, grad_clip,
-                                  torch, device)
+                    dt = run_step(unit, scratch, teacher, [b.to(device) for b in batches[min(r, rounds - 1)]],
+                                  autocast, grad_clip, torch, device)
                 except torch.OutOfMemoryError:
                     unit.status = "oom"
                 if unit.status == "oom":  # outside the except block, so the failed step's tensors are gone
@@ -553,8 +578,9 @@ def main(argv=None) -> int:
                     bar.update(1)
                     continue
                 used, total = meter.stop(before)
-                if r >= args.warmup:
+                if timed:
                     unit.times.append(dt)
+                if (timed and not mem_round) or r == rounds:  # working memory (docstring)
                     unit.peak_bytes = max(unit.peak_bytes, used)
                     unit.peak_total_bytes = max(unit.peak_total_bytes, total)
                 bar.update(1)
@@ -605,6 +631,7 @@ def main(argv=None) -> int:
             "state_mb": _f(u.state_bytes / 2**20), "flops_per_step": f"{flops:.4g}",
             "mfu": _f(flops / med / peak if ok else float("nan")), "peak_flops": f"{peak:.4g}",
             "peak_flops_source": source, "schedule": schedule, "timed_steps": len(u.times), "load_avg": load, "status": u.status,
+            "freed_memory": "kept" if kept else "default",
             "grad_accum": K,
         })
     out = Path(args.output) if args.output else ROOT / "results" / args.profile / "tables" / "table8_throughput.csv"
@@ -613,7 +640,8 @@ def main(argv=None) -> int:
     # ---- report
     print(f"# {args.profile} on {device_name} ({device.type}, {torch.get_num_threads()} threads, "
           f"{rows[0]['dtype']}), batch {B} x {T} x {K} micro-batches, {args.steps} timed + {args.warmup} warm-up "
-          f"steps, {schedule}")
+          f"steps, {schedule}" + (f", freed memory {'kept' if kept else 'returned to the OS'}"
+                                   if device.type == "cpu" else ""))
     print(f"# peak FLOP/s {peak:.3g} ({source}); 1-min load average {load} (machine cores: {os.cpu_count()})")
     print(f"{'method':10s} {'step_s':>9s} {'tokens/s':>10s} {'peak_mb':>9s} {'state_mb':>9s} {'mfu':>8s}  status")
     for r in rows:

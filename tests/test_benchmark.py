@@ -50,7 +50,9 @@ def test_ci_profile_writes_every_method(tmp_path):
         assert r["profile"] == "ci" and r["device"] == "cpu" and r["threads"] == "2"
         assert int(r["batch_size"]) * int(r["seq_len"]) == int(r["tokens_per_step"]) == 32
         assert float(r["tokens_per_s"]) > 0 and float(r["median_step_s"]) > 0, r
-        assert float(r["peak_mem_mb"]) >= 0 and 0 < float(r["mfu"]) < 1, r
+        # > 0: the memory step trims the heap first, so the kept freed memory does not hide the growth
+        assert float(r["peak_mem_mb"]) > 0 and 0 < float(r["mfu"]) < 1, r
+        assert r["freed_memory"] == ("kept" if sys.platform == "linux" else "default"), r
         assert int(r["timed_steps"]) == 2
         assert r["tokens_per_s"] and abs(float(r["tokens_per_s"]) * float(r["median_step_s"]) - 32) < 1e-3 * 32
     assert all(r["grad_accum"] == "1" for r in rows)

@@ -99,6 +99,49 @@ def test_kill_and_resume_is_exact(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+FAULTS_AFTER_FREE = """
+import resource, sys, torch
+from lrc_src.train import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else None
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.ones(64 << 20, dtype=torch.uint8); del x  # 64 MB: above glibc's largest mmap threshold
+f0 = faults()
+for _ in range(5):
+    x = torch.ones(64 << 20, dtype=torch.uint8); del x
+print(applied, faults() - f0)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+def test_keep_freed_memory_reuses_freed_pages():
+    """With keep_freed_memory a freed 64 MB block is reused; glibc's default unmaps it, so every new
+    allocation page-faults it in again (counted as minor faults of a fresh process)."""
+    def faults(mode):
+        p = subprocess.run([sys.executable, "-c", FAULTS_AFTER_FREE, mode], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        applied, n = p.stdout.split()
+        return applied, int(n)
+    (applied, kept), (_, default) = faults("keep"), faults("default")
+    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert applied == "True"
+    assert default >= 4 * pages, default  # the control: five fresh blocks faulted in
+    assert kept <= 1.5 * pages, (kept, default)
+
+
+def test_freed_memory_setting_changes_nothing_but_speed(tmp_path):
+    args = ["--config", str(CI), "--set", "train.max_steps=4", "--no-progress"]
+    runs = {}
+    for flag in ([], ["--return-freed-memory"]):
+        runs[bool(flag)] = tmp_path / f"r{len(flag)}"
+        p = subprocess.run([sys.executable, "-m", "lrc_src.cli", "train", *args, *flag,
+                            "--output-dir", str(runs[bool(flag)])], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+    a, b = read_metrics(runs[False]), read_metrics(runs[True])
+    assert len(a) == len(b) == 4
+    assert all(ra[c] == rb[c] for ra, rb in zip(a, b) for c in ra if c not in TIMING_COLUMNS)
+
+
 def test_rerun_of_complete_run_is_a_no_op(tmp_path):
     cfg = ci_cfg("train.max_steps=2")
     run = train(cfg, tmp_path / "r", progress=False)
