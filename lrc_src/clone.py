@@ -590,12 +590,23 @@ class LowRankClone(nn.Module):
         terms = set(cfg.clone_terms)
         per_term: dict[str, list[torch.Tensor]] = {t: [] for t in cfg.clone_terms}
 
+        def cloned(term: str, i: int) -> bool:
+            return term in terms and i in self.clone_layer_ids
+
         def add(term: str, i: int, student: torch.Tensor, target: torch.Tensor) -> None:
-            if term in terms and i in self.clone_layer_ids:
+            if cloned(term, i):
                 per_term[term].append(clone_mse(student, target, relative))
 
-        def target(x: torch.Tensor) -> torch.Tensor:
-            return x.detach() if cfg.detach_targets else x
+        def add_output(term: str, i: int, out_s: torch.Tensor, out_t: torch.Tensor, P: torch.Tensor,
+                       align: torch.Tensor | None) -> None:
+            """o / down: a block's output [B, T, d_S] against the teacher's [B, T, d_T], in the
+            student's space (out^T P, through the projection that generates the student's o_proj /
+            down_proj: the paper) or, with alignment="extra", in the teacher's (out^S A)."""
+            if cfg.alignment == "extra":
+                add(term, i, out_s @ align, out_t)  # [B, T, d_T]
+            else:
+                t = _matmul(out_t, P)  # [B, T, d_S]
+                add(term, i, out_s, t.detach() if cfg.detach_targets else t)
 
         position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
         with torch.no_grad():
@@ -631,15 +642,12 @@ class LowRankClone(nn.Module):
             add("q", i, q_s, q_t)
             add("k", i, k_s, k_t)
             add("v", i, v_s, v_t)
-            if "attn_in" in terms:
+            if cloned("attn_in", i):
                 add("attn_in", i, _matmul(hn_s, self._projection(i, "q").T), hn_t)  # [B, T, d_T]
-            if "o" in terms:
-                if cfg.alignment == "extra":
-                    add("o", i, o_s @ layer.self_attn.o_align, o_t)  # teacher space [B, T, d_T]
-                elif cfg.attn_out_space == "teacher":
-                    add("o", i, t_lin("self_attn.o_proj", a_s), o_t)
-                else:
-                    add("o", i, o_s, target(_matmul(o_t, layer.self_attn.o_proj)))  # o^T P_o [B, T, d_S]
+            if cloned("o", i) and cfg.attn_out_space == "teacher":  # o_proj^T(attn^S) vs o^T [B, T, d_T]
+                add("o", i, t_lin("self_attn.o_proj", a_s), o_t)
+            elif cloned("o", i):
+                add_output("o", i, o_s, o_t, layer.self_attn.o_proj, getattr(layer.self_attn, "o_align", None))
             x_t = x_t + o_t
             x_s = x_s + o_s
 
@@ -653,13 +661,10 @@ class LowRankClone(nn.Module):
             f_s = lin("mlp.down_proj", mlp.act_fn(g_s) * u_s)  # [B, T, d_S]
             add("gate", i, g_s, g_t)
             add("up", i, u_s, u_t)
-            if "ffn_in" in terms:
+            if cloned("ffn_in", i):
                 add("ffn_in", i, _matmul(hn_s, self._projection(i, "gate").T), hn_t)  # [B, T, d_T]
-            if "down" in terms:
-                if cfg.alignment == "extra":
-                    add("down", i, f_s @ layer.mlp.down_align, f_t)  # [B, T, d_T]
-                else:
-                    add("down", i, f_s, target(_matmul(f_t, layer.mlp.down_proj)))  # o^T P_down [B, T, d_S]
+            if cloned("down", i):
+                add_output("down", i, f_s, f_t, layer.mlp.down_proj, getattr(layer.mlp, "down_align", None))
             x_t = x_t + f_t
             x_s = x_s + f_s
 
