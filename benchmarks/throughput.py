@@ -97,10 +97,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import ctypes
 import math
 import os
-import platform
 import re
 import statistics
 import sys
@@ -280,8 +278,11 @@ class MemoryMeter:
 def trim_heap() -> None:
     """glibc: give the heap's free memory back to the OS (malloc_trim), so that the next step's RSS
     growth is its working memory even where freed memory is otherwise kept."""
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    from lrc_src.train import glibc
+
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 # ---------------------------------------------------------------- methods

@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: refuse); the Snakemake workflow passes it")
     t.add_argument("--return-freed-memory", action="store_true",
                    help="on the CPU, let freed memory go back to the OS as glibc does by default (lower "
-                        "resident memory between steps; by default it is kept for the next step, which "
-                        "measured ~10%% faster at the tiny shapes: lrc_src.train.keep_freed_memory)")
+                        "resident memory between steps); by default it is kept for the next step, so that "
+                        "steps do not page-fault their working set in again (lrc_src.train.keep_freed_memory)")
     t.set_defaults(func=_train)
 
     pr = sub.add_parser("prepare", help="fetch the teacher and tokenise the data of a config once",

@@ -142,20 +142,27 @@ def _set_threads(n: int | None) -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (<malloc.h>)
 
 
+def glibc():
+    """The process's C library if it is glibc (Linux), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL("libc.so.6")
+
+
 def keep_freed_memory() -> bool:
     """Make this process reuse the memory its CPU tensors free instead of handing it back to the OS.
 
     glibc serves every large allocation (any above 32 MB, and by default any above a threshold that
     adapts up to that) with a fresh mmap and unmaps it on free, and trims the heap's free top past
     128 KB, so each training step page-faults (and the kernel zeroes) its working set anew: at the
-    tiny shapes on 2 cores about 1.2 s of system time in a 9 s LRC step of 4 x 1024 tokens, 0.4 s in
-    the bound's 7 s (benchmarks/throughput.py). No mmap (M_MMAP_MAX 0) and a 2 GB trim threshold keep
+    tiny shapes on 2 cores 0.6-1.5 s of system time in a 9 s LRC step of 4 x 1024 tokens, 0.3-0.5 s
+    in the bound's 7 s (benchmarks/throughput.py). No mmap (M_MMAP_MAX 0) and a 2 GB trim threshold keep
     freed memory in the heap, where the next step reuses it: resident memory stays at its peak.
     Nothing else changes (same values, bit for bit). Returns whether it was applied: glibc only.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL("libc.so.6")
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
