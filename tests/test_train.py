@@ -123,10 +123,10 @@ def test_keep_freed_memory_reuses_freed_pages():
         applied, n = p.stdout.split()
         return applied, int(n)
     (applied, kept), (_, default) = faults("keep"), faults("default")
-    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
     assert applied == "True"
-    assert default >= 4 * pages, default  # the control: five fresh blocks faulted in
-    assert kept <= 1.5 * pages, (kept, default)
+    # glibc's default faults each of the five blocks in afresh (5 x 16384 faults with 4 KB pages;
+    # fewer with transparent huge pages), kept memory at most the first (measured: 16384 and 81925)
+    assert default > 0 and kept * 3 < default, (kept, default)
 
 
 def test_freed_memory_setting_changes_nothing_but_speed(tmp_path):
