@@ -250,6 +250,8 @@ def clone_mse(student: torch.Tensor, target: torch.Tensor, relative: bool = Fals
     mean square of the (detached) target, so every term starts on the same scale (a small-budget
     option; the paper uses the plain MSE).
     """
+    if student.shape != target.shape:  # broadcasting would silently sum the gradient over copies
+        raise ValueError(f"clone_mse: student shape {tuple(student.shape)} != target shape {tuple(target.shape)}")
     mse = _MeanSquaredError.apply(student, target)
     if relative:  # mean square of the target, accumulated in fp32 without an fp32 copy
         ms = torch.linalg.vector_norm(target.detach(), dtype=torch.float32).square() / target.numel()

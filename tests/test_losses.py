@@ -66,6 +66,17 @@ def test_clone_mse_matches_naive():
     assert clone_mse(a, b, relative=True).item() == pytest.approx(ref / ms, rel=1e-6)
 
 
+@pytest.mark.parametrize("shapes", [((2, 3, 4), (1, 3, 4)), ((2, 3, 4), (2, 3, 5)), ((6,), (2, 3))])
+def test_clone_mse_rejects_mismatched_shapes(shapes):
+    """A target that broadcasts against the student ([1, T, D] vs [B, T, D]) would otherwise be
+    accepted, with its gradient summed over the copies; every mismatch is a ValueError naming both."""
+    a, b = torch.zeros(shapes[0]), torch.zeros(shapes[1])
+    with pytest.raises(ValueError, match=r"student shape .* != target shape"):
+        clone_mse(a, b)
+    with pytest.raises(ValueError, match=r"student shape .* != target shape"):
+        clone_mse(b, a, relative=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["batchmean", "token_mean"])
 def test_kl_gradient_matches_autograd_reference(dtype, reduction, monkeypatch):
