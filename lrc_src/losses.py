@@ -132,7 +132,7 @@ def head_losses(
     into one [B*T, V] buffer in the matmul dtype (only when a gradient is needed). Backward is two
     matmuls with that buffer (d hidden = G W, d weight = G^T hidden). One softmax per distribution
     (three exp passes per logit at tau != 1, two at tau = 1) gives both the probabilities and,
-    through the argmax, the log-partition.
+    through its largest value, the log-partition.
     """
     _check_kl_arguments(temperature, reduction)
     B, T, _ = hidden.shape
@@ -156,10 +156,15 @@ HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 22}
 HEAD_CHUNK_ELEMENTS_DEFAULT = 1 << 26
 
 
-def _row_logsumexp(x: torch.Tensor, p: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """logsumexp of each row of x [c, V] from p = softmax(x) and k = argmax(x) [c, 1]: x_k - log p_k
-    (p_k >= 1/V, so no exp pass of its own). Returns [c, 1]."""
-    return x.gather(1, k) - p.gather(1, k).log()
+def _row_logsumexp(x_max: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """logsumexp of each row of x [c, V] from x_max = max(x) [c, 1] and p = softmax(x) [c, V]:
+    x_max - log max(p) (max(p) = p at the argmax >= 1/V, so no exp pass of its own). Returns [c, 1].
+
+    Two `amax` passes instead of an `argmax` and gathers: on CPU `argmax` over a [c, V] chunk costs
+    as much as the whole softmax, `amax` an eighth of it. Bit-identical to gathering at the argmax k:
+    x_k is x_max, and p_k is the largest p (exp(x - x_max) <= exp(0) = 1 in every kernel, then one
+    common scale)."""
+    return x_max - p.amax(dim=-1, keepdim=True).log()
 
 
 class _FusedHeadLosses(torch.autograd.Function):
@@ -192,23 +197,24 @@ class _FusedHeadLosses(torch.autograd.Function):
                 z = F.linear(h[i:j], w, b).float()  # [c, V] student logits
                 ok = valid[i:j]
                 tgt = torch.where(ok, targets[i:j], 0)  # [c]
-                k = z.argmax(dim=-1, keepdim=True)  # [c, 1]
+                m = z.amax(dim=-1, keepdim=True)  # [c, 1]
+                z_tgt = z.gather(1, tgt[:, None]).squeeze(1)  # [c]
                 ps = torch.softmax(z, dim=-1)  # p_S  [c, V]
-                lse = _row_logsumexp(z, ps, k)  # [c, 1]
-                lm_sum += ((lse.squeeze(1) - z.gather(1, tgt[:, None]).squeeze(1)) * ok).sum()
+                lse = _row_logsumexp(m, ps)  # [c, 1]
+                lm_sum += ((lse.squeeze(1) - z_tgt) * ok).sum()
                 lm_row = ok[:, None] * lm_c  # [c, 1]: the CE weight of each row (0 = no target)
                 if t_hidden is None:
                     g = ps.mul_(lm_row) if want_grad else None  # lm_c p_S (- onehot below)
                 else:
                     zt = F.linear(ht[i:j], wt, bt).float().div_(tau)  # [c, V] teacher logits / tau
                     pt = torch.softmax(zt, dim=-1)  # p_T
-                    lse_t = _row_logsumexp(zt, pt, zt.argmax(dim=-1, keepdim=True))
+                    lse_t = _row_logsumexp(zt.amax(dim=-1, keepdim=True), pt)
                     if tau == 1.0:  # p_S^tau = p_S: one softmax serves both terms
                         zs, ps_tau, lse_s = z, ps, lse
                     else:
-                        zs = z / tau
+                        zs = z.div_(tau)  # z / tau in place (z's only other uses are above)
                         ps_tau = torch.softmax(zs, dim=-1)  # p_S^tau
-                        lse_s = _row_logsumexp(zs, ps_tau, k)
+                        lse_s = _row_logsumexp(m / tau, ps_tau)  # max(z / tau) = max(z) / tau
                     # sum p_T (log p_T - log p_S), log p_T - log p_S = (zt - zs) - (lse_t - lse_s)
                     kl_sum += torch.dot(pt.view(-1), zt.sub_(zs).sub_(lse_t - lse_s).view(-1))
                     if not want_grad:

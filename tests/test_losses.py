@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lrc_src.losses import clone_mse, kl_loss, lm_loss
+from lrc_src.losses import _row_logsumexp, clone_mse, kl_loss, lm_loss
 
 
 def naive_kl(s, t, tau, per_token):
@@ -209,3 +209,20 @@ def test_clone_mse_bf16_value_and_gradients(relative):
     assert s.grad.dtype == t.grad.dtype == torch.bfloat16
     assert torch.allclose(s.grad.float(), s32.grad, rtol=1e-2, atol=1e-6)
     assert torch.allclose(t.grad.float(), t32.grad, rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 40.0])
+def test_row_logsumexp_from_max_equals_the_argmax_gather_bit_for_bit(scale):
+    """The fused head takes each row's log-partition as max(x) - log max(softmax(x)). That is the
+    value at the argmax k (x_k - log p_k, the previous formula) bit for bit, ties included, and
+    logsumexp(x) to fp32 rounding. Rows of 1001 (a vector tail) and 49152 logits."""
+    g = torch.Generator().manual_seed(5)
+    for V in (1001, 49152):
+        x = torch.randn(64, V, generator=g) * scale
+        x[0, 7] = x[0, 900] = x[0].max() + 1.0  # a tie for the maximum
+        x[1] = 0.0  # a constant row: every entry ties
+        p = torch.softmax(x, dim=-1)
+        k = x.argmax(dim=-1, keepdim=True)
+        got = _row_logsumexp(x.amax(dim=-1, keepdim=True), p)
+        assert torch.equal(got, x.gather(1, k) - p.gather(1, k).log())
+        torch.testing.assert_close(got.squeeze(1), torch.logsumexp(x.double(), dim=-1).float(), rtol=1e-6, atol=1e-5)
