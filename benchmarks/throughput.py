@@ -78,7 +78,9 @@ unknown GPU) MEASURED in the same process: the best of repeated 2048 x 2048 matm
 compute dtype with the same thread count (column peak_flops_source says which).
 
 The 1-minute load average at the start and end of the timing (column load_avg) says whether
-other processes competed for the CPU.
+other processes competed for the CPU. min_step_s / max_step_s give the spread of the timed steps;
+minor_faults_per_step and sys_s_per_step (medians over the timed steps, from getrusage: the whole
+process, CPU and GPU runs alike) show whether a slow run was still page-faulting its working set.
 
 Output: a tidy CSV (default results/<profile>/tables/table8_throughput.csv, written atomically),
 a readable table, and as the LAST line of stdout:
@@ -132,7 +134,8 @@ COLUMNS = [
     "median_step_s", "tokens_per_s", "peak_mem_mb", "threads", "dtype",
     # extra context
     "peak_total_mb", "state_mb", "flops_per_step", "mfu", "peak_flops", "peak_flops_source", "schedule", "timed_steps",
-    "load_avg", "status", "grad_accum", "freed_memory",
+    "load_avg", "status", "grad_accum", "freed_memory", "min_step_s", "max_step_s", "minor_faults_per_step",
+    "sys_s_per_step",
 ]
 # Dense tensor-core peaks (FLOP/s) by device-name substring; the first match wins, so longer or
 # more specific names come first ("H100 PCIe" before "H100", "A100" before "A10").
@@ -275,6 +278,16 @@ class MemoryMeter:
         return max(0.0, peak - before), peak
 
 
+def _usage() -> tuple[float, float]:
+    """(minor page faults, system CPU seconds) of this process so far; NaNs without `resource`."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return float("nan"), float("nan")
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return float(u.ru_minflt), u.ru_stime
+
+
 def trim_heap() -> None:
     """glibc: give the heap's free memory back to the OS (malloc_trim), so that the next step's RSS
     growth is its working memory even where freed memory is otherwise kept."""
@@ -298,6 +311,8 @@ class Unit:
     params: list = field(default_factory=list)
     attn_impl: str | None = None  # the teacher's attention kernel in this method's own process
     times: list[float] = field(default_factory=list)
+    faults: list[float] = field(default_factory=list)  # minor page faults per timed step
+    sys_s: list[float] = field(default_factory=list)  # system CPU seconds per timed step
     peak_bytes: float = 0.0
     peak_total_bytes: float = 0.0
     state_bytes: float = 0.0
@@ -567,6 +582,7 @@ def main(argv=None) -> int:
                 if r == rounds:
                     trim_heap()
                 before = meter.start()
+                usage = _usage()
                 try:
                     dt = run_step(unit, scratch, teacher, [b.to(device) for b in batches[min(r, rounds - 1)]],
                                   autocast, grad_clip, torch, device)
@@ -580,7 +596,10 @@ def main(argv=None) -> int:
                     continue
                 used, total = meter.stop(before)
                 if timed:
+                    now = _usage()
                     unit.times.append(dt)
+                    unit.faults.append(now[0] - usage[0])
+                    unit.sys_s.append(now[1] - usage[1])
                 if (timed and not mem_round) or r == rounds:  # working memory (docstring)
                     unit.peak_bytes = max(unit.peak_bytes, used)
                     unit.peak_total_bytes = max(unit.peak_total_bytes, total)
@@ -634,6 +653,10 @@ def main(argv=None) -> int:
             "peak_flops_source": source, "schedule": schedule, "timed_steps": len(u.times), "load_avg": load, "status": u.status,
             "freed_memory": "kept" if kept else "default",
             "grad_accum": K,
+            "min_step_s": _f(min(u.times) if ok else float("nan")),
+            "max_step_s": _f(max(u.times) if ok else float("nan")),
+            "minor_faults_per_step": _f(statistics.median(u.faults) if ok else float("nan")),
+            "sys_s_per_step": _f(statistics.median(u.sys_s) if ok else float("nan")),
         })
     out = Path(args.output) if args.output else ROOT / "results" / args.profile / "tables" / "table8_throughput.csv"
     write_csv_atomic(out, rows)

@@ -156,14 +156,18 @@ def keep_freed_memory() -> bool:
     adapts up to that) with a fresh mmap and unmaps it on free, and trims the heap's free top past
     128 KB, so each training step page-faults (and the kernel zeroes) its working set anew: at the
     tiny shapes on 2 cores 0.6-1.5 s of system time in a 9 s LRC step of 4 x 1024 tokens, 0.3-0.5 s
-    in the bound's 7 s (benchmarks/throughput.py). No mmap (M_MMAP_MAX 0) and a 2 GB trim threshold keep
-    freed memory in the heap, where the next step reuses it: resident memory stays at its peak.
+    in the bound's 7 s (benchmarks/throughput.py). No mmap (M_MMAP_MAX 0) and no trimming (trim
+    threshold SIZE_MAX) keep freed memory in the heap, where the next step reuses it: resident memory
+    stays at its peak. (The 2 GB threshold used before still trims a free top above 2 GB: strace
+    shows a freed 2.1 GB tensor given back and faulted in again on the next allocation. LRC's
+    working set at batch 16 x 256 is 6 GB.)
     Nothing else changes (same values, bit for bit). Returns whether it was applied: glibc only.
     """
     libc = glibc()
     if libc is None:
         return False
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    # mallopt's int -1 becomes glibc's size_t trim threshold SIZE_MAX: the heap is never trimmed
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
 
 
 # ---------------------------------------------------------------- checkpoints

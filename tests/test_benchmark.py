@@ -54,6 +54,9 @@ def test_ci_profile_writes_every_method(tmp_path):
         assert float(r["peak_mem_mb"]) > 0 and 0 < float(r["mfu"]) < 1, r
         assert r["freed_memory"] == ("kept" if sys.platform == "linux" else "default"), r
         assert int(r["timed_steps"]) == 2
+        assert float(r["min_step_s"]) <= float(r["median_step_s"]) <= float(r["max_step_s"]), r
+        if sys.platform == "linux":  # getrusage: counts, not NaN
+            assert float(r["minor_faults_per_step"]) >= 0 and float(r["sys_s_per_step"]) >= 0, r
         assert r["tokens_per_s"] and abs(float(r["tokens_per_s"]) * float(r["median_step_s"]) - 32) < 1e-3 * 32
     assert all(r["grad_accum"] == "1" for r in rows)
     by = {r["method"]: r for r in rows}
