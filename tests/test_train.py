@@ -129,6 +129,34 @@ def test_keep_freed_memory_reuses_freed_pages():
     assert default > 0 and kept * 3 < default, (kept, default)
 
 
+HEAP_TOP_AFTER_FREE = """
+import ctypes, sys, torch
+from lrc_src.train import keep_freed_memory
+assert keep_freed_memory()
+if sys.argv[1] == "2gb":  # the threshold keep_freed_memory used to set (the control)
+    assert ctypes.CDLL("libc.so.6").mallopt(-1, 2**31 - 1)
+libc = ctypes.CDLL("libc.so.6")
+libc.sbrk.restype = ctypes.c_void_p
+x = torch.empty(9 << 28, dtype=torch.uint8)  # 2.25 GB of heap (address space; pages never touched)
+top = libc.sbrk(0)
+del x
+print(top - libc.sbrk(0))  # bytes the free gave back to the OS
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+def test_keep_freed_memory_never_trims_the_heap():
+    """Freeing a block above 2 GB leaves the heap's end (program break) where it was; with the 2 GB
+    trim threshold used before (the control), glibc gives the block back to the OS."""
+    def returned(mode):
+        p = subprocess.run([sys.executable, "-c", HEAP_TOP_AFTER_FREE, mode], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return int(p.stdout)
+    assert returned("keep") == 0
+    assert returned("2gb") >= 2 << 30
+
+
 def test_freed_memory_setting_changes_nothing_but_speed(tmp_path):
     args = ["--config", str(CI), "--set", "train.max_steps=4", "--no-progress"]
     runs = {}
