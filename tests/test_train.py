@@ -130,16 +130,20 @@ def test_keep_freed_memory_reuses_freed_pages():
 
 
 HEAP_TOP_AFTER_FREE = """
-import ctypes, sys, torch
+import ctypes, sys
 from lrc_src.train import keep_freed_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.sbrk.restype = libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
 assert keep_freed_memory()
 if sys.argv[1] == "2gb":  # the threshold keep_freed_memory used to set (the control)
-    assert ctypes.CDLL("libc.so.6").mallopt(-1, 2**31 - 1)
-libc = ctypes.CDLL("libc.so.6")
-libc.sbrk.restype = ctypes.c_void_p
-x = torch.empty(9 << 28, dtype=torch.uint8)  # 2.25 GB of heap (address space; pages never touched)
+    assert libc.mallopt(-1, 2**31 - 1)
+# glibc directly, so that nothing else lands on the heap between the malloc and the free: the
+# block then borders the heap's top when freed (a torch tensor's own small allocations may not)
+block = libc.malloc(9 << 28)  # 2.25 GB of heap (address space; pages never touched)
+assert block, "malloc failed"
 top = libc.sbrk(0)
-del x
+libc.free(block)
 print(top - libc.sbrk(0))  # bytes the free gave back to the OS
 """
 
