@@ -644,10 +644,11 @@ class LowRankClone(nn.Module):
             add("v", i, v_s, v_t)
             if cloned("attn_in", i):
                 add("attn_in", i, _matmul(hn_s, self._projection(i, "q").T), hn_t)  # [B, T, d_T]
-            if cloned("o", i) and cfg.attn_out_space == "teacher":  # o_proj^T(attn^S) vs o^T [B, T, d_T]
-                add("o", i, t_lin("self_attn.o_proj", a_s), o_t)
-            elif cloned("o", i):
-                add_output("o", i, o_s, o_t, layer.self_attn.o_proj, getattr(layer.self_attn, "o_align", None))
+            if cloned("o", i):
+                if cfg.attn_out_space == "teacher":  # o_proj^T(attn^S) vs o^T [B, T, d_T]
+                    add("o", i, t_lin("self_attn.o_proj", a_s), o_t)
+                else:
+                    add_output("o", i, o_s, o_t, layer.self_attn.o_proj, getattr(layer.self_attn, "o_align", None))
             x_t = x_t + o_t
             x_s = x_s + o_s
 

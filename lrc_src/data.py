@@ -210,7 +210,12 @@ def load_documents(corpus: str | Sequence[str]) -> list[dict]:
         ValueError: unknown corpus name, malformed spec, or a corpus with no documents.
         FileNotFoundError: a ``local:`` glob that matches no file.
     """
-    return [d for _, docs in load_document_parts(corpus) for d in docs]
+    return _flatten(load_document_parts(corpus))
+
+
+def _flatten(parts: list[tuple[str, list[dict]]]) -> list[dict]:
+    """The documents of `load_document_parts` output, parts concatenated in order."""
+    return [d for _, docs in parts for d in docs]
 
 
 def load_document_parts(corpus: str | Sequence[str]) -> list[tuple[str, list[dict]]]:
@@ -498,7 +503,7 @@ def prepare_data(
         source_key, docs = _mix_source_key(corpus, max_train_tokens), None
     else:
         parts = load_document_parts(corpus)
-        docs = [d for _, part_docs in parts for d in part_docs]
+        docs = _flatten(parts)
         source_key = {"corpus": _spec_parts(corpus), "documents_sha256": documents_sha256(docs)}
     tok_info = tokenizer_fingerprint(tokenizer)
     key_material = {

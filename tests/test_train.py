@@ -99,6 +99,13 @@ def test_kill_and_resume_is_exact(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def _run_snippet(script: str, mode: str) -> str:
+    """stdout of `python -c script mode` in a fresh process (its own allocator state)."""
+    p = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout
+
+
 FAULTS_AFTER_FREE = """
 import resource, sys, torch
 from lrc_src.train import keep_freed_memory
@@ -117,10 +124,7 @@ def test_keep_freed_memory_reuses_freed_pages():
     """With keep_freed_memory a freed 64 MB block is reused; glibc's default unmaps it, so every new
     allocation page-faults it in again (counted as minor faults of a fresh process)."""
     def faults(mode):
-        p = subprocess.run([sys.executable, "-c", FAULTS_AFTER_FREE, mode], capture_output=True, text=True,
-                           cwd=ROOT, timeout=120)
-        assert p.returncode == 0, p.stderr[-2000:]
-        applied, n = p.stdout.split()
+        applied, n = _run_snippet(FAULTS_AFTER_FREE, mode).split()
         return applied, int(n)
     (applied, kept), (_, default) = faults("keep"), faults("default")
     assert applied == "True"
@@ -131,13 +135,13 @@ def test_keep_freed_memory_reuses_freed_pages():
 
 HEAP_TOP_AFTER_FREE = """
 import ctypes, sys
-from lrc_src.train import keep_freed_memory
-libc = ctypes.CDLL("libc.so.6")
+from lrc_src.train import _M_TRIM_THRESHOLD, glibc, keep_freed_memory
+libc = glibc()
 libc.sbrk.restype = libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
 assert keep_freed_memory()
 if sys.argv[1] == "2gb":  # the threshold keep_freed_memory used to set (the control)
-    assert libc.mallopt(-1, 2**31 - 1)
+    assert libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
 # glibc directly, so that nothing else lands on the heap between the malloc and the free: the
 # block then borders the heap's top when freed (a torch tensor's own small allocations may not)
 block = libc.malloc(9 << 28)  # 2.25 GB of heap (address space; pages never touched)
@@ -152,13 +156,8 @@ print(top - libc.sbrk(0))  # bytes the free gave back to the OS
 def test_keep_freed_memory_never_trims_the_heap():
     """Freeing a block above 2 GB leaves the heap's end (program break) where it was; with the 2 GB
     trim threshold used before (the control), glibc gives the block back to the OS."""
-    def returned(mode):
-        p = subprocess.run([sys.executable, "-c", HEAP_TOP_AFTER_FREE, mode], capture_output=True, text=True,
-                           cwd=ROOT, timeout=120)
-        assert p.returncode == 0, p.stderr[-2000:]
-        return int(p.stdout)
-    assert returned("keep") == 0
-    assert returned("2gb") >= 2 << 30
+    assert int(_run_snippet(HEAP_TOP_AFTER_FREE, "keep")) == 0
+    assert int(_run_snippet(HEAP_TOP_AFTER_FREE, "2gb")) >= 2 << 30
 
 
 def test_freed_memory_setting_changes_nothing_but_speed(tmp_path):
