@@ -126,8 +126,8 @@ def head_losses(
 
     The same value as `kl_loss` and `lm_loss` on the full logits (tested), but neither the
     student's nor the teacher's logits exist at [B, T, V] in fp32: each chunk of rows forms its
-    logits in the matmul dtype (autocast's, else the inputs'), takes the softmaxes in fp32, adds its
-    share of both losses and writes the gradient w.r.t. its logits,
+    logits in the matmul dtype (autocast's, else the inputs'); each sub-chunk of those rows takes
+    the softmaxes in fp32, adds its share of both losses and writes the gradient w.r.t. its logits,
         lm_weight (p_S - onehot) / n_targets + kl_weight (p_S^tau - p_T^tau) / (tau * den),
     into one [B*T, V] buffer in the matmul dtype (only when a gradient is needed). Backward is two
     matmuls with that buffer (d hidden = G W, d weight = G^T hidden). One softmax per distribution
@@ -150,10 +150,18 @@ def head_losses(
     return loss, {"kl": kl, "lm": lm}
 
 
-# Logit elements per chunk of `head_losses` (rows = this // V). CPU: 4M (about 85 rows at a
-# 49K vocabulary: measured fastest of 16-256 rows at the tiny shapes); GPUs: 64M.
-HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 22}
+# Logit elements per chunk of `head_losses`, two levels (rows = elements // V):
+# - HEAD_CHUNK_ELEMENTS: rows per logits matmul. Each matmul streams the whole [V, d] head, so
+#   few rows make it weight-bound. CPU: 12M (256 rows at a 49K vocabulary: of 85-1024 rows the
+#   fastest student + teacher head matmuls at the tiny shapes, 111 ms per 1024 rows vs 165 ms
+#   at 85 rows); GPUs: 64M.
+# - HEAD_SUBCHUNK_ELEMENTS: rows per pass of the fp32 softmax / KL / gradient work inside a
+#   chunk. CPU: 1M (21 rows, 4 MiB per fp32 buffer), so the five buffers of the KL stay in the L3
+#   cache between the ~20 elementwise passes (85-row passes took 1.7-3x as long); GPUs: no
+#   sub-chunks.
+HEAD_CHUNK_ELEMENTS = {"cpu": 3 << 22}
 HEAD_CHUNK_ELEMENTS_DEFAULT = 1 << 26
+HEAD_SUBCHUNK_ELEMENTS = {"cpu": 1 << 20}
 
 
 def _row_logsumexp(x_max: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -192,39 +200,45 @@ class _FusedHeadLosses(torch.autograd.Function):
             kl_sum = torch.zeros((), dtype=torch.float32, device=dev)
             lm_sum = torch.zeros((), dtype=torch.float32, device=dev)
             step = max(1, HEAD_CHUNK_ELEMENTS.get(dev.type, HEAD_CHUNK_ELEMENTS_DEFAULT) // V)  # rows
-            for i in range(0, N, step):
-                j = min(i + step, N)
-                z = F.linear(h[i:j], w, b).float()  # [c, V] student logits
-                ok = valid[i:j]
-                tgt = torch.where(ok, targets[i:j], 0)  # [c]
-                m = z.amax(dim=-1, keepdim=True)  # [c, 1]
-                z_tgt = z.gather(1, tgt[:, None]).squeeze(1)  # [c]
-                ps = torch.softmax(z, dim=-1)  # p_S  [c, V]
-                lse = _row_logsumexp(m, ps)  # [c, 1]
-                lm_sum += ((lse.squeeze(1) - z_tgt) * ok).sum()
-                lm_row = ok[:, None] * lm_c  # [c, 1]: the CE weight of each row (0 = no target)
-                if t_hidden is None:
-                    g = ps.mul_(lm_row) if want_grad else None  # lm_c p_S (- onehot below)
-                else:
-                    zt = F.linear(ht[i:j], wt, bt).float().div_(tau)  # [c, V] teacher logits / tau
-                    pt = torch.softmax(zt, dim=-1)  # p_T
-                    lse_t = _row_logsumexp(zt.amax(dim=-1, keepdim=True), pt)
-                    if tau == 1.0:  # p_S^tau = p_S: one softmax serves both terms
-                        zs, ps_tau, lse_s = z, ps, lse
+            sub = max(1, HEAD_SUBCHUNK_ELEMENTS.get(dev.type, HEAD_CHUNK_ELEMENTS_DEFAULT) // V)  # rows
+            for i0 in range(0, N, step):
+                j0 = min(i0 + step, N)
+                zc = F.linear(h[i0:j0], w, b)  # [C, V] student logits, matmul dtype
+                if t_hidden is not None:
+                    ztc = F.linear(ht[i0:j0], wt, bt)  # [C, V] teacher logits
+                for i in range(i0, j0, sub):
+                    j = min(i + sub, j0)
+                    z = zc[i - i0 : j - i0].float()  # [c, V]
+                    ok = valid[i:j]
+                    tgt = torch.where(ok, targets[i:j], 0)  # [c]
+                    m = z.amax(dim=-1, keepdim=True)  # [c, 1]
+                    z_tgt = z.gather(1, tgt[:, None]).squeeze(1)  # [c]
+                    ps = torch.softmax(z, dim=-1)  # p_S  [c, V]
+                    lse = _row_logsumexp(m, ps)  # [c, 1]
+                    lm_sum += ((lse.squeeze(1) - z_tgt) * ok).sum()
+                    lm_row = ok[:, None] * lm_c  # [c, 1]: the CE weight of each row (0 = no target)
+                    if t_hidden is None:
+                        g = ps.mul_(lm_row) if want_grad else None  # lm_c p_S (- onehot below)
                     else:
-                        zs = z.div_(tau)  # z / tau in place (z's only other uses are above)
-                        ps_tau = torch.softmax(zs, dim=-1)  # p_S^tau
-                        lse_s = _row_logsumexp(m / tau, ps_tau)  # max(z / tau) = max(z) / tau
-                    # sum p_T (log p_T - log p_S), log p_T - log p_S = (zt - zs) - (lse_t - lse_s)
-                    kl_sum += torch.dot(pt.view(-1), zt.sub_(zs).sub_(lse_t - lse_s).view(-1))
-                    if not want_grad:
-                        g = None
-                    elif tau == 1.0:  # (lm_c [row has a target] + kl_c) p_S - kl_c p_T
-                        g = ps.mul_(lm_row + kl_c).sub_(pt.mul_(kl_c))
-                    else:  # kl_c / tau (p_S^tau - p_T) + lm_c p_S [..]
-                        g = ps_tau.sub_(pt).mul_(kl_c / tau).add_(ps.mul_(lm_row))
-                if want_grad:  # - lm_c onehot(target) on rows with a target (lm_row is 0 elsewhere)
-                    G[i:j] = g.scatter_add_(1, tgt[:, None], -lm_row)
+                        zt = ztc[i - i0 : j - i0].float().div_(tau)  # [c, V] teacher logits / tau
+                        pt = torch.softmax(zt, dim=-1)  # p_T
+                        lse_t = _row_logsumexp(zt.amax(dim=-1, keepdim=True), pt)
+                        if tau == 1.0:  # p_S^tau = p_S: one softmax serves both terms
+                            zs, ps_tau, lse_s = z, ps, lse
+                        else:
+                            zs = z.div_(tau)  # z / tau in place (z's only other uses are above)
+                            ps_tau = torch.softmax(zs, dim=-1)  # p_S^tau
+                            lse_s = _row_logsumexp(m / tau, ps_tau)  # max(z / tau) = max(z) / tau
+                        # sum p_T (log p_T - log p_S), log p_T - log p_S = (zt - zs) - (lse_t - lse_s)
+                        kl_sum += torch.dot(pt.view(-1), zt.sub_(zs).sub_(lse_t - lse_s).view(-1))
+                        if not want_grad:
+                            g = None
+                        elif tau == 1.0:  # (lm_c [row has a target] + kl_c) p_S - kl_c p_T
+                            g = ps.mul_(lm_row + kl_c).sub_(pt.mul_(kl_c))
+                        else:  # kl_c / tau (p_S^tau - p_T) + lm_c p_S [..]
+                            g = ps_tau.sub_(pt).mul_(kl_c / tau).add_(ps.mul_(lm_row))
+                    if want_grad:  # - lm_c onehot(target) on rows with a target (lm_row is 0 elsewhere)
+                        G[i:j] = g.scatter_add_(1, tgt[:, None], -lm_row)
             ctx.save_for_backward(h, w, G)
             ctx.has_bias, ctx.dtypes = bias is not None, (hidden.dtype, weight.dtype)
             ctx.shape = hidden.shape

@@ -125,6 +125,7 @@ def test_head_losses_match_autograd_reference(tau, reduction, with_teacher, with
 
     V = 37
     monkeypatch.setitem(losses.HEAD_CHUNK_ELEMENTS, "cpu", 4 * V)  # 4 rows per chunk: 5 chunks for 18 rows
+    monkeypatch.setitem(losses.HEAD_SUBCHUNK_ELEMENTS, "cpu", 3 * V)  # sub-chunks of 3 + 1 rows per chunk
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 9, 16, generator=g).requires_grad_()
     w = torch.randn(V, 16, generator=g).requires_grad_()
@@ -152,6 +153,34 @@ def test_head_losses_match_autograd_reference(tau, reduction, with_teacher, with
     assert not parts["kl"].requires_grad and not parts["lm"].requires_grad
     for got, x in zip(grads, [h, w] + ([b] if with_bias else [])):
         assert torch.allclose(got, x.grad, rtol=1e-5, atol=1e-6), (got - x.grad).abs().max()
+
+
+@pytest.mark.parametrize("tau", [1.0, 40.0])
+def test_head_losses_gradient_does_not_depend_on_the_chunking(tau, monkeypatch):
+    """Every row's softmaxes and gradient are computed independently, so the chunk and sub-chunk
+    sizes change only the order in which the loss sums accumulate: gradients bit for bit equal
+    under bf16 autocast, losses to float rounding."""
+    from lrc_src import losses
+
+    V = 53
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(3, 7, 16, generator=g).requires_grad_()
+    w = (torch.randn(V, 16, generator=g) * 0.5).requires_grad_()
+    labels = torch.randint(0, V, (3, 7), generator=g)
+    teacher = (torch.randn(3, 7, 24, generator=g), torch.randn(V, 24, generator=g) * 0.5, None)
+    results = []
+    for rows, sub_rows in ((21, 21), (8, 3), (5, 1)):
+        monkeypatch.setitem(losses.HEAD_CHUNK_ELEMENTS, "cpu", rows * V)
+        monkeypatch.setitem(losses.HEAD_SUBCHUNK_ELEMENTS, "cpu", sub_rows * V)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, parts = losses.head_losses(h, w, labels, teacher, temperature=tau)
+        loss.backward()
+        results.append((loss.detach(), parts["kl"], h.grad, w.grad))
+        h.grad = w.grad = None
+    for loss, kl, gh, gw in results[1:]:
+        assert torch.equal(gh, results[0][2]) and torch.equal(gw, results[0][3])
+        assert loss.item() == pytest.approx(results[0][0].item(), rel=1e-6)
+        assert kl.item() == pytest.approx(results[0][1].item(), rel=1e-6)
 
 
 def test_head_losses_under_bf16_autocast_and_no_grad():
