@@ -82,6 +82,11 @@ other processes competed for the CPU. min_step_s / max_step_s give the spread of
 minor_faults_per_step and sys_s_per_step (medians over the timed steps, from getrusage: the whole
 process, CPU and GPU runs alike) show whether a slow run was still page-faulting its working set.
 
+Paired ratios (columns over_bound_paired_median/_min/_max, round-robin schedule only): every round
+times each method once, so the method's step divided by the bound's step of the same round is a
+ratio that the machine's drift between rounds hardly moves; their median and range over the timed
+rounds show how far one run's lrc_over_bound (a ratio of two medians) can be trusted.
+
 Output: a tidy CSV (default results/<profile>/tables/table8_throughput.csv, written atomically),
 a readable table, and as the LAST line of stdout:
 
@@ -135,7 +140,7 @@ COLUMNS = [
     # extra context
     "peak_total_mb", "state_mb", "flops_per_step", "mfu", "peak_flops", "peak_flops_source", "schedule", "timed_steps",
     "load_avg", "status", "grad_accum", "freed_memory", "min_step_s", "max_step_s", "minor_faults_per_step",
-    "sys_s_per_step",
+    "sys_s_per_step", "over_bound_paired_median", "over_bound_paired_min", "over_bound_paired_max",
 ]
 # Dense tensor-core peaks (FLOP/s) by device-name substring; the first match wins, so longer or
 # more specific names come first ("H100 PCIe" before "H100", "A100" before "A10").
@@ -636,9 +641,11 @@ def main(argv=None) -> int:
     # ---- rows
     rows = []
     tokens = B * T * K
+    bound_u = results.get(BOUND)
     for name in wanted:
         u = results.get(name, Unit(name, status="not run"))
         ok = u.status == "ok" and u.times
+        paired = paired_ratios(u, bound_u) if schedule == "round-robin" else []
         med = statistics.median(u.times) if ok else float("nan")
         flops = model_flops(name, tcfg, d_S, B * K, T)
         rows.append({
@@ -657,6 +664,9 @@ def main(argv=None) -> int:
             "max_step_s": _f(max(u.times) if ok else float("nan")),
             "minor_faults_per_step": _f(statistics.median(u.faults) if ok else float("nan")),
             "sys_s_per_step": _f(statistics.median(u.sys_s) if ok else float("nan")),
+            "over_bound_paired_median": _f(statistics.median(paired) if paired else float("nan")),
+            "over_bound_paired_min": _f(min(paired) if paired else float("nan")),
+            "over_bound_paired_max": _f(max(paired) if paired else float("nan")),
         })
     out = Path(args.output) if args.output else ROOT / "results" / args.profile / "tables" / "table8_throughput.csv"
     write_csv_atomic(out, rows)
@@ -674,6 +684,10 @@ def main(argv=None) -> int:
     bound_flops = model_flops(BOUND, tcfg, d_S, B * K, T)
     floor = (bound_flops + lrc_extra_flops(tcfg, d_S, B * K, T)) / bound_flops
     print(f"# lrc_over_bound if LRC's extra matmuls ran as fast as the bound's and all else were free: {floor:.3f}")
+    paired = paired_ratios(results.get("lrc"), bound_u) if schedule == "round-robin" else []
+    if paired:
+        print(f"# LRC step / bound step of the same round: median {statistics.median(paired):.3f}, "
+              f"min {min(paired):.3f}, max {max(paired):.3f} over {len(paired)} rounds")
     print(f"# wrote {out}")
     by = {r["method"]: r for r in rows}
 
@@ -691,6 +705,16 @@ def main(argv=None) -> int:
     sys.stderr.flush()
     print(line, flush=True)
     return 0
+
+
+def paired_ratios(unit: Unit | None, bound: Unit | None) -> list[float]:
+    """unit's timed step / the bound's timed step, round by round ([] when either did not time
+    every round)."""
+    if unit is None or bound is None or unit.status != "ok" or bound.status != "ok":
+        return []
+    if not unit.times or len(unit.times) != len(bound.times):
+        return []
+    return [t / b for t, b in zip(unit.times, bound.times)]
 
 
 def _release_cached(torch, device) -> None:

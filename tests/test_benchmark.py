@@ -58,6 +58,10 @@ def test_ci_profile_writes_every_method(tmp_path):
         if sys.platform == "linux":  # getrusage: counts, not NaN
             assert float(r["minor_faults_per_step"]) >= 0 and float(r["sys_s_per_step"]) >= 0, r
         assert r["tokens_per_s"] and abs(float(r["tokens_per_s"]) * float(r["median_step_s"]) - 32) < 1e-3 * 32
+        lo, med, hi = (float(r[f"over_bound_paired_{k}"]) for k in ("min", "median", "max"))
+        assert 0 < lo <= med <= hi, r  # each round's step / the bound's step of that round
+        if r["method"] == "bound":
+            assert (lo, med, hi) == (1.0, 1.0, 1.0), r
     assert all(r["grad_accum"] == "1" for r in rows)
     by = {r["method"]: r for r in rows}
     assert float(m.group(1)) == pytest.approx(float(by["lrc"]["median_step_s"]) / float(by["bound"]["median_step_s"]), rel=1e-3)
@@ -115,6 +119,15 @@ def test_paper_teacher_shape_and_flops():
     assert tp.cuda_peak_flops("NVIDIA H100 PCIe", True) == 756e12
     assert tp.cuda_peak_flops("NVIDIA A100-SXM4-80GB", True) == 312e12
     assert tp.cuda_peak_flops("NVIDIA H200", True) == 989e12
+
+
+def test_paired_ratios_pair_rounds():
+    tp = _module()
+    lrc, bound = tp.Unit("lrc", times=[2.0, 3.0, 4.5]), tp.Unit("bound", times=[1.0, 2.0, 3.0])
+    assert tp.paired_ratios(lrc, bound) == [2.0, 1.5, 1.5]
+    assert tp.paired_ratios(tp.Unit("lrc", times=[2.0]), bound) == []  # a round missing: no pairs
+    assert tp.paired_ratios(tp.Unit("lrc", times=[2.0, 3.0, 4.5], status="oom"), bound) == []
+    assert tp.paired_ratios(lrc, None) == []
 
 
 def test_grad_accum_times_micro_batches_and_lrc_regen(tmp_path):
