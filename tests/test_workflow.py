@@ -81,6 +81,24 @@ def test_unknown_profile_is_a_clear_error():
     assert "unknown profile 'huge'" in r.stderr + r.stdout
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda P: P["tables"]["table7_io_sharing"]["speed"].update(lrc_small="lrc"),
+     "gives a speed for run(s) ['lrc_small'] that it does not list"),
+    (lambda P: P.pop("benchmark"), "takes speeds from the benchmark, but the profile has no benchmark"),
+])
+def test_bad_speed_mapping_is_a_clear_error(change, message):
+    prof = yaml.safe_load((ROOT / "config/workflow/ci.yaml").read_text())
+    change(prof)
+    path = ROOT / "config/workflow/_test_speed.yaml"  # profiles are looked up by name in this folder
+    try:
+        path.write_text(yaml.safe_dump(prof))
+        r = snakemake("-n", "--cores", "1", "--config", "profile=_test_speed")
+    finally:
+        path.unlink(missing_ok=True)
+    assert r.returncode != 0
+    assert message in r.stderr + r.stdout
+
+
 def test_ci_dag_end_to_end():
     """The whole ci DAG: every table rule writes its CSV, figure and executed notebook."""
     r = snakemake("--cores", "2", "--config", "profile=ci")
@@ -116,6 +134,13 @@ def test_ci_dag_end_to_end():
     assert set(margins.versus) == {"prune_kd"} and len(margins) == 2
     claims = pd.read_csv(ROOT / "results/ci/tables/claims.csv")
     assert set(claims.verdict) <= {"holds", "does not hold", "inconclusive", "n/a"}
+    # Table 7's speed column: the benchmark's tokens/s of lrc and lrc_io (table8_throughput.csv)
+    t7 = pd.read_csv(ROOT / "results/ci/tables/table7_io_sharing.csv")
+    speed = t7[t7.source.str.endswith("benchmarks/throughput.py")].pivot(index="run", columns="metric", values="value")
+    t8 = pd.read_csv(ROOT / "results/ci/tables/table8_throughput.csv").set_index("method").tokens_per_s
+    assert speed.benchmark_tokens_per_s.to_dict() == pytest.approx({"lrc": t8["lrc"], "lrc_io": t8["lrc_io"]})
+    assert speed.speedup.to_dict() == pytest.approx({"lrc": 1.0, "lrc_io": t8["lrc_io"] / t8["lrc"]})
+    assert claims.claim.str.startswith("sharing projections (lrc_io)").sum() == 1
     # a second invocation has nothing to do (outputs are up to date)
     again = snakemake("-n", "--cores", "2", "--config", "profile=ci")
     assert "Nothing to be done" in again.stdout + again.stderr

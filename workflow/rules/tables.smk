@@ -9,7 +9,15 @@ def _table_inputs(name, evals=False):
     ins = {"assets": f"{R}/assets/assets.json", "runs": [run_done(r) for r in table_runs(name)]}
     if evals:
         ins["evals"] = [f"{R}/evals/{m}.csv" for m in P["eval"]["models"]]
+    if TABLES.get(name, {}).get("speed"):
+        ins["throughput"] = f"{R}/tables/table8_throughput.csv"
     return ins
+
+
+def _speed_params(name):
+    """The ablation notebook's speed inputs: Table 8's CSV and which of its methods each run is."""
+    speed = TABLES.get(name, {}).get("speed", {})
+    return {"speed": speed, "throughput": f"{R}/tables/table8_throughput.csv" if speed else ""}
 
 
 rule table1_main:
@@ -58,7 +66,7 @@ for _name in ("table3_clone_terms", "table7_io_sharing", "figure6_alpha", "kl_te
         log:
             f"results/{{profile}}/logs/{_name}.log",
         params:
-            p=lambda w, _n=_name: notebook_params(_n),
+            p=lambda w, _n=_name: notebook_params(_n, **_speed_params(_n)),
         shell:
             "{PAPERMILL} notebooks/ablation.ipynb {output.nb} -y {params.p} > {log} 2>&1"
 
