@@ -84,7 +84,7 @@ def test_unknown_profile_is_a_clear_error():
 @pytest.mark.parametrize("change, message", [
     (lambda P: P["tables"]["table7_io_sharing"]["speed"].update(lrc_small="lrc"),
      "gives a speed for run(s) ['lrc_small'] that it does not list"),
-    (lambda P: P.pop("benchmark"), "takes speeds from the benchmark, but the profile has no benchmark"),
+    (lambda P: P.pop("benchmark"), "takes speeds from the benchmark, but the profile has no benchmark section"),
 ])
 def test_bad_speed_mapping_is_a_clear_error(change, message):
     prof = yaml.safe_load((ROOT / "config/workflow/ci.yaml").read_text())

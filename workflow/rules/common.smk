@@ -48,7 +48,7 @@ for _t, _spec in TABLES.items():
     if _missing:
         raise ValueError(f"profile {PROFILE}: table {_t} gives a speed for run(s) {_missing} that it does not list")
     if _spec.get("speed") and "benchmark" not in P:
-        raise ValueError(f"profile {PROFILE}: table {_t} takes speeds from the benchmark, but the profile has no benchmark:")
+        raise ValueError(f"profile {PROFILE}: table {_t} takes speeds from the benchmark, but the profile has no benchmark section")
 _missing = [m for m in P["eval"]["models"] if m != "teacher" and m not in RUNS]
 if _missing:
     raise ValueError(f"profile {PROFILE}: eval.models uses undefined run(s) {_missing}")
