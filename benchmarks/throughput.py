@@ -642,10 +642,11 @@ def main(argv=None) -> int:
     rows = []
     tokens = B * T * K
     bound_u = results.get(BOUND)
+    paired_by: dict[str, list[float]] = {}  # method -> its same-round ratios to the bound
     for name in wanted:
         u = results.get(name, Unit(name, status="not run"))
         ok = u.status == "ok" and u.times
-        paired = paired_ratios(u, bound_u) if schedule == "round-robin" else []
+        paired = paired_by[name] = paired_ratios(u, bound_u) if schedule == "round-robin" else []
         med = statistics.median(u.times) if ok else float("nan")
         flops = model_flops(name, tcfg, d_S, B * K, T)
         rows.append({
@@ -684,7 +685,7 @@ def main(argv=None) -> int:
     bound_flops = model_flops(BOUND, tcfg, d_S, B * K, T)
     floor = (bound_flops + lrc_extra_flops(tcfg, d_S, B * K, T)) / bound_flops
     print(f"# lrc_over_bound if LRC's extra matmuls ran as fast as the bound's and all else were free: {floor:.3f}")
-    paired = paired_ratios(results.get("lrc"), bound_u) if schedule == "round-robin" else []
+    paired = paired_by.get("lrc")
     if paired:
         print(f"# LRC step / bound step of the same round: median {statistics.median(paired):.3f}, "
               f"min {min(paired):.3f}, max {max(paired):.3f} over {len(paired)} rounds")

@@ -3,6 +3,7 @@
 # the profile (config/workflow/<profile>.yaml, `tables:`).
 
 PAPERMILL = "papermill --cwd . --no-progress-bar --log-level WARNING"
+THROUGHPUT_CSV = f"{R}/tables/table8_throughput.csv"  # rule table8_throughput's output; Table 7's speeds
 
 
 def _table_inputs(name, evals=False):
@@ -10,14 +11,14 @@ def _table_inputs(name, evals=False):
     if evals:
         ins["evals"] = [f"{R}/evals/{m}.csv" for m in P["eval"]["models"]]
     if TABLES.get(name, {}).get("speed"):
-        ins["throughput"] = f"{R}/tables/table8_throughput.csv"
+        ins["throughput"] = THROUGHPUT_CSV
     return ins
 
 
 def _speed_params(name):
     """The ablation notebook's speed inputs: Table 8's CSV and which of its methods each run is."""
     speed = TABLES.get(name, {}).get("speed", {})
-    return {"speed": speed, "throughput": f"{R}/tables/table8_throughput.csv" if speed else ""}
+    return {"speed": speed, "throughput": THROUGHPUT_CSV if speed else ""}
 
 
 rule table1_main:
