@@ -397,6 +397,21 @@ def run_step(unit, scratch, teacher, micro_batches, autocast, grad_clip, torch, 
     return time.perf_counter() - t0
 
 
+def profile_step(unit, scratch, teacher, micro_batches, autocast, grad_clip, torch, device, path: Path) -> None:
+    """One more (untimed) step of `unit` under torch.profiler; its 40 costliest operators by self
+    time (device time on CUDA, CPU time otherwise) written to `path` as text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        dt = run_step(unit, scratch, teacher, micro_batches, autocast, grad_clip, torch, device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {unit.name}: one step under torch.profiler, {dt:.4f} s with the profiler's "
+                    f"overhead; operators by {key}\n{table}\n")
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -448,6 +463,9 @@ def parse_args(argv):
     p.add_argument("--return-freed-memory", action="store_true",
                    help="CPU: time glibc's default allocator behaviour (freed memory goes back to the OS) "
                         "instead of the trainer's (kept for the next step; lrc_src.train.keep_freed_memory)")
+    p.add_argument("--torch-profiler", default=None, metavar="DIR",
+                   help="after the timed steps, run one more step of each method under torch.profiler and "
+                        "write its costliest operators to DIR/<method>.txt (not timed)")
     return p.parse_args(argv)
 
 
@@ -610,6 +628,12 @@ def main(argv=None) -> int:
                     unit.peak_total_bytes = max(unit.peak_total_bytes, total)
                 bar.update(1)
                 bar.set_postfix_str(f"{unit.name} {dt:.2f}s")
+        if args.torch_profiler:
+            for unit in units:
+                if unit.name in wanted and unit.status == "ok" and (unit.name != BOUND or scratch.status == "ok"):
+                    bar.set_postfix_str(f"profiling {unit.name}")
+                    profile_step(unit, scratch, teacher, [b.to(device) for b in batches[-1]], autocast,
+                                 grad_clip, torch, device, Path(args.torch_profiler) / f"{unit.name}.txt")
         for unit in units:
             if unit.name != BOUND:
                 unit.state_bytes = state_bytes(unit) if unit.optimizer is not None else 0.0

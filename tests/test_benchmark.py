@@ -145,6 +145,22 @@ def test_grad_accum_times_micro_batches_and_lrc_regen(tmp_path):
     assert run("--profile", "ci", "--grad-accum", "0").returncode == 2
 
 
+def test_torch_profiler_writes_each_wanted_methods_operators(tmp_path):
+    """--torch-profiler DIR: one extra step per wanted method under torch.profiler, its operator
+    table in DIR/<method>.txt (scratch is built for the bound but not wanted: no table); the CSV
+    still holds only the timed steps."""
+    out, prof = tmp_path / "t8.csv", tmp_path / "prof"
+    p = run("--profile", "ci", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "16",
+            "--threads", "1", "--methods", "lrc,bound", "--torch-profiler", str(prof), "--output", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(f.name for f in prof.iterdir()) == ["bound.txt", "lrc.txt"]
+    for name in ("lrc", "bound"):
+        text = (prof / f"{name}.txt").read_text()
+        assert text.startswith(f"# {name}: one step under torch.profiler") and "aten::mm" in text, text[:500]
+    with out.open() as f:
+        assert [int(r["timed_steps"]) for r in csv.DictReader(f)] == [1, 1]
+
+
 def test_init_starts_scores_every_start(tmp_path):
     out = tmp_path / "starts.csv"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "init_starts.py"), "--config", "config/ci.yaml",
