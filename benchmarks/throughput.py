@@ -23,8 +23,8 @@ forward/backward K times. LRC then generates its weights once per step (the trai
 `LRCMethod.accumulation_window`), so its fixed per-step cost is shared by K micro-batches.
 
 A timed step is what the trainer does per optimizer step: forward under autocast, backward,
-clip_grad_norm_ (1.0), AdamW step, zero_grad(set_to_none=True) (on CUDA followed by a
-synchronize). Methods alternate round-robin (the start rotates every round) so that machine
+clip_grad_norm_ (1.0), AdamW step (fused on CUDA, as the trainer; --adamw), zero_grad(set_to_none=True)
+(on CUDA followed by a synchronize). Methods alternate round-robin (the start rotates every round) so that machine
 drift affects all alike; the warm-up rounds are dropped and the median of the timed steps is
 reported. `--schedule sequential` (default for paper-1.5b, whose five 1.6B-parameter students with
 their AdamW states do not fit one GPU together) builds, times and frees one method at a time
@@ -140,7 +140,7 @@ COLUMNS = [
     # extra context
     "peak_total_mb", "state_mb", "flops_per_step", "mfu", "peak_flops", "peak_flops_source", "schedule", "timed_steps",
     "load_avg", "status", "grad_accum", "freed_memory", "min_step_s", "max_step_s", "minor_faults_per_step",
-    "sys_s_per_step", "over_bound_paired_median", "over_bound_paired_min", "over_bound_paired_max",
+    "sys_s_per_step", "over_bound_paired_median", "over_bound_paired_min", "over_bound_paired_max", "adamw",
 ]
 # Dense tensor-core peaks (FLOP/s) by device-name substring; the first match wins, so longer or
 # more specific names come first ("H100 PCIe" before "H100", "A100" before "A10").
@@ -341,9 +341,10 @@ def teacher_attention(teacher, impl: str | None):
             teacher.config._attn_implementation = old
 
 
-def build_unit(name, cfg_for, teacher, calib_blocks, device, torch):
-    """Build method `name` as the trainer would (lrc_src.train.build_method) + its AdamW."""
-    from lrc_src.train import build_method
+def build_unit(name, cfg_for, teacher, calib_blocks, device, torch, fused: bool):
+    """Build method `name` as the trainer would (lrc_src.train.build_method) + its AdamW
+    (lrc_src.train.make_optimizer; fused: the fused kernel)."""
+    from lrc_src.train import build_method, make_optimizer
 
     method, overrides = METHODS[name]
     cfg = cfg_for(method, overrides)
@@ -355,11 +356,7 @@ def build_unit(name, cfg_for, teacher, calib_blocks, device, torch):
     teacher.config._attn_implementation = impl_before  # the other methods keep the teacher's kernel
     tc = cfg.train
     params = module.trainable_named_parameters()
-    norm_lr = tc.lr_norm if tc.lr_norm is not None else tc.lr
-    groups = [{"params": [p for n, p in params if p.ndim >= 2], "lr": tc.lr},
-              {"params": [p for n, p in params if p.ndim < 2], "lr": norm_lr}]
-    unit.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(tc.betas),
-                                       weight_decay=tc.weight_decay)
+    unit.optimizer = make_optimizer(params, tc, fused=fused)
     unit.params = [p for _, p in params]
     module.train()
     return unit
@@ -463,6 +460,9 @@ def parse_args(argv):
     p.add_argument("--return-freed-memory", action="store_true",
                    help="CPU: time glibc's default allocator behaviour (freed memory goes back to the OS) "
                         "instead of the trainer's (kept for the next step; lrc_src.train.keep_freed_memory)")
+    p.add_argument("--adamw", default="auto", choices=("auto", "fused", "foreach"),
+                   help="AdamW kernel: fused (one launch for all tensors) or foreach (PyTorch's default); "
+                        "auto = as the trainer: fused on CUDA, foreach on the CPU")
     p.add_argument("--torch-profiler", default=None, metavar="DIR",
                    help="after the timed steps, run one more step of each method under torch.profiler and "
                         "write its costliest operators to DIR/<method>.txt (not timed)")
@@ -528,6 +528,7 @@ def main(argv=None) -> int:
     T = args.seq_len or base.data.seq_len
     mp = resolve_precision(args.mixed_precision, device)
     dtype = torch.bfloat16 if mp == "bf16" else torch.float32
+    fused = args.adamw == "fused" or (args.adamw == "auto" and device.type == "cuda")  # auto: as the trainer
 
     def cfg_for(method, overrides):
         return load_config(PROFILES[args.profile], [f"method={method}", f"train.batch_size={B}",
@@ -583,7 +584,7 @@ def main(argv=None) -> int:
         for name in group:
             bar.set_postfix_str(f"building {name}")
             try:
-                units.append(build_unit(name, cfg_for, teacher, calib_blocks, device, torch))
+                units.append(build_unit(name, cfg_for, teacher, calib_blocks, device, torch, fused))
             except torch.OutOfMemoryError:
                 results[name] = Unit(name, status="oom (build)")
             _release_cached(torch, device)  # after the except block: its traceback held the tensors
@@ -684,7 +685,7 @@ def main(argv=None) -> int:
             "mfu": _f(flops / med / peak if ok else float("nan")), "peak_flops": f"{peak:.4g}",
             "peak_flops_source": source, "schedule": schedule, "timed_steps": len(u.times), "load_avg": load, "status": u.status,
             "freed_memory": "kept" if kept else "default",
-            "grad_accum": K,
+            "grad_accum": K, "adamw": "fused" if fused else "foreach",
             "min_step_s": _f(min(u.times) if ok else float("nan")),
             "max_step_s": _f(max(u.times) if ok else float("nan")),
             "minor_faults_per_step": _f(statistics.median(u.faults) if ok else float("nan")),

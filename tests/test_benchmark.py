@@ -53,7 +53,7 @@ def test_ci_profile_writes_every_method(tmp_path):
         # > 0: the memory step trims the heap first, so the kept freed memory does not hide the growth
         assert float(r["peak_mem_mb"]) > 0 and 0 < float(r["mfu"]) < 1, r
         assert r["freed_memory"] == ("kept" if sys.platform == "linux" else "default"), r
-        assert int(r["timed_steps"]) == 2
+        assert int(r["timed_steps"]) == 2 and r["adamw"] == "foreach", r  # the trainer's choice on the CPU
         assert float(r["min_step_s"]) <= float(r["median_step_s"]) <= float(r["max_step_s"]), r
         if sys.platform == "linux":  # getrusage: counts, not NaN
             assert float(r["minor_faults_per_step"]) >= 0 and float(r["sys_s_per_step"]) >= 0, r
@@ -148,17 +148,19 @@ def test_grad_accum_times_micro_batches_and_lrc_regen(tmp_path):
 def test_torch_profiler_writes_each_wanted_methods_operators(tmp_path):
     """--torch-profiler DIR: one extra step per wanted method under torch.profiler, its operator
     table in DIR/<method>.txt (scratch is built for the bound but not wanted: no table); the CSV
-    still holds only the timed steps."""
+    still holds only the timed steps. --adamw fused is recorded (the CPU default is foreach)."""
     out, prof = tmp_path / "t8.csv", tmp_path / "prof"
     p = run("--profile", "ci", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "16",
-            "--threads", "1", "--methods", "lrc,bound", "--torch-profiler", str(prof), "--output", str(out))
+            "--threads", "1", "--methods", "lrc,bound", "--torch-profiler", str(prof), "--adamw", "fused",
+            "--output", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(f.name for f in prof.iterdir()) == ["bound.txt", "lrc.txt"]
     for name in ("lrc", "bound"):
         text = (prof / f"{name}.txt").read_text()
         assert text.startswith(f"# {name}: one step under torch.profiler") and "aten::mm" in text, text[:500]
     with out.open() as f:
-        assert [int(r["timed_steps"]) for r in csv.DictReader(f)] == [1, 1]
+        rows = list(csv.DictReader(f))
+    assert [(int(r["timed_steps"]), r["adamw"]) for r in rows] == [(1, "fused"), (1, "fused")]
 
 
 def test_init_starts_scores_every_start(tmp_path):

@@ -14,7 +14,7 @@ import yaml
 
 from lrc_src.cli import main
 from lrc_src.config import config_from_dict, load_config
-from lrc_src.train import TIMING_COLUMNS, train
+from lrc_src.train import TIMING_COLUMNS, make_optimizer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CI = ROOT / "config" / "ci.yaml"
@@ -64,6 +64,31 @@ def test_sft_masks_prompt_and_learns(tmp_path):
     ids, labels = encode_conversation(tok, msgs, 64)
     kept = tok.decode([int(i) for i in labels if i != -100])
     assert "hello there" in kept and "hi" not in kept.replace("hello there", "")
+
+
+def test_make_optimizer_groups_and_fused_kernel():
+    """Matrices at lr, vectors at lr_norm; the fused kernel (the trainer's choice on CUDA) makes the
+    same update as the default one up to rounding."""
+    tc = load_config("config/ci.yaml", ["train.lr=0.01", "train.lr_norm=0.003"]).train
+    torch.manual_seed(0)
+    start = {"w": torch.randn(6, 4), "norm": torch.randn(4)}
+    grads = [{k: torch.randn_like(v) for k, v in start.items()} for _ in range(3)]
+    finals = []
+    for fused in (False, True):
+        params = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+        opt = make_optimizer(list(params.items()), tc, fused=fused)
+        assert [g["lr"] for g in opt.param_groups] == [0.01, 0.003]
+        assert [len(g["params"]) for g in opt.param_groups] == [1, 1]
+        assert bool(opt.defaults.get("fused")) is fused
+        for g in grads:
+            for k, p in params.items():
+                p.grad = g[k].clone()
+            opt.step()
+        finals.append({k: p.detach() for k, p in params.items()})
+    for k in start:
+        assert not torch.equal(finals[0][k], start[k])
+        torch.testing.assert_close(finals[1][k], finals[0][k], rtol=1e-5, atol=1e-6)
+    assert len(make_optimizer([("norm", torch.nn.Parameter(torch.ones(3)))], tc).param_groups) == 1
 
 
 def test_kill_and_resume_is_exact(tmp_path):
