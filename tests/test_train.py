@@ -91,6 +91,18 @@ def test_make_optimizer_groups_and_fused_kernel():
     assert len(make_optimizer([("norm", torch.nn.Parameter(torch.ones(3)))], tc).param_groups) == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_steps_with_fused_adamw(tmp_path):
+    """On one GPU the trainer builds the fused AdamW (its checkpoint's param groups say so) and
+    trains: finite losses, a loadable student."""
+    run = train(ci_cfg("train.max_steps=3", "train.keep_optimizer_state=true"), tmp_path / "r", progress=False)
+    state = torch.load(run / "checkpoint" / "optimizer.pt", map_location="cpu", weights_only=True)
+    assert state["param_groups"] and all(g.get("fused") for g in state["param_groups"]), state["param_groups"]
+    rows = read_metrics(run)
+    assert len(rows) == 3 and all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows), rows
+    assert (run / "student" / "model.safetensors").is_file()
+
+
 def test_kill_and_resume_is_exact(tmp_path):
     """kill -9 mid-run, re-run the same command: metrics.csv equals an uninterrupted run's."""
     args = ["--config", str(CI), "--set", "train.max_steps=10", "--set", "train.save_every=3",
