@@ -512,39 +512,42 @@ class LowRankClone(nn.Module):
             TW["lm_head.weight"] = TW["model.embed_tokens.weight"]
         return TW
 
-    def student_weights(self, teacher_weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def student_weights(self, teacher_weights: dict[str, torch.Tensor] | None = None,
+                        device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """Generate every student weight from the teacher's, keyed by HF state-dict names.
 
         teacher_weights: `self.teacher_weights()` when the caller already has them.
+        device: generate there (every input copied over; default: where the parameters are).
         """
         tm = self.teacher.model
         TW = self.teacher_weights() if teacher_weights is None else teacher_weights
+        on = (lambda t: t) if device is None else (lambda t: None if t is None else t.to(device))  # noqa: E731
         W: dict[str, torch.Tensor] = {}
-        E_T = TW["model.embed_tokens.weight"]  # [V, d_T]
-        W["model.embed_tokens.weight"] = _matmul(E_T, self.embed_tokens)  # [V, d_S]
+        E_T = on(TW["model.embed_tokens.weight"])  # [V, d_T]
+        W["model.embed_tokens.weight"] = _matmul(E_T, on(self.embed_tokens))  # [V, d_S]
         if not self.student_tied:
-            W["lm_head.weight"] = _matmul(TW["lm_head.weight"], self.lm_head)  # [V, d_S]
-        W["model.norm.weight"] = self.norm
+            W["lm_head.weight"] = _matmul(on(TW["lm_head.weight"]), on(self.lm_head))  # [V, d_S]
+        W["model.norm.weight"] = on(self.norm)
         for i, (layer, tl) in enumerate(zip(self.layers, tm.layers)):
             pre = f"model.layers.{i}."
             sa, mlp = tl.self_attn, tl.mlp
             for m, lin in (("q", sa.q_proj), ("k", sa.k_proj), ("v", sa.v_proj)):
-                W_T = TW[pre + f"self_attn.{m}_proj.weight"]  # [out, d_T]
-                W[pre + f"self_attn.{m}_proj.weight"] = _matmul(W_T, self._projection(i, m))  # [out, d_S]
+                W_T = on(TW[pre + f"self_attn.{m}_proj.weight"])  # [out, d_T]
+                W[pre + f"self_attn.{m}_proj.weight"] = _matmul(W_T, on(self._projection(i, m)))  # [out, d_S]
                 if lin.bias is not None:
-                    W[pre + f"self_attn.{m}_proj.bias"] = lin.bias  # kept: size is not d_T
+                    W[pre + f"self_attn.{m}_proj.bias"] = on(lin.bias)  # kept: size is not d_T
             for m, lin in (("gate", mlp.gate_proj), ("up", mlp.up_proj)):
-                W_T = TW[pre + f"mlp.{m}_proj.weight"]  # [d_mid, d_T]
-                W[pre + f"mlp.{m}_proj.weight"] = _matmul(W_T, self._projection(i, m))  # [d_mid, d_S]
+                W_T = on(TW[pre + f"mlp.{m}_proj.weight"])  # [d_mid, d_T]
+                W[pre + f"mlp.{m}_proj.weight"] = _matmul(W_T, on(self._projection(i, m)))  # [d_mid, d_S]
                 if lin.bias is not None:
-                    W[pre + f"mlp.{m}_proj.bias"] = lin.bias
-            for key, lin, P in (("self_attn.o_proj", sa.o_proj, layer.self_attn.o_proj),
-                                ("mlp.down_proj", mlp.down_proj, layer.mlp.down_proj)):
-                W[pre + key + ".weight"] = _matmul(TW[pre + key + ".weight"].T, P).T  # P^T W: [d_S, in]
+                    W[pre + f"mlp.{m}_proj.bias"] = on(lin.bias)
+            for key, lin, P in (("self_attn.o_proj", sa.o_proj, on(layer.self_attn.o_proj)),
+                                ("mlp.down_proj", mlp.down_proj, on(layer.mlp.down_proj))):
+                W[pre + key + ".weight"] = _matmul(on(TW[pre + key + ".weight"]).T, P).T  # P^T W: [d_S, in]
                 if lin.bias is not None:
-                    W[pre + key + ".bias"] = _matmul(lin.bias[None], P)[0]  # b P: [d_S]
-            W[pre + "input_layernorm.weight"] = layer.input_layernorm
-            W[pre + "post_attention_layernorm.weight"] = layer.post_attention_layernorm
+                    W[pre + key + ".bias"] = _matmul(on(lin.bias)[None], P)[0]  # b P: [d_S]
+            W[pre + "input_layernorm.weight"] = on(layer.input_layernorm)
+            W[pre + "post_attention_layernorm.weight"] = on(layer.post_attention_layernorm)
         return W
 
     # ------------------------------------------------------------------ forward
@@ -707,12 +710,17 @@ class LowRankClone(nn.Module):
         return type(tcfg)(**d)
 
     @torch.no_grad()
-    def export_student(self) -> PreTrainedModel:
-        """Materialise the student once into a plain transformers model of the teacher's class."""
+    def export_student(self, device: str | torch.device | None = None) -> PreTrainedModel:
+        """Materialise the student once into a plain transformers model of the teacher's class.
+
+        device: where to generate its weights and put it (default: where the projections are).
+        """
         scfg = self.student_config()
         model_cls = SUPPORTED_CONFIGS[type(scfg)]
-        student = model_cls(scfg).to(self.norm.device)
-        W = {k: v.detach().float().contiguous() for k, v in self.student_weights().items()}
+        device = self.norm.device if device is None else torch.device(device)
+        student = model_cls(scfg).to(device)
+        with torch.no_grad():
+            W = {k: v.detach().float().contiguous() for k, v in self.student_weights(device=device).items()}
         if self.student_tied:
             W["lm_head.weight"] = W["model.embed_tokens.weight"]
         missing, unexpected = student.load_state_dict(W, strict=False)
@@ -724,9 +732,14 @@ class LowRankClone(nn.Module):
         return student
 
     def save_student(self, directory: str | Path, tokenizer=None) -> Path:
-        """Write the exported student (safetensors + config, + tokenizer) to `directory`."""
+        """Write the exported student (safetensors + config, + tokenizer) to `directory`.
+
+        Its weights are generated on the CPU whatever device trained the projections: GPU and CPU
+        matmuls round differently, and a saved student must not depend on where it was saved (the
+        end of a GPU run and `lrc export` of its checkpoint on a laptop write the same file).
+        """
         directory = Path(directory)
-        student = self.export_student()
+        student = self.export_student(device="cpu")
         student.save_pretrained(directory, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)

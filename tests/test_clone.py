@@ -31,6 +31,29 @@ def test_export_logits_equal_clone_logits(kind, ids, tmp_path):
     assert diff <= 1e-4, diff
 
 
+@pytest.mark.parametrize("kind", ["llama-mqa-untied", "llama-bias", "qwen2-bias"])
+def test_student_weights_on_a_named_device_are_the_same(kind):
+    """student_weights(device=...) copies every input (projections, norms, teacher weights and
+    biases, the untied head) there and generates the same tensors."""
+    lrc = make_clone(kind, attn_projection="io")
+    with torch.no_grad():
+        here, there = lrc.student_weights(), lrc.student_weights(device=torch.device("cpu"))
+    assert here.keys() == there.keys()
+    assert all(there[k].device.type == "cpu" and torch.equal(there[k], here[k]) for k in here)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_saved_student_does_not_depend_on_the_device(tmp_path):
+    """save_student generates on the CPU: the same file from a clone on the GPU as on the CPU."""
+    from safetensors.torch import load_file
+    lrc = make_clone("llama-mqa-untied")
+    lrc.save_student(tmp_path / "cpu")
+    lrc.cuda().save_student(tmp_path / "cuda")
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("cpu", "cuda"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert lrc.export_student().lm_head.weight.device.type == "cuda"  # evaluation stays on the device
+
+
 def test_export_keeps_teacher_rope_llama3():
     lrc = make_clone("llama3-rope")
     scfg = lrc.export_student().config
