@@ -115,6 +115,12 @@ def test_paper_teacher_shape_and_flops():
     want = 6 * B * T * tp.matmul_params(cfg, d_S) + 3 * attn + 2 * B * T * tp.matmul_params(cfg, 3072) + attn
     assert tp.model_flops("lrc", cfg, d_S, B, T) == pytest.approx(want)
     assert tp.model_flops("scratch", cfg, d_S, B, T) == pytest.approx(6 * B * T * tp.matmul_params(cfg, d_S) + 3 * attn)
+    # LRC's extra matmuls: generation 4 d_T P_S per step + the o/down targets 8 N d_T d_S per layer.
+    # Paper shape: the targets alone are 6.05% of the bound, so LRC/bound >= 1.06 at any batch
+    gen, targets = 4.0 * 3072 * tp.matmul_params(cfg, d_S), 8.0 * B * T * 3072 * d_S * 28
+    assert tp.lrc_extra_flops(cfg, d_S, B, T) == pytest.approx(gen + targets)
+    assert tp.lrc_extra_flops(cfg, d_S, B, T, generation=False) == pytest.approx(targets)
+    assert targets / tp.model_flops("bound", cfg, d_S, B, T) == pytest.approx(0.0605, abs=5e-4)
     assert tp.cuda_peak_flops("NVIDIA H100 80GB HBM3", True) == 989e12
     assert tp.cuda_peak_flops("NVIDIA H100 PCIe", True) == 756e12
     assert tp.cuda_peak_flops("NVIDIA A100-SXM4-80GB", True) == 312e12
