@@ -28,6 +28,19 @@ def test_dry_run(profile):
     assert "rule all" in r.stdout or "Nothing to be done" in r.stdout
 
 
+def test_paper_benchmark_times_the_authors_step():
+    """The paper profile's Table 8 passes its micro-batch and accumulation to the benchmark; ci,
+    which sets neither, keeps the benchmark profile's defaults."""
+    r = snakemake("-n", "-p", "--cores", "2", "--config", "profile=paper", "--forcerun", "table8_throughput",
+                  "results/paper/tables/table8_throughput.csv")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--profile paper-1.5b --device cuda --steps 5 --warmup 2 --batch-size 3 --grad-accum 8 " in r.stdout
+    r = snakemake("-n", "-p", "--cores", "1", "--config", "profile=ci", "--forcerun", "table8_throughput",
+                  "results/ci/tables/table8_throughput.csv")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--warmup 1  --threads 1" in r.stdout and "--batch-size" not in r.stdout
+
+
 def test_tiny_notebook_parameters_are_the_profiles():
     """Every notebook parameter a profile leaves unset must not fall back to the notebook's ci
     default: the tiny analysis items run without the suite, and the budget sweep is planned."""

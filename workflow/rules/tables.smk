@@ -80,10 +80,12 @@ rule table8_throughput:
     threads: workflow.cores
     params:
         bench=P.get("benchmark", {}),
+        shape=" ".join(f"--{k.replace('_', '-')} {P['benchmark'][k]}" for k in ("batch_size", "grad_accum")
+                       if k in P.get("benchmark", {})),
     shell:
         "OMP_NUM_THREADS={threads} python benchmarks/throughput.py --profile {params.bench[profile]} "
         "--device {params.bench[device]} --steps {params.bench[steps]} --warmup {params.bench[warmup]} "
-        "--threads {threads} --output {output.csv} > {log} 2>&1"
+        "{params.shape} --threads {threads} --output {output.csv} > {log} 2>&1"
 
 
 rule claims:
