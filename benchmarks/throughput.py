@@ -343,9 +343,9 @@ def teacher_attention(teacher, impl: str | None):
             teacher.config._attn_implementation = old
 
 
-def build_unit(name, cfg_for, teacher, calib_blocks, device, torch, fused: bool):
+def build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw: str):
     """Build method `name` as the trainer would (lrc_src.train.build_method) + its AdamW
-    (lrc_src.train.make_optimizer; fused: the fused kernel)."""
+    (lrc_src.train.make_optimizer with kernel `adamw`)."""
     from lrc_src.train import build_method, make_optimizer
 
     method, overrides = METHODS[name]
@@ -358,7 +358,7 @@ def build_unit(name, cfg_for, teacher, calib_blocks, device, torch, fused: bool)
     teacher.config._attn_implementation = impl_before  # the other methods keep the teacher's kernel
     tc = cfg.train
     params = module.trainable_named_parameters()
-    unit.optimizer = make_optimizer(params, tc, fused=fused)
+    unit.optimizer = make_optimizer(params, tc, kernel=adamw)
     unit.params = [p for _, p in params]
     module.train()
     return unit
@@ -462,9 +462,10 @@ def parse_args(argv):
     p.add_argument("--return-freed-memory", action="store_true",
                    help="CPU: time glibc's default allocator behaviour (freed memory goes back to the OS) "
                         "instead of the trainer's (kept for the next step; lrc_src.train.keep_freed_memory)")
-    p.add_argument("--adamw", default="auto", choices=("auto", "fused", "foreach"),
-                   help="AdamW kernel: fused (one launch for all tensors) or foreach (PyTorch's default); "
-                        "auto = as the trainer: fused on CUDA, foreach on the CPU")
+    p.add_argument("--adamw", default="auto", choices=("auto", "fused", "foreach", "default"),
+                   help="AdamW kernel: fused (one launch for all tensors), foreach, or default (PyTorch's "
+                        "choice: foreach on CUDA, one tensor at a time on the CPU); auto = as the trainer: "
+                        "fused on CUDA, default on the CPU")
     p.add_argument("--torch-profiler", default=None, metavar="DIR",
                    help="after the timed steps, run one more step of each method under torch.profiler and "
                         "write its costliest operators to DIR/<method>.txt (not timed)")
@@ -530,7 +531,7 @@ def main(argv=None) -> int:
     T = args.seq_len or base.data.seq_len
     mp = resolve_precision(args.mixed_precision, device)
     dtype = torch.bfloat16 if mp == "bf16" else torch.float32
-    fused = args.adamw == "fused" or (args.adamw == "auto" and device.type == "cuda")  # auto: as the trainer
+    adamw = args.adamw if args.adamw != "auto" else ("fused" if device.type == "cuda" else "default")  # as the trainer
 
     def cfg_for(method, overrides):
         return load_config(PROFILES[args.profile], [f"method={method}", f"train.batch_size={B}",
@@ -586,7 +587,7 @@ def main(argv=None) -> int:
         for name in group:
             bar.set_postfix_str(f"building {name}")
             try:
-                units.append(build_unit(name, cfg_for, teacher, calib_blocks, device, torch, fused))
+                units.append(build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw))
             except torch.OutOfMemoryError:
                 results[name] = Unit(name, status="oom (build)")
             _release_cached(torch, device)  # after the except block: its traceback held the tensors
@@ -687,7 +688,7 @@ def main(argv=None) -> int:
             "mfu": _f(flops / med / peak if ok else float("nan")), "peak_flops": f"{peak:.4g}",
             "peak_flops_source": source, "schedule": schedule, "timed_steps": len(u.times), "load_avg": load, "status": u.status,
             "freed_memory": "kept" if kept else "default",
-            "grad_accum": K, "adamw": "fused" if fused else "foreach",
+            "grad_accum": K, "adamw": adamw,
             "min_step_s": _f(min(u.times) if ok else float("nan")),
             "max_step_s": _f(max(u.times) if ok else float("nan")),
             "minor_faults_per_step": _f(statistics.median(u.faults) if ok else float("nan")),

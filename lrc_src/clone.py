@@ -719,8 +719,7 @@ class LowRankClone(nn.Module):
         model_cls = SUPPORTED_CONFIGS[type(scfg)]
         device = self.norm.device if device is None else torch.device(device)
         student = model_cls(scfg).to(device)
-        with torch.no_grad():
-            W = {k: v.detach().float().contiguous() for k, v in self.student_weights(device=device).items()}
+        W = {k: v.detach().float().contiguous() for k, v in self.student_weights(device=device).items()}
         if self.student_tied:
             W["lm_head.weight"] = W["model.embed_tokens.weight"]
         missing, unexpected = student.load_state_dict(W, strict=False)

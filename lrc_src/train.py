@@ -122,20 +122,26 @@ def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray) -> to
     raise AssertionError(cfg.method)
 
 
-def make_optimizer(named_params: list[tuple[str, torch.Tensor]], tc, fused: bool = False) -> torch.optim.AdamW:
+ADAMW_KERNELS = {"default": {}, "fused": {"fused": True}, "foreach": {"foreach": True}}
+
+
+def make_optimizer(named_params: list[tuple[str, torch.Tensor]], tc, kernel: str = "default") -> torch.optim.AdamW:
     """AdamW over a method's trainable parameters: matrices at tc.lr, vectors (norms) at tc.lr_norm
     (default tc.lr); betas and weight decay from tc (a TrainConfig).
 
-    fused: PyTorch's fused kernel (one launch per step for all tensors instead of a few per tensor
-    group; the same update up to rounding). The trainer asks for it on CUDA without sharding.
+    kernel: "default" (PyTorch's choice: foreach on CUDA, one tensor at a time on the CPU), "fused"
+    (one launch per step for all tensors; the same update up to rounding; the trainer's choice on
+    CUDA without sharding) or "foreach".
     """
+    if kernel not in ADAMW_KERNELS:
+        raise ValueError(f"AdamW kernel {kernel!r}: choose one of {', '.join(ADAMW_KERNELS)}")
     norm_lr = tc.lr_norm if tc.lr_norm is not None else tc.lr
     groups = [
         {"params": [p for n, p in named_params if p.ndim >= 2], "lr": tc.lr},
         {"params": [p for n, p in named_params if p.ndim < 2], "lr": norm_lr},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(tc.betas),
-                             weight_decay=tc.weight_decay, **({"fused": True} if fused else {}))
+                             weight_decay=tc.weight_decay, **ADAMW_KERNELS[kernel])
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float):
@@ -449,7 +455,7 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     # fused AdamW on CUDA unless FSDP/DeepSpeed own the (sharded) parameters
     fused = accelerator.device.type == "cuda" and (
         accelerator.num_processes == 1 or accelerator.distributed_type in DDP_TYPES)
-    optimizer = make_optimizer(params, tc, fused=fused)
+    optimizer = make_optimizer(params, tc, kernel="fused" if fused else "default")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tc.warmup_ratio))
     method, optimizer = accelerator.prepare(method, optimizer)
     unwrapped = accelerator.unwrap_model(method)

@@ -53,7 +53,7 @@ def test_ci_profile_writes_every_method(tmp_path):
         # > 0: the memory step trims the heap first, so the kept freed memory does not hide the growth
         assert float(r["peak_mem_mb"]) > 0 and 0 < float(r["mfu"]) < 1, r
         assert r["freed_memory"] == ("kept" if sys.platform == "linux" else "default"), r
-        assert int(r["timed_steps"]) == 2 and r["adamw"] == "foreach", r  # the trainer's choice on the CPU
+        assert int(r["timed_steps"]) == 2 and r["adamw"] == "default", r  # the trainer's choice on the CPU
         assert float(r["min_step_s"]) <= float(r["median_step_s"]) <= float(r["max_step_s"]), r
         if sys.platform == "linux":  # getrusage: counts, not NaN
             assert float(r["minor_faults_per_step"]) >= 0 and float(r["sys_s_per_step"]) >= 0, r
@@ -154,7 +154,7 @@ def test_grad_accum_times_micro_batches_and_lrc_regen(tmp_path):
 def test_torch_profiler_writes_each_wanted_methods_operators(tmp_path):
     """--torch-profiler DIR: one extra step per wanted method under torch.profiler, its operator
     table in DIR/<method>.txt (scratch is built for the bound but not wanted: no table); the CSV
-    still holds only the timed steps. --adamw fused is recorded (the CPU default is foreach)."""
+    still holds only the timed steps. --adamw fused is recorded (the trainer's CPU choice is default)."""
     out, prof = tmp_path / "t8.csv", tmp_path / "prof"
     p = run("--profile", "ci", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "16",
             "--threads", "1", "--methods", "lrc,bound", "--torch-profiler", str(prof), "--adamw", "fused",

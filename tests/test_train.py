@@ -66,29 +66,33 @@ def test_sft_masks_prompt_and_learns(tmp_path):
     assert "hello there" in kept and "hi" not in kept.replace("hello there", "")
 
 
-def test_make_optimizer_groups_and_fused_kernel():
-    """Matrices at lr, vectors at lr_norm; the fused kernel (the trainer's choice on CUDA) makes the
-    same update as the default one up to rounding."""
+def test_make_optimizer_groups_and_kernels():
+    """Matrices at lr, vectors at lr_norm; the fused kernel (the trainer's choice on CUDA) and the
+    foreach one make the same update as PyTorch's default up to rounding; a bad kernel is a clear error."""
     tc = load_config("config/ci.yaml", ["train.lr=0.01", "train.lr_norm=0.003"]).train
     torch.manual_seed(0)
     start = {"w": torch.randn(6, 4), "norm": torch.randn(4)}
     grads = [{k: torch.randn_like(v) for k, v in start.items()} for _ in range(3)]
-    finals = []
-    for fused in (False, True):
+    finals = {}
+    for kernel in ("default", "fused", "foreach"):
         params = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
-        opt = make_optimizer(list(params.items()), tc, fused=fused)
+        opt = make_optimizer(list(params.items()), tc, kernel=kernel)
         assert [g["lr"] for g in opt.param_groups] == [0.01, 0.003]
         assert [len(g["params"]) for g in opt.param_groups] == [1, 1]
-        assert bool(opt.defaults.get("fused")) is fused
+        assert bool(opt.defaults.get("fused")) is (kernel == "fused")
+        assert bool(opt.defaults.get("foreach")) is (kernel == "foreach")
         for g in grads:
             for k, p in params.items():
                 p.grad = g[k].clone()
             opt.step()
-        finals.append({k: p.detach() for k, p in params.items()})
+        finals[kernel] = {k: p.detach() for k, p in params.items()}
     for k in start:
-        assert not torch.equal(finals[0][k], start[k])
-        torch.testing.assert_close(finals[1][k], finals[0][k], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(finals["default"][k], start[k])
+        for kernel in ("fused", "foreach"):
+            torch.testing.assert_close(finals[kernel][k], finals["default"][k], rtol=1e-5, atol=1e-6)
     assert len(make_optimizer([("norm", torch.nn.Parameter(torch.ones(3)))], tc).param_groups) == 1
+    with pytest.raises(ValueError, match="AdamW kernel 'apex'"):
+        make_optimizer([("norm", torch.nn.Parameter(torch.ones(3)))], tc, kernel="apex")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
