@@ -602,7 +602,7 @@ def main(argv=None) -> int:
             for unit in units[k:] + units[:k]:  # the start rotates every round
                 if unit.name not in wanted:
                     continue
-                if unit.status != "ok" or (unit.name == BOUND and scratch.status != "ok"):
+                if not _steppable(unit, scratch):
                     unit.status = unit.status if unit.status != "ok" else "skipped (scratch failed)"
                     bar.update(1)
                     continue
@@ -634,7 +634,7 @@ def main(argv=None) -> int:
                 bar.set_postfix_str(f"{unit.name} {dt:.2f}s")
         if args.torch_profiler:
             for unit in units:
-                if unit.name in wanted and unit.status == "ok" and (unit.name != BOUND or scratch.status == "ok"):
+                if unit.name in wanted and _steppable(unit, scratch):
                     bar.set_postfix_str(f"profiling {unit.name}")
                     profile_step(unit, scratch, teacher, [b.to(device) for b in batches[-1]], autocast,
                                  grad_clip, torch, device, Path(args.torch_profiler) / f"{unit.name}.txt")
@@ -736,6 +736,12 @@ def main(argv=None) -> int:
     sys.stderr.flush()
     print(line, flush=True)
     return 0
+
+
+def _steppable(unit: Unit, scratch: Unit | None) -> bool:
+    """unit can take a step: it has not failed, and for the bound, neither has the scratch unit it
+    trains through."""
+    return unit.status == "ok" and (unit.name != BOUND or (scratch is not None and scratch.status == "ok"))
 
 
 def paired_ratios(unit: Unit | None, bound: Unit | None) -> list[float]:

@@ -521,7 +521,7 @@ class LowRankClone(nn.Module):
         """
         tm = self.teacher.model
         TW = self.teacher_weights() if teacher_weights is None else teacher_weights
-        on = (lambda t: t) if device is None else (lambda t: None if t is None else t.to(device))  # noqa: E731
+        on = (lambda t: t) if device is None else (lambda t: t.to(device))  # noqa: E731
         W: dict[str, torch.Tensor] = {}
         E_T = on(TW["model.embed_tokens.weight"])  # [V, d_T]
         W["model.embed_tokens.weight"] = _matmul(E_T, on(self.embed_tokens))  # [V, d_S]

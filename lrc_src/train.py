@@ -452,9 +452,9 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     total_steps = math.ceil(tc.max_tokens / tokens_per_step) if tc.max_tokens else tc.max_steps
 
     params = method.trainable_named_parameters()
-    # fused AdamW on CUDA unless FSDP/DeepSpeed own the (sharded) parameters
-    fused = accelerator.device.type == "cuda" and (
-        accelerator.num_processes == 1 or accelerator.distributed_type in DDP_TYPES)
+    # whole parameters in this process (one process or DDP); FSDP/DeepSpeed shard them
+    unsharded = accelerator.num_processes == 1 or accelerator.distributed_type in DDP_TYPES
+    fused = accelerator.device.type == "cuda" and unsharded  # fused AdamW on CUDA
     optimizer = make_optimizer(params, tc, kernel="fused" if fused else "default")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tc.warmup_ratio))
     method, optimizer = accelerator.prepare(method, optimizer)
@@ -478,8 +478,7 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     # One weight generation per optimizer step when accumulating. Under DDP every micro-batch runs
     # without gradient sync and the gradients are averaged after the window's closing backward
     # (DDP's own sync would miss that backward); FSDP/DeepSpeed shard the parameters: no window.
-    reuse = tc.grad_accum > 1 and hasattr(unwrapped, "accumulation_window") and (
-        accelerator.num_processes == 1 or accelerator.distributed_type in DDP_TYPES)
+    reuse = tc.grad_accum > 1 and hasattr(unwrapped, "accumulation_window") and unsharded
     manual_sync = reuse and accelerator.num_processes > 1
     window = unwrapped.accumulation_window if reuse else contextlib.nullcontext
     bar = tqdm(total=total_steps, initial=start, desc=f"{cfg.method}", unit="step",

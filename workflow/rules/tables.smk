@@ -72,6 +72,9 @@ for _name in ("table3_clone_terms", "table7_io_sharing", "figure6_alpha", "kl_te
             "{PAPERMILL} notebooks/ablation.ipynb {output.nb} -y {params.p} > {log} 2>&1"
 
 
+BENCH = P.get("benchmark", {})  # the profile's benchmark section (schema.yaml)
+
+
 rule table8_throughput:
     output:
         csv="results/{profile}/tables/table8_throughput.csv",
@@ -79,9 +82,8 @@ rule table8_throughput:
         "results/{profile}/logs/table8_throughput.log",
     threads: workflow.cores
     params:
-        bench=P.get("benchmark", {}),
-        shape=" ".join(f"--{k.replace('_', '-')} {P['benchmark'][k]}" for k in ("batch_size", "grad_accum")
-                       if k in P.get("benchmark", {})),
+        bench=BENCH,
+        shape=" ".join(f"--{k.replace('_', '-')} {BENCH[k]}" for k in ("batch_size", "grad_accum") if k in BENCH),
     shell:
         "OMP_NUM_THREADS={threads} python benchmarks/throughput.py --profile {params.bench[profile]} "
         "--device {params.bench[device]} --steps {params.bench[steps]} --warmup {params.bench[warmup]} "
