@@ -4,16 +4,21 @@
 # d_S 1536, seq 2048). Runs, most important first (a failed or cut-off run leaves the earlier CSVs):
 #   b3x8        batch 3 x 8 micro-batches = 49,152 tokens per optimizer step: the authors' global
 #               step (3 per GPU x 8 GPUs) on one card; LRC generates its weights once per step
+#   b3x8_compiled  the same with every method's decoder layers through torch.compile (--compile;
+#               the bound's teacher forward too): the "after" of b3x8
 #   b1x4        batch 1 x 4 micro-batches: LRC generating once per step (lrc) vs per micro-batch
 #               (lrc_regen); torch.profiler operator tables in table8_torch_profiler_b1x4/
 #   b3_foreach  batch 3 (the authors' per-GPU batch), PyTorch's default AdamW kernel: the "before"
 #   b3          the same with the fused AdamW the trainer now uses on CUDA: the "after"; profiled
+#   b3_compiled batch 3, fused AdamW, --compile: the "after" of b3
 #   b1          batch 1, every method (sequential: their states do not fit one GPU together)
-# The first four alternate their methods round-robin (drift hits all alike). Writes CSVs and logs
+# Names given as arguments run only those runs, in the order given (default: all, in this order).
+# The first six alternate their methods round-robin (drift hits all alike). Writes CSVs and logs
 # to ${OUT:-results/paper-1.5b/tables} and prints each run's table and last line
 # (lrc_over_bound=... lrc_over_ordinary=... lrc_tokens_per_s=... mfu=...). A failed run is
 # reported and the next one still runs; the exit status is non-zero if any failed.
 #   bash benchmarks/gpu_table8.sh            (PYTHON=python3 bash ... where `python` is not the one with torch)
+#   bash benchmarks/gpu_table8.sh b3x8 b3x8_compiled
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # lrc_src from this checkout, installed or not
@@ -34,11 +39,24 @@ run() {  # name, extra args
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 rr="--schedule round-robin"
-run b3x8 --batch-size 3 --grad-accum 8 --steps 4 --warmup 1 --methods lrc,scratch,bound $rr
-run b1x4 --grad-accum 4 --steps 5 --warmup 2 --methods lrc,lrc_regen,scratch,bound $rr \
-  --torch-profiler "$out/table8_torch_profiler_b1x4"
-run b3_foreach --batch-size 3 --steps 5 --warmup 2 --methods lrc,scratch,bound $rr --adamw foreach
-run b3 --batch-size 3 --steps 5 --warmup 2 --methods lrc,scratch,bound $rr \
-  --torch-profiler "$out/table8_torch_profiler_b3"
-run b1 --steps 5 --warmup 2
+declare -A runs=(
+  [b3x8]="--batch-size 3 --grad-accum 8 --steps 4 --warmup 1 --methods lrc,scratch,bound $rr"
+  [b3x8_compiled]="--batch-size 3 --grad-accum 8 --steps 4 --warmup 1 --methods lrc,scratch,bound $rr --compile"
+  [b1x4]="--grad-accum 4 --steps 5 --warmup 2 --methods lrc,lrc_regen,scratch,bound $rr --torch-profiler $out/table8_torch_profiler_b1x4"
+  [b3_foreach]="--batch-size 3 --steps 5 --warmup 2 --methods lrc,scratch,bound $rr --adamw foreach"
+  [b3]="--batch-size 3 --steps 5 --warmup 2 --methods lrc,scratch,bound $rr --torch-profiler $out/table8_torch_profiler_b3"
+  [b3_compiled]="--batch-size 3 --steps 5 --warmup 2 --methods lrc,scratch,bound $rr --compile --torch-profiler $out/table8_torch_profiler_b3_compiled"
+  [b1]="--steps 5 --warmup 2"
+)
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=(b3x8 b3x8_compiled b1x4 b3_foreach b3 b3_compiled b1)
+for name in "${names[@]}"; do
+  if [ -z "${runs[$name]+x}" ]; then
+    echo "gpu_table8.sh: unknown run $name (known: ${!runs[*]})" >&2
+    failed=1
+    continue
+  fi
+  # shellcheck disable=SC2086  # the options are words
+  run "$name" ${runs[$name]}
+done
 exit $failed

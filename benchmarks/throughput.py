@@ -141,6 +141,7 @@ COLUMNS = [
     "peak_total_mb", "state_mb", "flops_per_step", "mfu", "peak_flops", "peak_flops_source", "schedule", "timed_steps",
     "load_avg", "status", "grad_accum", "freed_memory", "min_step_s", "max_step_s", "minor_faults_per_step",
     "sys_s_per_step", "over_bound_paired_median", "over_bound_paired_min", "over_bound_paired_max", "adamw",
+    "compiled",
 ]
 # Dense tensor-core peaks (FLOP/s) by device-name substring; the first match wins, so longer or
 # more specific names come first ("H100 PCIe" before "H100", "A100" before "A10").
@@ -343,9 +344,10 @@ def teacher_attention(teacher, impl: str | None):
             teacher.config._attn_implementation = old
 
 
-def build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw: str):
+def build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw: str, compiled: bool = False):
     """Build method `name` as the trainer would (lrc_src.train.build_method) + its AdamW
-    (lrc_src.train.make_optimizer with kernel `adamw`)."""
+    (lrc_src.train.make_optimizer with kernel `adamw`); compiled: its decoder layers through
+    torch.compile (the method's `compile_layers`, as the trainer's train.compile)."""
     from lrc_src.train import build_method, make_optimizer
 
     method, overrides = METHODS[name]
@@ -354,6 +356,8 @@ def build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw: str):
     torch.manual_seed(cfg.train.seed)
     with torch.device(device):  # teacher-derived starts move their calibration ids to the teacher's device
         module = build_method(cfg, teacher, calib_blocks).to(device)
+    if compiled:
+        module.compile_layers()
     unit = Unit(name, module, attn_impl=teacher.config._attn_implementation)
     teacher.config._attn_implementation = impl_before  # the other methods keep the teacher's kernel
     tc = cfg.train
@@ -466,6 +470,10 @@ def parse_args(argv):
                    help="AdamW kernel: fused (one launch for all tensors), foreach, or default (PyTorch's "
                         "choice: foreach on CUDA, one tensor at a time on the CPU); auto = as the trainer: "
                         "fused on CUDA, default on the CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every method's decoder layers (regional: one graph for all layers; "
+                        "the bound's teacher forward too), as the trainer's train.compile; compilation "
+                        "happens in the warm-up steps, so use --warmup >= 1")
     p.add_argument("--torch-profiler", default=None, metavar="DIR",
                    help="after the timed steps, run one more step of each method under torch.profiler and "
                         "write its costliest operators to DIR/<method>.txt (not timed)")
@@ -507,6 +515,8 @@ def main(argv=None) -> int:
             return fail(f"--{opt.replace('_', '-')} must be > 0, got {v}")
     if args.warmup < 0:
         return fail(f"--warmup must be >= 0, got {args.warmup}")
+    if args.compile and args.warmup < 1:
+        return fail("--compile needs --warmup >= 1: the first step of each method compiles it")
 
     import numpy as np
     import torch
@@ -553,6 +563,10 @@ def main(argv=None) -> int:
         except (FileNotFoundError, ValueError) as e:
             return fail(f"cannot load teacher {base.teacher!r}: {e}")
         teacher = teacher.to(device)
+    if args.compile:  # the bound's teacher forward (kd's and prune_kd's too: one shared teacher)
+        from lrc_src.baselines import compile_decoder_layers
+
+        compile_decoder_layers(teacher)
     tcfg, d_S = teacher.config, base.lrc.student_hidden_size
     vocab = int(teacher.get_input_embeddings().num_embeddings)
 
@@ -587,7 +601,7 @@ def main(argv=None) -> int:
         for name in group:
             bar.set_postfix_str(f"building {name}")
             try:
-                units.append(build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw))
+                units.append(build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw, args.compile))
             except torch.OutOfMemoryError:
                 results[name] = Unit(name, status="oom (build)")
             _release_cached(torch, device)  # after the except block: its traceback held the tensors
@@ -688,7 +702,7 @@ def main(argv=None) -> int:
             "mfu": _f(flops / med / peak if ok else float("nan")), "peak_flops": f"{peak:.4g}",
             "peak_flops_source": source, "schedule": schedule, "timed_steps": len(u.times), "load_avg": load, "status": u.status,
             "freed_memory": "kept" if kept else "default",
-            "grad_accum": K, "adamw": adamw,
+            "grad_accum": K, "adamw": adamw, "compiled": args.compile,
             "min_step_s": _f(min(u.times) if ok else float("nan")),
             "max_step_s": _f(max(u.times) if ok else float("nan")),
             "minor_faults_per_step": _f(statistics.median(u.faults) if ok else float("nan")),

@@ -46,6 +46,14 @@ def _fusable(model: nn.Module) -> bool:
     return type(model.config) in SUPPORTED_CONFIGS and isinstance(getattr(model, "lm_head", None), nn.Linear)
 
 
+def compile_decoder_layers(model: PreTrainedModel | None, **options) -> None:
+    """torch.compile each decoder layer of an HF causal LM in place (regional compilation: the
+    layers share one compiled graph). options: passed to torch.compile."""
+    if model is not None:
+        for layer in model.model.layers:
+            layer.compile(**options)
+
+
 def student_like(teacher: PreTrainedModel, d_S: int, seed: int) -> PreTrainedModel:
     """A randomly initialised model of the LRC student's shape (same validation as LRC)."""
     shape = LowRankClone(teacher, LRCConfig(student_hidden_size=d_S))  # validates d_S; cheap
@@ -85,6 +93,11 @@ class StudentKD(nn.Module):
 
     def trainable_named_parameters(self):
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("teacher.")]
+
+    def compile_layers(self, **options) -> None:
+        """torch.compile the student's and the teacher's decoder layers (`compile_decoder_layers`)."""
+        compile_decoder_layers(self.student, **options)
+        compile_decoder_layers(self.teacher, **options)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> MethodOutput:
         labels = input_ids if labels is None else labels
@@ -174,6 +187,10 @@ class LRCMethod(nn.Module):
 
     def trainable_named_parameters(self):
         return [(f"clone.{n}", p) for n, p in self.clone.trainable_named_parameters()]
+
+    def compile_layers(self, **options) -> None:
+        """torch.compile the per-layer step of teacher and student (`LowRankClone.compile_layers`)."""
+        self.clone.compile_layers(**options)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> MethodOutput:
         weights = None

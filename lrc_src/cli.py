@@ -21,7 +21,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     out = train(cfg, args.output_dir, progress=not args.no_progress, threads=args.threads,
-                restart_on_config_change=args.restart_on_config_change, keep_memory=not args.return_freed_memory)
+                restart_on_config_change=args.restart_on_config_change, keep_memory=not args.return_freed_memory,
+                compile_layers=args.compile)
     print(f"run complete: {out}")
     return 0
 
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on the CPU, let freed memory go back to the OS as glibc does by default (lower "
                         "resident memory between steps); by default it is kept for the next step, so that "
                         "steps do not page-fault their working set in again (lrc_src.train.keep_freed_memory)")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoder layers (teacher and student side by side for LRC; one graph "
+                        "for all layers): fused elementwise kernels, less Python per layer; the first step "
+                        "compiles (seconds to minutes). Not part of the config: a run resumes with or without it")
     t.set_defaults(func=_train)
 
     pr = sub.add_parser("prepare", help="fetch the teacher and tokenise the data of a config once",

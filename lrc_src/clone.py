@@ -70,6 +70,9 @@ NEEDS_DIVISIBLE_HIDDEN = (LlamaConfig, MistralConfig)
 
 ATTN_TERMS = {"all": ("q", "k", "v", "o"), "io": ("attn_in", "o")}
 FFN_TERMS = {"all": ("gate", "up", "down"), "io": ("ffn_in", "down")}
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+NORMS = ("input_layernorm", "post_attention_layernorm")
 ALL_TERMS = ("q", "k", "v", "o", "gate", "up", "down", "attn_in", "ffn_in")
 INITS = ("normal", "prune", "prune_scaled", "pca")
 
@@ -333,6 +336,9 @@ class LowRankClone(nn.Module):
             self.layers.append(layer)
         self.reset_parameters()
         self.clone_layer_ids = self._resolve_clone_layers(config.clone_layers, L)
+        # the teacher's activation (SiLU for Llama/Qwen2; in a tuple so nn.Module does not register it)
+        self._act_fn = (teacher.model.layers[0].mlp.act_fn,)
+        self._layer_fn = self._layer  # compile_layers() swaps in the compiled version
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -358,6 +364,14 @@ class LowRankClone(nn.Module):
 
     def trainable_named_parameters(self):
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("teacher.")]
+
+    def compile_layers(self, **options) -> "LowRankClone":
+        """Run `_layer` (one decoder layer of teacher and student, with its clone terms) through
+        torch.compile: regional compilation, one graph for every layer, so the elementwise work
+        (norms, RoPE, SiLU, the MSEs) is fused and the per-layer Python overhead goes. The weight
+        generation and the fused head stay eager. options: passed to torch.compile."""
+        self._layer_fn = torch.compile(self._layer, **options)
+        return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.trainable_named_parameters()}
@@ -563,6 +577,95 @@ class LowRankClone(nn.Module):
         )  # [B, nH, T, hd]
         return out.transpose(1, 2).reshape(B, T, -1)  # [B, T, nH*hd]
 
+    def _layer_weights(self, i: int, TW: dict[str, torch.Tensor], W: dict[str, torch.Tensor]):
+        """Layer i's tensors for `_layer`: (teacher, student, projections), keyed without the
+        `model.layers.{i}.` prefix; a linear is (weight, bias or None), a norm its weight."""
+        pre, tl, layer = f"model.layers.{i}.", self.teacher.model.layers[i], self.layers[i]
+        teacher = {n: (TW[pre + n + ".weight"], tl.get_submodule(n).bias) for n in LINEARS}
+        student = {n: (W[pre + n + ".weight"], W.get(pre + n + ".bias")) for n in LINEARS}
+        for n in NORMS:
+            teacher[n], student[n] = tl.get_submodule(n).weight, W[pre + n + ".weight"]
+        P = {"q": self._projection(i, "q"), "gate": self._projection(i, "gate"),
+             "o": layer.self_attn.o_proj, "down": layer.mlp.down_proj,
+             "o_align": getattr(layer.self_attn, "o_align", None), "down_align": getattr(layer.mlp, "down_align", None)}
+        return teacher, student, P
+
+    def _layer(self, terms: tuple[str, ...], x_t: torch.Tensor, x_s: torch.Tensor, rope_t, rope_s,
+               teacher: dict, student: dict, P: dict[str, torch.Tensor | None]):
+        """One decoder layer of the teacher (no grad) and the student side by side.
+
+        x_t: [B, T, d_T], x_s: [B, T, d_S] residual streams; rope_t/rope_s: (cos, sin) [B, T, hd] in
+        each side's dtype; terms: the clone terms on in this layer; teacher, student, P: from
+        `_layer_weights`. Returns the next residual streams and {term: E(student, target)}.
+        Free of the layer index, so `compile_layers` compiles one graph that serves every layer.
+        """
+        cfg, eps, act = self.config, self.teacher.config.rms_norm_eps, self._act_fn[0]
+        relative = cfg.clone_normalize == "relative"
+        mses: dict[str, torch.Tensor] = {}
+
+        def add(term: str, student_out: torch.Tensor, target: torch.Tensor) -> None:
+            if term in terms:
+                mses[term] = clone_mse(student_out, target, relative)
+
+        def add_output(term: str, out_s: torch.Tensor, out_t: torch.Tensor) -> None:
+            """o / down: a block's output [B, T, d_S] against the teacher's [B, T, d_T], in the
+            student's space (out^T P, through the projection that generates the student's o_proj /
+            down_proj: the paper) or, with alignment="extra", in the teacher's (out^S A)."""
+            if cfg.alignment == "extra":
+                add(term, out_s @ P[term + "_align"], out_t)  # [B, T, d_T]
+            else:
+                t = _matmul(out_t, P[term])  # [B, T, d_S]
+                add(term, out_s, t.detach() if cfg.detach_targets else t)
+
+        def s_lin(name: str, x: torch.Tensor) -> torch.Tensor:  # the student's linear `name`
+            return F.linear(x, *student[name])
+
+        def t_lin(name: str, x: torch.Tensor) -> torch.Tensor:  # the teacher's linear `name`
+            return F.linear(x, *teacher[name])
+
+        # ---- attention
+        with torch.no_grad():
+            hn_t = rms_norm(x_t, teacher["input_layernorm"], eps)  # [B, T, d_T]
+            q_t = t_lin("self_attn.q_proj", hn_t)  # [B, T, nH*hd]
+            k_t = t_lin("self_attn.k_proj", hn_t)  # [B, T, nKV*hd]
+            v_t = t_lin("self_attn.v_proj", hn_t)
+            a_t = self._attention(q_t, k_t, v_t, *rope_t)  # [B, T, nH*hd]
+            o_t = t_lin("self_attn.o_proj", a_t)  # [B, T, d_T]
+        hn_s = rms_norm(x_s, student["input_layernorm"], eps)  # [B, T, d_S]
+        q_s = s_lin("self_attn.q_proj", hn_s)  # [B, T, nH*hd]
+        k_s = s_lin("self_attn.k_proj", hn_s)  # [B, T, nKV*hd]
+        v_s = s_lin("self_attn.v_proj", hn_s)
+        a_s = self._attention(q_s, k_s, v_s, *rope_s)  # [B, T, nH*hd]
+        o_s = s_lin("self_attn.o_proj", a_s)  # [B, T, d_S]
+        add("q", q_s, q_t)
+        add("k", k_s, k_t)
+        add("v", v_s, v_t)
+        if "attn_in" in terms:
+            add("attn_in", _matmul(hn_s, P["q"].T), hn_t)  # [B, T, d_T]
+        if "o" in terms:
+            if cfg.attn_out_space == "teacher":  # o_proj^T(attn^S) vs o^T [B, T, d_T]
+                add("o", t_lin("self_attn.o_proj", a_s), o_t)
+            else:
+                add_output("o", o_s, o_t)
+        x_t = x_t + o_t
+        x_s = x_s + o_s
+
+        # ---- FFN
+        with torch.no_grad():
+            hn_t = rms_norm(x_t, teacher["post_attention_layernorm"], eps)  # [B, T, d_T]
+            g_t, u_t = t_lin("mlp.gate_proj", hn_t), t_lin("mlp.up_proj", hn_t)  # [B, T, d_mid]
+            f_t = t_lin("mlp.down_proj", act(g_t) * u_t)  # [B, T, d_T]
+        hn_s = rms_norm(x_s, student["post_attention_layernorm"], eps)  # [B, T, d_S]
+        g_s, u_s = s_lin("mlp.gate_proj", hn_s), s_lin("mlp.up_proj", hn_s)  # [B, T, d_mid]
+        f_s = s_lin("mlp.down_proj", act(g_s) * u_s)  # [B, T, d_S]
+        add("gate", g_s, g_t)
+        add("up", u_s, u_t)
+        if "ffn_in" in terms:
+            add("ffn_in", _matmul(hn_s, P["gate"].T), hn_t)  # [B, T, d_T]
+        if "down" in terms:
+            add_output("down", f_s, f_t)
+        return x_t + f_t, x_s + f_s, mses
+
     def clone(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
               weights: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None) -> CloneOutput:
         """Run teacher and student side by side on input_ids [B, T]; labels [B, T] (default:
@@ -581,96 +684,27 @@ class LowRankClone(nn.Module):
             raise ValueError(
                 f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
             )
-        cfg, tcfg = self.config, self.teacher.config
-        tm, eps = self.teacher.model, tcfg.rms_norm_eps
+        cfg, tm, eps = self.config, self.teacher.model, self.teacher.config.rms_norm_eps
         if weights is None:
             TW = self.teacher_weights()  # cast once (autocast), shared by teacher forward and generation
             W = self.student_weights(TW)
         else:
             TW, W = weights
         B, T = input_ids.shape
-        relative = cfg.clone_normalize == "relative"
-        terms = set(cfg.clone_terms)
         per_term: dict[str, list[torch.Tensor]] = {t: [] for t in cfg.clone_terms}
-
-        def cloned(term: str, i: int) -> bool:
-            return term in terms and i in self.clone_layer_ids
-
-        def add(term: str, i: int, student: torch.Tensor, target: torch.Tensor) -> None:
-            if cloned(term, i):
-                per_term[term].append(clone_mse(student, target, relative))
-
-        def add_output(term: str, i: int, out_s: torch.Tensor, out_t: torch.Tensor, P: torch.Tensor,
-                       align: torch.Tensor | None) -> None:
-            """o / down: a block's output [B, T, d_S] against the teacher's [B, T, d_T], in the
-            student's space (out^T P, through the projection that generates the student's o_proj /
-            down_proj: the paper) or, with alignment="extra", in the teacher's (out^S A)."""
-            if cfg.alignment == "extra":
-                add(term, i, out_s @ align, out_t)  # [B, T, d_T]
-            else:
-                t = _matmul(out_t, P)  # [B, T, d_S]
-                add(term, i, out_s, t.detach() if cfg.detach_targets else t)
 
         position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
         with torch.no_grad():
             x_t = tm.embed_tokens(input_ids)  # [B, T, d_T]
             cos, sin = tm.rotary_emb(x_t, position_ids)  # [B, T, hd]: the teacher's own RoPE
         x_s = F.embedding(input_ids, W["model.embed_tokens.weight"])  # [B, T, d_S]
-        cos_s, sin_s = cos.to(x_s.dtype), sin.to(x_s.dtype)
-
-        for i, (tl, layer) in enumerate(zip(tm.layers, self.layers)):
-            pre = f"model.layers.{i}."
-            sa, mlp = tl.self_attn, tl.mlp
-
-            def lin(name: str, x: torch.Tensor) -> torch.Tensor:
-                return F.linear(x, W[pre + name + ".weight"], W.get(pre + name + ".bias"))
-
-            def t_lin(name: str, x: torch.Tensor) -> torch.Tensor:  # the teacher's linear `name`
-                return F.linear(x, TW[pre + name + ".weight"], tl.get_submodule(name).bias)
-
-            # ---- attention
-            with torch.no_grad():
-                hn_t = tl.input_layernorm(x_t)  # [B, T, d_T]
-                q_t = t_lin("self_attn.q_proj", hn_t)  # [B, T, nH*hd]
-                k_t = t_lin("self_attn.k_proj", hn_t)  # [B, T, nKV*hd]
-                v_t = t_lin("self_attn.v_proj", hn_t)
-                a_t = self._attention(q_t, k_t, v_t, cos, sin)  # [B, T, nH*hd]
-                o_t = t_lin("self_attn.o_proj", a_t)  # [B, T, d_T]
-            hn_s = rms_norm(x_s, W[pre + "input_layernorm.weight"], eps)  # [B, T, d_S]
-            q_s = lin("self_attn.q_proj", hn_s)  # [B, T, nH*hd]
-            k_s = lin("self_attn.k_proj", hn_s)  # [B, T, nKV*hd]
-            v_s = lin("self_attn.v_proj", hn_s)
-            a_s = self._attention(q_s, k_s, v_s, cos_s, sin_s)  # [B, T, nH*hd]
-            o_s = lin("self_attn.o_proj", a_s)  # [B, T, d_S]
-            add("q", i, q_s, q_t)
-            add("k", i, k_s, k_t)
-            add("v", i, v_s, v_t)
-            if cloned("attn_in", i):
-                add("attn_in", i, _matmul(hn_s, self._projection(i, "q").T), hn_t)  # [B, T, d_T]
-            if cloned("o", i):
-                if cfg.attn_out_space == "teacher":  # o_proj^T(attn^S) vs o^T [B, T, d_T]
-                    add("o", i, t_lin("self_attn.o_proj", a_s), o_t)
-                else:
-                    add_output("o", i, o_s, o_t, layer.self_attn.o_proj, getattr(layer.self_attn, "o_align", None))
-            x_t = x_t + o_t
-            x_s = x_s + o_s
-
-            # ---- FFN
-            with torch.no_grad():
-                hn_t = tl.post_attention_layernorm(x_t)  # [B, T, d_T]
-                g_t, u_t = t_lin("mlp.gate_proj", hn_t), t_lin("mlp.up_proj", hn_t)  # [B, T, d_mid]
-                f_t = t_lin("mlp.down_proj", mlp.act_fn(g_t) * u_t)  # [B, T, d_T]
-            hn_s = rms_norm(x_s, W[pre + "post_attention_layernorm.weight"], eps)  # [B, T, d_S]
-            g_s, u_s = lin("mlp.gate_proj", hn_s), lin("mlp.up_proj", hn_s)  # [B, T, d_mid]
-            f_s = lin("mlp.down_proj", mlp.act_fn(g_s) * u_s)  # [B, T, d_S]
-            add("gate", i, g_s, g_t)
-            add("up", i, u_s, u_t)
-            if cloned("ffn_in", i):
-                add("ffn_in", i, _matmul(hn_s, self._projection(i, "gate").T), hn_t)  # [B, T, d_T]
-            if cloned("down", i):
-                add_output("down", i, f_s, f_t, layer.mlp.down_proj, getattr(layer.mlp, "down_align", None))
-            x_t = x_t + f_t
-            x_s = x_s + f_s
+        rope_t, rope_s = (cos, sin), (cos.to(x_s.dtype), sin.to(x_s.dtype))
+        all_terms = tuple(cfg.clone_terms)
+        for i in range(self.num_layers):
+            terms = all_terms if i in self.clone_layer_ids else ()
+            x_t, x_s, mses = self._layer_fn(terms, x_t, x_s, rope_t, rope_s, *self._layer_weights(i, TW, W))
+            for t, v in mses.items():
+                per_term[t].append(v)
 
         with torch.no_grad():
             h_t = tm.norm(x_t)  # [B, T, d_T]

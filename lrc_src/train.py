@@ -410,12 +410,15 @@ def average_gradients(params: list[torch.Tensor], accelerator: Accelerator) -> N
 
 
 def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, threads: int | None = None,
-          restart_on_config_change: bool = False, keep_memory: bool = True) -> Path:
+          restart_on_config_change: bool = False, keep_memory: bool = True, compile_layers: bool = False) -> Path:
     """Train cfg.method; resume if output_dir holds a checkpoint of the same config. Returns output_dir.
 
     A folder holding a run of a different config is an error, unless restart_on_config_change:
     then that run is deleted and training starts again (the workflow's choice: it owns its folders).
     keep_memory: on the CPU, `keep_freed_memory()` (faster steps; resident memory stays at its peak).
+    compile_layers: torch.compile the method's decoder layers (`compile_layers()` of the method:
+        regional compilation, one graph for all layers; the first step compiles). A runtime choice
+        like threads, not part of the config: a run may resume with or without it.
     """
     out = Path(output_dir)
     saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else None
@@ -448,6 +451,8 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     teacher, tokenizer, train_blocks, train_labels, heldout = load_inputs(cfg)
     batches = Batches(train_blocks, tc.batch_size, tc.seed, train_labels)
     method = build_method(cfg, teacher, train_blocks).to(accelerator.device)
+    if compile_layers:
+        method.compile_layers()
     tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len * accelerator.num_processes
     total_steps = math.ceil(tc.max_tokens / tokens_per_step) if tc.max_tokens else tc.max_steps
 

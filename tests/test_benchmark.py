@@ -1,6 +1,7 @@
 """benchmarks/throughput.py: the ci profile end to end (a few seconds), the FLOP model and the errors."""
 import csv
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -54,6 +55,7 @@ def test_ci_profile_writes_every_method(tmp_path):
         assert float(r["peak_mem_mb"]) > 0 and 0 < float(r["mfu"]) < 1, r
         assert r["freed_memory"] == ("kept" if sys.platform == "linux" else "default"), r
         assert int(r["timed_steps"]) == 2 and r["adamw"] == "default", r  # the trainer's choice on the CPU
+        assert r["compiled"] == "False", r
         assert float(r["min_step_s"]) <= float(r["median_step_s"]) <= float(r["max_step_s"]), r
         if sys.platform == "linux":  # getrusage: counts, not NaN
             assert float(r["minor_faults_per_step"]) >= 0 and float(r["sys_s_per_step"]) >= 0, r
@@ -72,6 +74,7 @@ def test_ci_profile_writes_every_method(tmp_path):
     (["--profile", "nope"], "unknown profile 'nope'"),
     (["--profile", "ci", "--methods", "lrc,foo"], "unknown method"),
     (["--profile", "paper-1.5b"], "--device cuda"),
+    (["--profile", "ci", "--compile", "--warmup", "0"], "--compile needs --warmup >= 1"),
 ])
 def test_one_line_errors(args, message):
     p = run(*args)
@@ -178,3 +181,26 @@ def test_init_starts_scores_every_start(tmp_path):
     assert [(r["init"], r["untie_lm_head"]) for r in rows] == [
         ("teacher", ""), ("normal", "False"), ("prune", "False"), ("prune_scaled", "False"), ("pca", "False"), ("pca", "True")]
     assert all(float(r["value"]) > 0 for r in rows)
+
+
+def test_compiled_layers_are_timed_and_recorded(tmp_path):
+    """--compile: every method's decoder layers (and the bound's teacher) through torch.compile,
+    compiled in the warm-up step; the CSV says so."""
+    out = tmp_path / "t8c.csv"
+    p = run("--profile", "ci", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--seq-len", "16",
+            "--threads", "2", "--methods", "lrc,kd,bound", "--compile", "--output", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert LAST_LINE.match(p.stdout.strip().splitlines()[-1])
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["lrc", "kd", "bound"]
+    assert all(r["status"] == "ok" and r["compiled"] == "True" and float(r["median_step_s"]) > 0 for r in rows), rows
+
+
+def test_gpu_script_rejects_an_unknown_run(tmp_path):
+    """benchmarks/gpu_table8.sh NAME...: an unknown run name is reported and fails the script
+    (without a GPU nothing else runs here)."""
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_table8.sh"), "nope"], capture_output=True, text=True,
+                       env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}, timeout=120)
+    assert p.returncode == 1 and "unknown run nope" in p.stderr, (p.stdout, p.stderr)
+    assert "b3x8_compiled" in p.stderr

@@ -429,3 +429,37 @@ def test_clone_output_logits_outside_autocast(ids):
     for got, want in ((out.logits, ref.logits), (out.teacher_logits, ref.teacher_logits)):
         assert got.shape == (*ids.shape, VOCAB)
         assert (got.float() - want).abs().max() <= 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("kind, kw", [
+    ("llama-mqa-untied", {}),
+    ("llama-bias", dict(attn_projection="io", ffn_projection="io", detach_targets=True)),
+    ("qwen2-bias", dict(alignment="extra", clone_layers=0.5)),
+    ("llama-gqa-tied", dict(attn_out_space="teacher", clone_normalize="relative")),
+])
+def test_compiled_layers_match_eager(kind, kw, ids):
+    """compile_layers(): the same losses and gradients as eager (fp32), and one compiled graph per
+    distinct set of clone terms, not one per layer (the layer step takes no layer index)."""
+    from torch._dynamo.utils import counters
+
+    runs = []
+    for compiled in (False, True):
+        lrc = make_clone(kind, **kw)
+        if compiled:
+            torch._dynamo.reset()
+            counters.clear()
+            lrc.compile_layers()
+        out = lrc.clone(ids)
+        out.loss.backward()
+        runs.append((out.losses, {n: p.grad for n, p in lrc.trainable_named_parameters() if p.grad is not None},
+                     out.hidden.detach(), out.teacher_hidden))
+    distinct_terms = len({i in lrc.clone_layer_ids for i in range(lrc.num_layers)})
+    assert counters["stats"]["unique_graphs"] == distinct_terms, dict(counters["stats"])
+    (eager_losses, eager_grads, *eager_h), (comp_losses, comp_grads, *comp_h) = runs
+    for a, b in zip(eager_h, comp_h):  # the student's and the teacher's final hidden states
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert eager_losses.keys() == comp_losses.keys() and eager_grads.keys() == comp_grads.keys()
+    for k, v in eager_losses.items():  # the KL between nearly equal distributions is tiny: absolute
+        assert comp_losses[k].item() == pytest.approx(v.item(), rel=1e-5, abs=1e-6 if k == "kl" else 1e-7), k
+    for k, g in eager_grads.items():
+        assert (comp_grads[k] - g).norm() <= 1e-5 * g.norm() + 1e-8, k

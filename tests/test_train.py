@@ -379,3 +379,34 @@ def test_ddp_accumulation_window_matches_one_process(tmp_path):
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-6), (k, (sa[k] - sb[k]).abs().max())
+
+
+@pytest.mark.parametrize("method", ["lrc", "kd"])
+def test_compiled_training_follows_eager(method, tmp_path):
+    """train(..., compile_layers=True) (torch.compile'd decoder layers) trains like the eager run
+    (fp32), and either run resumes with or without it: the choice is not part of the config."""
+    from torch._dynamo.utils import counters
+
+    cfg = ci_cfg(f"method={method}", "train.max_steps=3", "train.mixed_precision='no'")
+    runs = {flag: tmp_path / ("compiled" if flag else "eager") for flag in (False, True)}
+    torch._dynamo.reset()
+    counters.clear()
+    for flag, out in runs.items():
+        train(cfg, out, progress=False, compile_layers=flag)
+    assert counters["stats"]["unique_graphs"] >= 1  # the compiled run did compile
+    eager, compiled = read_metrics(runs[False]), read_metrics(runs[True])
+    assert len(eager) == len(compiled) == 3
+    for re_, rc in zip(eager, compiled):
+        assert float(rc["loss"]) == pytest.approx(float(re_["loss"]), rel=1e-4), (re_, rc)
+    # resuming compares config.yaml, which the choice does not enter
+    assert (runs[True] / "config.yaml").read_text() == (runs[False] / "config.yaml").read_text()
+
+
+def test_cli_compile_flag_reaches_train(monkeypatch, tmp_path):
+    import lrc_src.train
+
+    seen = {}
+    monkeypatch.setattr(lrc_src.train, "train", lambda cfg, out, **kw: seen.update(kw) or Path(out))
+    for argv, want in ((["--compile"], True), ([], False)):
+        assert main(["train", "--config", str(CI), "--output-dir", str(tmp_path), *argv]) == 0
+        assert seen["compile_layers"] is want

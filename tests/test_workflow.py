@@ -44,6 +44,7 @@ def test_paper_benchmark_times_the_authors_step():
     commands = [line for line in r.stdout.splitlines() if "benchmarks/throughput.py" in line]
     assert len(commands) == 1 and "--warmup 1  --threads 1" in commands[0], r.stdout[-3000:]
     assert "--batch-size" not in commands[0] and "--grad-accum" not in commands[0]
+    assert "--compile" not in commands[0]  # eager unless the profile says benchmark.compile: true
 
 
 def test_tiny_notebook_parameters_are_the_profiles():

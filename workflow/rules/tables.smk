@@ -83,7 +83,8 @@ rule table8_throughput:
     threads: workflow.cores
     params:
         bench=BENCH,
-        shape=" ".join(f"--{k.replace('_', '-')} {BENCH[k]}" for k in ("batch_size", "grad_accum") if k in BENCH),
+        shape=" ".join(f"--{k.replace('_', '-')} {BENCH[k]}" for k in ("batch_size", "grad_accum") if k in BENCH)
+        + (" --compile" if BENCH.get("compile") else ""),
     shell:
         "OMP_NUM_THREADS={threads} python benchmarks/throughput.py --profile {params.bench[profile]} "
         "--device {params.bench[device]} --steps {params.bench[steps]} --warmup {params.bench[warmup]} "
