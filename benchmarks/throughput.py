@@ -82,6 +82,11 @@ other processes competed for the CPU. min_step_s / max_step_s give the spread of
 minor_faults_per_step and sys_s_per_step (medians over the timed steps, from getrusage: the whole
 process, CPU and GPU runs alike) show whether a slow run was still page-faulting its working set.
 
+Compilation (--compile, column compiled): every method's decoder layers go through torch.compile
+(`compile_layers()`, as `lrc train --compile`), and so do the shared teacher's for the bound. The
+first warm-up step of each method compiles it; first_step_s records that step (every run), so
+the cost of compiling is on record beside the steps it speeds up.
+
 Paired ratios (columns over_bound_paired_median/_min/_max, round-robin schedule only): every round
 times each method once, so the method's step divided by the bound's step of the same round is a
 ratio that the machine's drift between rounds hardly moves; their median and range over the timed
@@ -141,7 +146,7 @@ COLUMNS = [
     "peak_total_mb", "state_mb", "flops_per_step", "mfu", "peak_flops", "peak_flops_source", "schedule", "timed_steps",
     "load_avg", "status", "grad_accum", "freed_memory", "min_step_s", "max_step_s", "minor_faults_per_step",
     "sys_s_per_step", "over_bound_paired_median", "over_bound_paired_min", "over_bound_paired_max", "adamw",
-    "compiled",
+    "compiled", "first_step_s",
 ]
 # Dense tensor-core peaks (FLOP/s) by device-name substring; the first match wins, so longer or
 # more specific names come first ("H100 PCIe" before "H100", "A100" before "A10").
@@ -323,6 +328,7 @@ class Unit:
     sys_s: list[float] = field(default_factory=list)  # system CPU seconds per timed step
     peak_bytes: float = 0.0
     peak_total_bytes: float = 0.0
+    first_step_s: float = float("nan")  # the first (warm-up) step: with --compile, its compilation
     state_bytes: float = 0.0
     status: str = "ok"
 
@@ -636,6 +642,8 @@ def main(argv=None) -> int:
                     bar.update(1)
                     continue
                 used, total = meter.stop(before)
+                if math.isnan(unit.first_step_s):  # this was the unit's first step
+                    unit.first_step_s = dt
                 if timed:
                     now = _usage()
                     unit.times.append(dt)
@@ -703,6 +711,7 @@ def main(argv=None) -> int:
             "peak_flops_source": source, "schedule": schedule, "timed_steps": len(u.times), "load_avg": load, "status": u.status,
             "freed_memory": "kept" if kept else "default",
             "grad_accum": K, "adamw": adamw, "compiled": args.compile,
+            "first_step_s": _f(u.first_step_s if ok else float("nan")),
             "min_step_s": _f(min(u.times) if ok else float("nan")),
             "max_step_s": _f(max(u.times) if ok else float("nan")),
             "minor_faults_per_step": _f(statistics.median(u.faults) if ok else float("nan")),
