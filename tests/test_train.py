@@ -384,10 +384,11 @@ def test_ddp_accumulation_window_matches_one_process(tmp_path):
 @pytest.mark.parametrize("method", ["lrc", "kd"])
 def test_compiled_training_follows_eager(method, tmp_path):
     """train(..., compile_layers=True) (torch.compile'd decoder layers) trains like the eager run
-    (fp32), and either run resumes with or without it: the choice is not part of the config."""
+    (fp32; 2 micro-batches, so LRC's compiled layers take the accumulation window's generated
+    weights), and either run resumes with or without it: the choice is not part of the config."""
     from torch._dynamo.utils import counters
 
-    cfg = ci_cfg(f"method={method}", "train.max_steps=3", "train.mixed_precision='no'")
+    cfg = ci_cfg(f"method={method}", "train.max_steps=3", "train.grad_accum=2", "train.mixed_precision='no'")
     runs = {flag: tmp_path / ("compiled" if flag else "eager") for flag in (False, True)}
     torch._dynamo.reset()
     counters.clear()
