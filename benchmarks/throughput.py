@@ -83,7 +83,9 @@ minor_faults_per_step and sys_s_per_step (medians over the timed steps, from get
 process, CPU and GPU runs alike) show whether a slow run was still page-faulting its working set.
 
 Compilation (--compile, column compiled): every method's decoder layers go through torch.compile
-(`compile_layers()`, as `lrc train --compile`), and so do the shared teacher's for the bound. The
+(`compile_layers()`, as `lrc train --compile`), and so do the shared teacher's for the bound;
+tinybert stays eager (transformers' capture of its hidden states and attention maps breaks the
+graph in every layer, and would add recompiles to the decoder-layer code the other HF methods share). The
 first warm-up step of each method compiles it; first_step_s records that step (every run), so
 the cost of compiling is on record beside the steps it speeds up.
 
@@ -323,6 +325,7 @@ class Unit:
     optimizer: object = None
     params: list = field(default_factory=list)
     attn_impl: str | None = None  # the teacher's attention kernel in this method's own process
+    compiled: bool = False  # its decoder layers through torch.compile (--compile; tinybert cannot be)
     times: list[float] = field(default_factory=list)
     faults: list[float] = field(default_factory=list)  # minor page faults per timed step
     sys_s: list[float] = field(default_factory=list)  # system CPU seconds per timed step
@@ -362,9 +365,9 @@ def build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw: str, 
     torch.manual_seed(cfg.train.seed)
     with torch.device(device):  # teacher-derived starts move their calibration ids to the teacher's device
         module = build_method(cfg, teacher, calib_blocks).to(device)
-    if compiled:
+    if compiled and method != "tinybert":  # TinyBERTStyle.compile_layers says why it cannot
         module.compile_layers()
-    unit = Unit(name, module, attn_impl=teacher.config._attn_implementation)
+    unit = Unit(name, module, attn_impl=teacher.config._attn_implementation, compiled=compiled and method != "tinybert")
     teacher.config._attn_implementation = impl_before  # the other methods keep the teacher's kernel
     tc = cfg.train
     params = module.trainable_named_parameters()
@@ -388,8 +391,10 @@ def run_step(unit, scratch, teacher, micro_batches, autocast, grad_clip, torch, 
     K = len(micro_batches)
     window = getattr(target.module, "accumulation_window", None)
     reuse = K > 1 and window is not None and unit.name not in ACCUM_ONLY
+    # a unit that is not compiled runs eagerly even through the shared teacher's compiled layers
+    stance = contextlib.nullcontext() if target.compiled else torch.compiler.set_stance("force_eager")
     t0 = time.perf_counter()
-    with window() if reuse else contextlib.nullcontext():
+    with stance, window() if reuse else contextlib.nullcontext():
         for ids in micro_batches:
             if unit.name == BOUND:
                 with torch.inference_mode(), autocast():
@@ -613,7 +618,7 @@ def main(argv=None) -> int:
             _release_cached(torch, device)  # after the except block: its traceback held the tensors
         scratch = next((u for u in units if u.name == "scratch"), None)
         if BOUND in wanted and scratch is not None:
-            units.append(Unit(BOUND))
+            units.append(Unit(BOUND, compiled=scratch.compiled))
         elif BOUND in wanted and "scratch" in group:
             results[BOUND] = Unit(BOUND, status="oom (build)")
         for r in range(rounds + mem_round):
@@ -710,7 +715,7 @@ def main(argv=None) -> int:
             "mfu": _f(flops / med / peak if ok else float("nan")), "peak_flops": f"{peak:.4g}",
             "peak_flops_source": source, "schedule": schedule, "timed_steps": len(u.times), "load_avg": load, "status": u.status,
             "freed_memory": "kept" if kept else "default",
-            "grad_accum": K, "adamw": adamw, "compiled": args.compile,
+            "grad_accum": K, "adamw": adamw, "compiled": u.compiled,
             "first_step_s": _f(u.first_step_s if ok else float("nan")),
             "min_step_s": _f(min(u.times) if ok else float("nan")),
             "max_step_s": _f(max(u.times) if ok else float("nan")),

@@ -48,10 +48,12 @@ def _fusable(model: nn.Module) -> bool:
 
 def compile_decoder_layers(model: PreTrainedModel | None, **options) -> None:
     """torch.compile each decoder layer of an HF causal LM in place (regional compilation: the
-    layers share one compiled graph). options: passed to torch.compile."""
+    layers share one compiled graph). options: passed to torch.compile; by default dynamic=False,
+    so that a teacher's and a student's layers (one code object, two hidden sizes) each get a
+    graph for their own static shapes instead of one graph for dynamic shapes."""
     if model is not None:
         for layer in model.model.layers:
-            layer.compile(**options)
+            layer.compile(**{"dynamic": False, **options})
 
 
 def student_like(teacher: PreTrainedModel, d_S: int, seed: int) -> PreTrainedModel:
@@ -154,6 +156,10 @@ class TinyBERTStyle(StudentKD):
             [nn.Parameter(torch.randn(d_S, d_T) * student.config.initializer_range) for _ in range(L + 1)]
         )
         self.hidden_weight, self.attn_weight = hidden_weight, attn_weight
+
+    def compile_layers(self, **options) -> None:
+        raise ValueError("tinybert cannot be compiled: transformers' capture of every layer's hidden states and "
+                         "attention maps breaks torch.compile's graph in each layer; train it without --compile")
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> MethodOutput:
         labels = input_ids if labels is None else labels

@@ -338,7 +338,7 @@ class LowRankClone(nn.Module):
         self.clone_layer_ids = self._resolve_clone_layers(config.clone_layers, L)
         # the teacher's activation (SiLU for Llama/Qwen2; in a tuple so nn.Module does not register it)
         self._act_fn = (teacher.model.layers[0].mlp.act_fn,)
-        self._layer_fn = self._layer  # compile_layers() swaps in the compiled version
+        self._compiled_layer = None  # `_layer` through torch.compile, once compile_layers() is called
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -369,8 +369,9 @@ class LowRankClone(nn.Module):
         """Run `_layer` (one decoder layer of teacher and student, with its clone terms) through
         torch.compile: regional compilation, one graph for every layer, so the elementwise work
         (norms, RoPE, SiLU, the MSEs) is fused and the per-layer Python overhead goes. The weight
-        generation and the fused head stay eager. options: passed to torch.compile."""
-        self._layer_fn = torch.compile(self._layer, **options)
+        generation and the fused head stay eager. options: passed to torch.compile (default
+        dynamic=False: training shapes are fixed, and a new shape gets its own static graph)."""
+        self._compiled_layer = torch.compile(self._layer, **{"dynamic": False, **options})
         return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -699,10 +700,10 @@ class LowRankClone(nn.Module):
             cos, sin = tm.rotary_emb(x_t, position_ids)  # [B, T, hd]: the teacher's own RoPE
         x_s = F.embedding(input_ids, W["model.embed_tokens.weight"])  # [B, T, d_S]
         rope_t, rope_s = (cos, sin), (cos.to(x_s.dtype), sin.to(x_s.dtype))
-        all_terms = tuple(cfg.clone_terms)
+        all_terms, layer_fn = tuple(cfg.clone_terms), self._compiled_layer or self._layer
         for i in range(self.num_layers):
             terms = all_terms if i in self.clone_layer_ids else ()
-            x_t, x_s, mses = self._layer_fn(terms, x_t, x_s, rope_t, rope_s, *self._layer_weights(i, TW, W))
+            x_t, x_s, mses = layer_fn(terms, x_t, x_s, rope_t, rope_s, *self._layer_weights(i, TW, W))
             for t, v in mses.items():
                 per_term[t].append(v)
 

@@ -403,6 +403,14 @@ def test_compiled_training_follows_eager(method, tmp_path):
     assert (runs[True] / "config.yaml").read_text() == (runs[False] / "config.yaml").read_text()
 
 
+def test_tinybert_refuses_to_compile(tmp_path, capsys):
+    """tinybert's captured hidden states and attention maps break torch.compile's graphs: a one-line
+    error before the run folder is written."""
+    err = _bad(tmp_path, capsys, "--set", "method=tinybert", "--compile")
+    assert "tinybert cannot be compiled" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_compile_flag_reaches_train(monkeypatch, tmp_path):
     import lrc_src.train
 
