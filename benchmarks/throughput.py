@@ -356,7 +356,7 @@ def teacher_attention(teacher, impl: str | None):
 def build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw: str, compiled: bool = False):
     """Build method `name` as the trainer would (lrc_src.train.build_method) + its AdamW
     (lrc_src.train.make_optimizer with kernel `adamw`); compiled: its decoder layers through
-    torch.compile (the method's `compile_layers`, as the trainer's train.compile)."""
+    torch.compile (the method's `compile_layers`, as `lrc train --compile`; not tinybert's)."""
     from lrc_src.train import build_method, make_optimizer
 
     method, overrides = METHODS[name]
@@ -365,9 +365,10 @@ def build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw: str, 
     torch.manual_seed(cfg.train.seed)
     with torch.device(device):  # teacher-derived starts move their calibration ids to the teacher's device
         module = build_method(cfg, teacher, calib_blocks).to(device)
-    if compiled and method != "tinybert":  # TinyBERTStyle.compile_layers says why it cannot
+    compiled = compiled and method != "tinybert"  # TinyBERTStyle.compile_layers says why it cannot
+    if compiled:
         module.compile_layers()
-    unit = Unit(name, module, attn_impl=teacher.config._attn_implementation, compiled=compiled and method != "tinybert")
+    unit = Unit(name, module, attn_impl=teacher.config._attn_implementation, compiled=compiled)
     teacher.config._attn_implementation = impl_before  # the other methods keep the teacher's kernel
     tc = cfg.train
     params = module.trainable_named_parameters()
@@ -483,8 +484,8 @@ def parse_args(argv):
                         "fused on CUDA, default on the CPU")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every method's decoder layers (regional: one graph for all layers; "
-                        "the bound's teacher forward too), as the trainer's train.compile; compilation "
-                        "happens in the warm-up steps, so use --warmup >= 1")
+                        "the bound's teacher forward too; tinybert stays eager), as `lrc train --compile`; "
+                        "compilation happens in the warm-up steps, so use --warmup >= 1")
     p.add_argument("--torch-profiler", default=None, metavar="DIR",
                    help="after the timed steps, run one more step of each method under torch.profiler and "
                         "write its costliest operators to DIR/<method>.txt (not timed)")
