@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 6 in one go (about 5 minutes on one H100/H200), for a session that
+# Every GPU measurement of issue 6 in one go (about 5 minutes on one H100/H200 before the two compiled
+# runs were added; each compiles in its first step, so budget more), for a session that
 # has a GPU: the paper's LRC-1.5B shape (Llama-3.2-3B-shaped teacher with random bf16 weights ->
 # d_S 1536, seq 2048). Runs, most important first (a failed or cut-off run leaves the earlier CSVs):
 #   b3x8        batch 3 x 8 micro-batches = 49,152 tokens per optimizer step: the authors' global
