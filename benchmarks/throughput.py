@@ -365,9 +365,11 @@ def build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw: str, 
     torch.manual_seed(cfg.train.seed)
     with torch.device(device):  # teacher-derived starts move their calibration ids to the teacher's device
         module = build_method(cfg, teacher, calib_blocks).to(device)
-    compiled = compiled and method != "tinybert"  # TinyBERTStyle.compile_layers says why it cannot
     if compiled:
-        module.compile_layers()
+        try:
+            module.compile_layers()
+        except ValueError:  # a method that cannot be compiled says so (tinybert): it runs eagerly
+            compiled = False
     unit = Unit(name, module, attn_impl=teacher.config._attn_implementation, compiled=compiled)
     teacher.config._attn_implementation = impl_before  # the other methods keep the teacher's kernel
     tc = cfg.train

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lrc_src.clone import SUPPORTED_CONFIGS, LowRankClone, LRCConfig
+from lrc_src.clone import COMPILE_DEFAULTS, SUPPORTED_CONFIGS, LowRankClone, LRCConfig
 from lrc_src.losses import clone_mse, head_losses, kl_loss, lm_loss
 
 
@@ -48,12 +48,12 @@ def _fusable(model: nn.Module) -> bool:
 
 def compile_decoder_layers(model: PreTrainedModel | None, **options) -> None:
     """torch.compile each decoder layer of an HF causal LM in place (regional compilation: the
-    layers share one compiled graph). options: passed to torch.compile; by default dynamic=False,
-    so that a teacher's and a student's layers (one code object, two hidden sizes) each get a
-    graph for their own static shapes instead of one graph for dynamic shapes."""
+    layers share one compiled graph). options: passed to torch.compile, over COMPILE_DEFAULTS: static
+    shapes, so that a teacher's and a student's layers (one code object, two hidden sizes) each get
+    a graph for their own shapes instead of one graph for dynamic shapes."""
     if model is not None:
         for layer in model.model.layers:
-            layer.compile(**{"dynamic": False, **options})
+            layer.compile(**{**COMPILE_DEFAULTS, **options})
 
 
 def student_like(teacher: PreTrainedModel, d_S: int, seed: int) -> PreTrainedModel:

@@ -73,6 +73,9 @@ FFN_TERMS = {"all": ("gate", "up", "down"), "io": ("ffn_in", "down")}
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
+# torch.compile options under every compile_layers(): training shapes are fixed, and a new shape
+# (or a teacher's and a student's layers sharing one code object) gets its own static graph
+COMPILE_DEFAULTS = {"dynamic": False}
 ALL_TERMS = ("q", "k", "v", "o", "gate", "up", "down", "attn_in", "ffn_in")
 INITS = ("normal", "prune", "prune_scaled", "pca")
 
@@ -369,9 +372,9 @@ class LowRankClone(nn.Module):
         """Run `_layer` (one decoder layer of teacher and student, with its clone terms) through
         torch.compile: regional compilation, one graph for every layer, so the elementwise work
         (norms, RoPE, SiLU, the MSEs) is fused and the per-layer Python overhead goes. The weight
-        generation and the fused head stay eager. options: passed to torch.compile (default
-        dynamic=False: training shapes are fixed, and a new shape gets its own static graph)."""
-        self._compiled_layer = torch.compile(self._layer, **{"dynamic": False, **options})
+        generation and the fused head stay eager. options: passed to torch.compile, over
+        COMPILE_DEFAULTS (static shapes)."""
+        self._compiled_layer = torch.compile(self._layer, **{**COMPILE_DEFAULTS, **options})
         return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
