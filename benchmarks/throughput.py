@@ -87,7 +87,13 @@ Compilation (--compile, column compiled): every method's decoder layers go throu
 tinybert stays eager (transformers' capture of its hidden states and attention maps breaks the
 graph in every layer, and would add recompiles to the decoder-layer code the other HF methods share). The
 first warm-up step of each method compiles it; first_step_s records that step (every run), so
-the cost of compiling is on record beside the steps it speeds up.
+the cost of compiling is on record beside the steps it speeds up. `--compile both` times every
+method twice in the same rounds, eagerly and compiled: one module and one optimizer per method, its
+eager twin running the compiled code's original Python under torch.compiler.set_stance("force_eager")
+(so does its bound, through the compiled teacher). A compiled row's over_eager_paired_median/_min/_max
+is its step over its eager twin's step of the same round: a before/after of compiling that the
+machine's drift between processes does not touch. Each method's compiled row pairs with the
+compiled bound, its eager row with the eager bound, and the last line reports the compiled ones.
 
 Paired ratios (columns over_bound_paired_median/_min/_max, round-robin schedule only): every round
 times each method once, so the method's step divided by the bound's step of the same round is a
@@ -148,7 +154,7 @@ COLUMNS = [
     "peak_total_mb", "state_mb", "flops_per_step", "mfu", "peak_flops", "peak_flops_source", "schedule", "timed_steps",
     "load_avg", "status", "grad_accum", "freed_memory", "min_step_s", "max_step_s", "minor_faults_per_step",
     "sys_s_per_step", "over_bound_paired_median", "over_bound_paired_min", "over_bound_paired_max", "adamw",
-    "compiled", "first_step_s",
+    "compiled", "first_step_s", "over_eager_paired_median", "over_eager_paired_min", "over_eager_paired_max",
 ]
 # Dense tensor-core peaks (FLOP/s) by device-name substring; the first match wins, so longer or
 # more specific names come first ("H100 PCIe" before "H100", "A100" before "A10").
@@ -334,6 +340,14 @@ class Unit:
     first_step_s: float = float("nan")  # the first (warm-up) step: with --compile, its compilation
     state_bytes: float = 0.0
     status: str = "ok"
+    label: str = ""  # how the unit is printed and named in files (default: its name)
+
+    def __post_init__(self):
+        self.label = self.label or self.name
+
+    def eager_twin(self) -> "Unit":
+        """The same module and optimizer, run eagerly (`--compile both`)."""
+        return Unit(self.name, self.module, self.optimizer, self.params, self.attn_impl, compiled=False)
 
 
 @contextlib.contextmanager
@@ -484,10 +498,11 @@ def parse_args(argv):
                    help="AdamW kernel: fused (one launch for all tensors), foreach, or default (PyTorch's "
                         "choice: foreach on CUDA, one tensor at a time on the CPU); auto = as the trainer: "
                         "fused on CUDA, default on the CPU")
-    p.add_argument("--compile", action="store_true",
+    p.add_argument("--compile", nargs="?", const="on", default="off", choices=("off", "on", "both"),
                    help="torch.compile every method's decoder layers (regional: one graph for all layers; "
                         "the bound's teacher forward too; tinybert stays eager), as `lrc train --compile`; "
-                        "compilation happens in the warm-up steps, so use --warmup >= 1")
+                        "compilation happens in the warm-up steps, so use --warmup >= 1. '--compile both' "
+                        "times every method eagerly and compiled in the same rounds (paired before/after)")
     p.add_argument("--torch-profiler", default=None, metavar="DIR",
                    help="after the timed steps, run one more step of each method under torch.profiler and "
                         "write its costliest operators to DIR/<method>.txt (not timed)")
@@ -529,7 +544,7 @@ def main(argv=None) -> int:
             return fail(f"--{opt.replace('_', '-')} must be > 0, got {v}")
     if args.warmup < 0:
         return fail(f"--warmup must be >= 0, got {args.warmup}")
-    if args.compile and args.warmup < 1:
+    if args.compile != "off" and args.warmup < 1:
         return fail("--compile needs --warmup >= 1: the first step of each method compiles it")
 
     import numpy as np
@@ -577,7 +592,7 @@ def main(argv=None) -> int:
         except (FileNotFoundError, ValueError) as e:
             return fail(f"cannot load teacher {base.teacher!r}: {e}")
         teacher = teacher.to(device)
-    if args.compile:  # the bound's teacher forward (kd's and prune_kd's too: one shared teacher)
+    if args.compile != "off":  # the bound's teacher forward (kd's and prune_kd's too: one shared teacher)
         from lrc_src.baselines import compile_decoder_layers
 
         compile_decoder_layers(teacher)
@@ -604,32 +619,45 @@ def main(argv=None) -> int:
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=mp == "bf16")  # noqa: E731
     meter = MemoryMeter(torch, device)
     grad_clip = base.train.grad_clip
-    results: dict[str, Unit] = {}
+    results: dict[tuple[str, bool], Unit] = {}  # (method, compiled) -> its unit
+    both = args.compile == "both"
 
     load_start = os.getloadavg()[0]  # other processes on the machine skew CPU timings: recorded
     mem_round = device.type == "cpu"  # CPU: working memory from one extra untimed step (docstring)
-    bar = tqdm(total=(rounds + mem_round) * len(wanted), desc=f"{args.profile} throughput", unit="step",
+    per_unit = rounds + mem_round
+    bar = tqdm(total=per_unit * len(wanted) * (1 + both), desc=f"{args.profile} throughput", unit="step",
                dynamic_ncols=True, file=sys.stderr)
     for group in groups:
         units: list[Unit] = []
         for name in group:
             bar.set_postfix_str(f"building {name}")
             try:
-                units.append(build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw, args.compile))
+                unit = build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw, args.compile != "off")
             except torch.OutOfMemoryError:
-                results[name] = Unit(name, status="oom (build)")
+                results[name, args.compile != "off"] = Unit(name, status="oom (build)", compiled=args.compile != "off")
+                unit = None
             _release_cached(torch, device)  # after the except block: its traceback held the tensors
-        scratch = next((u for u in units if u.name == "scratch"), None)
-        if BOUND in wanted and scratch is not None:
-            units.append(Unit(BOUND, compiled=scratch.compiled))
-        elif BOUND in wanted and "scratch" in group:
-            results[BOUND] = Unit(BOUND, status="oom (build)")
+            if unit is None:
+                continue
+            if both and unit.compiled:  # the eager twin first: it never runs the compiler
+                units.append(unit.eager_twin())
+                unit.label = f"{name}_compiled"
+            elif both and name in wanted:  # a method that refuses to compile is timed once
+                bar.total -= per_unit
+            units.append(unit)
+        scratches = {u.compiled: u for u in units if u.name == "scratch"}  # the bound trains through its own
+        for s in list(scratches.values()):
+            if BOUND in wanted:
+                units.append(Unit(BOUND, compiled=s.compiled, label=BOUND + s.label.removeprefix("scratch")))
+        if BOUND in wanted and "scratch" in group and not scratches:
+            results[BOUND, args.compile != "off"] = Unit(BOUND, status="oom (build)", compiled=args.compile != "off")
         for r in range(rounds + mem_round):
             timed = args.warmup <= r < rounds
             k = r % max(1, len(units))
             for unit in units[k:] + units[:k]:  # the start rotates every round
                 if unit.name not in wanted:
                     continue
+                scratch = scratches.get(unit.compiled)
                 if not _steppable(unit, scratch):
                     unit.status = unit.status if unit.status != "ok" else "skipped (scratch failed)"
                     bar.update(1)
@@ -661,26 +689,28 @@ def main(argv=None) -> int:
                     unit.peak_bytes = max(unit.peak_bytes, used)
                     unit.peak_total_bytes = max(unit.peak_total_bytes, total)
                 bar.update(1)
-                bar.set_postfix_str(f"{unit.name} {dt:.2f}s")
+                bar.set_postfix_str(f"{unit.label} {dt:.2f}s")
         if args.torch_profiler:
             for unit in units:
+                scratch = scratches.get(unit.compiled)
                 if unit.name in wanted and _steppable(unit, scratch):
-                    bar.set_postfix_str(f"profiling {unit.name}")
+                    bar.set_postfix_str(f"profiling {unit.label}")
                     profile_step(unit, scratch, teacher, [b.to(device) for b in batches[-1]], autocast,
-                                 grad_clip, torch, device, Path(args.torch_profiler) / f"{unit.name}.txt")
+                                 grad_clip, torch, device, Path(args.torch_profiler) / f"{unit.label}.txt")
         for unit in units:
             if unit.name != BOUND:
                 unit.state_bytes = state_bytes(unit) if unit.optimizer is not None else 0.0
-            results[unit.name] = unit
+            results[unit.name, unit.compiled] = unit
             unit.module = unit.optimizer = None
             unit.params = []
         if schedule == "sequential":
-            del units, scratch
+            del units, scratches
             _release_cached(torch, device)
     bar.close()
     load = f"{load_start:.2f}->{os.getloadavg()[0]:.2f}"
-    if BOUND in results and "scratch" in results:
-        results[BOUND].state_bytes = results["scratch"].state_bytes
+    for (name, compiled), u in results.items():
+        if name == BOUND and ("scratch", compiled) in results:
+            u.state_bytes = results["scratch", compiled].state_bytes
 
     # ---- device peak for MFU
     if device.type == "cuda":
@@ -699,12 +729,15 @@ def main(argv=None) -> int:
     # ---- rows
     rows = []
     tokens = B * T * K
-    bound_u = results.get(BOUND)
-    paired_by: dict[str, list[float]] = {}  # method -> its same-round ratios to the bound
-    for name in wanted:
-        u = results.get(name, Unit(name, status="not run"))
+    paired_by: dict[tuple[str, bool], list[float]] = {}  # (method, compiled) -> same-round ratios to the bound
+    keys = [(name, c) for name in wanted for c in (False, True) if (name, c) in results]
+    keys += [(name, args.compile != "off") for name in wanted if not any(k[0] == name for k in keys)]
+    for name, compiled in keys:
+        u = results.get((name, compiled), Unit(name, status="not run", compiled=compiled))
         ok = u.status == "ok" and u.times
-        paired = paired_by[name] = paired_ratios(u, bound_u) if schedule == "round-robin" else []
+        rr = schedule == "round-robin"
+        paired = paired_by[name, compiled] = paired_ratios(u, results.get((BOUND, compiled))) if rr else []
+        before = paired_ratios(u, results.get((name, False))) if rr and compiled else []  # compiled / eager twin
         med = statistics.median(u.times) if ok else float("nan")
         flops = model_flops(name, tcfg, d_S, B * K, T)
         rows.append({
@@ -727,6 +760,9 @@ def main(argv=None) -> int:
             "over_bound_paired_median": _f(statistics.median(paired) if paired else float("nan")),
             "over_bound_paired_min": _f(min(paired) if paired else float("nan")),
             "over_bound_paired_max": _f(max(paired) if paired else float("nan")),
+            "over_eager_paired_median": _f(statistics.median(before) if before else float("nan")),
+            "over_eager_paired_min": _f(min(before) if before else float("nan")),
+            "over_eager_paired_max": _f(max(before) if before else float("nan")),
         })
     out = Path(args.output) if args.output else ROOT / "results" / args.profile / "tables" / "table8_throughput.csv"
     write_csv_atomic(out, rows)
@@ -737,21 +773,28 @@ def main(argv=None) -> int:
           f"steps, {schedule}" + (f", freed memory {'kept' if kept else 'returned to the OS'}"
                                    if device.type == "cpu" else ""))
     print(f"# peak FLOP/s {peak:.3g} ({source}); 1-min load average {load} (machine cores: {os.cpu_count()})")
-    print(f"{'method':10s} {'step_s':>9s} {'tokens/s':>10s} {'peak_mb':>9s} {'state_mb':>9s} {'mfu':>8s}  status")
+    print(f"{'method':18s} {'step_s':>9s} {'tokens/s':>10s} {'peak_mb':>9s} {'state_mb':>9s} {'mfu':>8s}  status")
     for r in rows:
-        print(f"{r['method']:10s} {r['median_step_s']:>9s} {r['tokens_per_s']:>10s} {r['peak_mem_mb']:>9s} "
+        label = r["method"] + (" (compiled)" if r["compiled"] else "")
+        print(f"{label:18s} {r['median_step_s']:>9s} {r['tokens_per_s']:>10s} {r['peak_mem_mb']:>9s} "
               f"{r['state_mb']:>9s} {r['mfu']:>8s}  {r['status']}")
     bound_flops = model_flops(BOUND, tcfg, d_S, B * K, T)
     floor = (bound_flops + lrc_extra_flops(tcfg, d_S, B * K, T)) / bound_flops
     targets_only = (bound_flops + lrc_extra_flops(tcfg, d_S, B * K, T, generation=False)) / bound_flops
     print(f"# lrc_over_bound if LRC's extra matmuls ran as fast as the bound's and all else were free: {floor:.3f} "
           f"({targets_only:.3f} with the weight generation amortised over unboundedly many tokens per step)")
-    paired = paired_by.get("lrc")
-    if paired:
-        print(f"# LRC step / bound step of the same round: median {statistics.median(paired):.3f}, "
-              f"min {min(paired):.3f}, max {max(paired):.3f} over {len(paired)} rounds")
+    for compiled in (False, True):
+        paired = paired_by.get(("lrc", compiled))
+        if paired:
+            print(f"# LRC step / bound step of the same round{' (both compiled)' if compiled else ''}: median "
+                  f"{statistics.median(paired):.3f}, min {min(paired):.3f}, max {max(paired):.3f} over {len(paired)} rounds")
+    for r in rows:
+        if r["over_eager_paired_median"] != "nan":
+            print(f"# {r['method']} compiled step / eager step of the same round: median {r['over_eager_paired_median']}, "
+                  f"min {r['over_eager_paired_min']}, max {r['over_eager_paired_max']}")
     print(f"# wrote {out}")
-    by = {r["method"]: r for r in rows}
+    # the last line reports the compiled rows when there are any (--compile, --compile both)
+    by = {r["method"]: r for r in sorted(rows, key=lambda r: r["compiled"])}
 
     def num(method, col):
         try:

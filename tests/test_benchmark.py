@@ -202,10 +202,48 @@ def test_compiled_layers_are_timed_and_recorded(tmp_path):
     assert all(float(by[m]["first_step_s"]) > float(by[m]["median_step_s"]) for m in ("lrc", "kd", "bound")), rows
 
 
+def test_compile_both_pairs_eager_and_compiled_steps(tmp_path):
+    """--compile both: every method eagerly and compiled in the same rounds (one module each, the
+    eager twin under force_eager), each paired with the bound of its own mode; the last line reports
+    the compiled rows."""
+    out = tmp_path / "t8b.csv"
+    p = run("--profile", "ci", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--seq-len", "16",
+            "--threads", "2", "--methods", "lrc,scratch,tinybert,bound", "--compile", "both", "--output", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = LAST_LINE.match(p.stdout.strip().splitlines()[-1])
+    assert m, p.stdout[-2000:]
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    # tinybert refuses to compile: timed once, eagerly
+    assert [(r["method"], r["compiled"]) for r in rows] == [
+        ("lrc", "False"), ("lrc", "True"), ("scratch", "False"), ("scratch", "True"), ("tinybert", "False"),
+        ("bound", "False"), ("bound", "True")], rows
+    assert all(r["status"] == "ok" and int(r["timed_steps"]) == 2 for r in rows), rows
+    by = {(r["method"], r["compiled"] == "True"): r for r in rows}
+    # the eager twins never compile: their first step is milliseconds, the compiled ones' seconds
+    for name in ("lrc", "scratch", "bound"):
+        assert float(by[name, True]["first_step_s"]) > 5 * float(by[name, False]["first_step_s"]), rows
+    # each mode's bound is its own: 1.0 against itself, and compiled rows carry their step / the eager twin's
+    for (name, compiled), r in by.items():
+        paired = [float(r[f"over_bound_paired_{k}"]) for k in ("min", "median", "max")]
+        before = [float(r[f"over_eager_paired_{k}"]) for k in ("min", "median", "max")]
+        assert 0 < paired[0] <= paired[1] <= paired[2], r
+        if name == "bound":
+            assert paired == [1.0, 1.0, 1.0], r
+        if compiled:
+            assert 0 < before[0] <= before[1] <= before[2], r
+        else:
+            assert all(x != x for x in before), r  # NaN: nothing to compare an eager step with
+    assert float(m.group(1)) == pytest.approx(
+        float(by["lrc", True]["median_step_s"]) / float(by["bound", True]["median_step_s"]), rel=1e-3)
+    assert float(m.group(3)) == pytest.approx(float(by["lrc", True]["tokens_per_s"]), rel=1e-3)
+    assert "lrc compiled step / eager step of the same round" in p.stdout
+
+
 def test_gpu_script_rejects_an_unknown_run(tmp_path):
     """benchmarks/gpu_table8.sh NAME...: an unknown run name is reported and fails the script
     (without a GPU nothing else runs here)."""
     p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_table8.sh"), "nope"], capture_output=True, text=True,
                        env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}, timeout=120)
     assert p.returncode == 1 and "unknown run nope" in p.stderr, (p.stdout, p.stderr)
-    assert "b3x8_compiled" in p.stderr
+    assert "b3x8_paired" in p.stderr
