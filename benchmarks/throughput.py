@@ -544,7 +544,8 @@ def main(argv=None) -> int:
             return fail(f"--{opt.replace('_', '-')} must be > 0, got {v}")
     if args.warmup < 0:
         return fail(f"--warmup must be >= 0, got {args.warmup}")
-    if args.compile != "off" and args.warmup < 1:
+    compiling = args.compile != "off"  # on, or both (eager twins beside the compiled units)
+    if compiling and args.warmup < 1:
         return fail("--compile needs --warmup >= 1: the first step of each method compiles it")
 
     import numpy as np
@@ -592,7 +593,7 @@ def main(argv=None) -> int:
         except (FileNotFoundError, ValueError) as e:
             return fail(f"cannot load teacher {base.teacher!r}: {e}")
         teacher = teacher.to(device)
-    if args.compile != "off":  # the bound's teacher forward (kd's and prune_kd's too: one shared teacher)
+    if compiling:  # the bound's teacher forward (kd's and prune_kd's too: one shared teacher)
         from lrc_src.baselines import compile_decoder_layers
 
         compile_decoder_layers(teacher)
@@ -632,9 +633,9 @@ def main(argv=None) -> int:
         for name in group:
             bar.set_postfix_str(f"building {name}")
             try:
-                unit = build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw, args.compile != "off")
+                unit = build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw, compiling)
             except torch.OutOfMemoryError:
-                results[name, args.compile != "off"] = Unit(name, status="oom (build)", compiled=args.compile != "off")
+                results[name, compiling] = Unit(name, status="oom (build)", compiled=compiling)
                 unit = None
             _release_cached(torch, device)  # after the except block: its traceback held the tensors
             if unit is None:
@@ -646,11 +647,11 @@ def main(argv=None) -> int:
                 bar.total -= per_unit
             units.append(unit)
         scratches = {u.compiled: u for u in units if u.name == "scratch"}  # the bound trains through its own
-        for s in list(scratches.values()):
-            if BOUND in wanted:
-                units.append(Unit(BOUND, compiled=s.compiled, label=BOUND + s.label.removeprefix("scratch")))
-        if BOUND in wanted and "scratch" in group and not scratches:
-            results[BOUND, args.compile != "off"] = Unit(BOUND, status="oom (build)", compiled=args.compile != "off")
+        if BOUND in wanted:
+            for sc in scratches.values():
+                units.append(Unit(BOUND, compiled=sc.compiled, label=BOUND + sc.label.removeprefix("scratch")))
+            if "scratch" in group and not scratches:
+                results[BOUND, compiling] = Unit(BOUND, status="oom (build)", compiled=compiling)
         for r in range(rounds + mem_round):
             timed = args.warmup <= r < rounds
             k = r % max(1, len(units))
@@ -731,7 +732,7 @@ def main(argv=None) -> int:
     tokens = B * T * K
     paired_by: dict[tuple[str, bool], list[float]] = {}  # (method, compiled) -> same-round ratios to the bound
     keys = [(name, c) for name in wanted for c in (False, True) if (name, c) in results]
-    keys += [(name, args.compile != "off") for name in wanted if not any(k[0] == name for k in keys)]
+    keys += [(name, compiling) for name in wanted if not any(k[0] == name for k in keys)]  # not run
     for name, compiled in keys:
         u = results.get((name, compiled), Unit(name, status="not run", compiled=compiled))
         ok = u.status == "ok" and u.times

@@ -240,6 +240,32 @@ def test_compile_both_pairs_eager_and_compiled_steps(tmp_path):
     assert "lrc compiled step / eager step of the same round" in p.stdout
 
 
+def test_a_method_that_does_not_fit_is_reported_not_fatal(tmp_path):
+    """A method whose build runs out of memory (the GPU case; faked here) gets status 'oom (build)',
+    and so does the bound that trains through scratch; the other methods, eager and compiled, are
+    timed as usual."""
+    out = tmp_path / "t8o.csv"
+    code = (
+        "import importlib.util, sys, torch\n"
+        f"spec = importlib.util.spec_from_file_location('throughput', {str(SCRIPT)!r})\n"
+        "tp = importlib.util.module_from_spec(spec); sys.modules['throughput'] = tp; spec.loader.exec_module(tp)\n"
+        "build = tp.build_unit\n"
+        "def fake(name, *a, **k):\n"
+        "    if name == 'scratch':\n"
+        "        raise torch.OutOfMemoryError('faked')\n"
+        "    return build(name, *a, **k)\n"
+        "tp.build_unit = fake\n"
+        "sys.exit(tp.main(sys.argv[1:]))\n")
+    p = subprocess.run([sys.executable, "-c", code, "--profile", "ci", "--steps", "1", "--warmup", "1",
+                        "--batch-size", "2", "--seq-len", "16", "--threads", "2", "--methods", "lrc,scratch,bound",
+                        "--compile", "both", "--output", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with out.open() as f:
+        rows = [(r["method"], r["compiled"], r["status"]) for r in csv.DictReader(f)]
+    assert rows == [("lrc", "False", "ok"), ("lrc", "True", "ok"), ("scratch", "True", "oom (build)"),
+                    ("bound", "True", "oom (build)")], rows
+
+
 def test_gpu_script_rejects_an_unknown_run(tmp_path):
     """benchmarks/gpu_table8.sh NAME...: an unknown run name is reported and fails the script
     (without a GPU nothing else runs here)."""
