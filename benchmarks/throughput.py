@@ -758,12 +758,8 @@ def main(argv=None) -> int:
             "max_step_s": _f(max(u.times) if ok else float("nan")),
             "minor_faults_per_step": _f(statistics.median(u.faults) if ok else float("nan")),
             "sys_s_per_step": _f(statistics.median(u.sys_s) if ok else float("nan")),
-            "over_bound_paired_median": _f(statistics.median(paired) if paired else float("nan")),
-            "over_bound_paired_min": _f(min(paired) if paired else float("nan")),
-            "over_bound_paired_max": _f(max(paired) if paired else float("nan")),
-            "over_eager_paired_median": _f(statistics.median(before) if before else float("nan")),
-            "over_eager_paired_min": _f(min(before) if before else float("nan")),
-            "over_eager_paired_max": _f(max(before) if before else float("nan")),
+            **_spread_columns("over_bound_paired", paired),
+            **_spread_columns("over_eager_paired", before),
         })
     out = Path(args.output) if args.output else ROOT / "results" / args.profile / "tables" / "table8_throughput.csv"
     write_csv_atomic(out, rows)
@@ -840,6 +836,14 @@ def _release_cached(torch, device) -> None:
 
 def _f(x: float) -> str:
     return "nan" if x != x else f"{x:.6g}"
+
+
+def _spread_columns(prefix: str, ratios: list[float]) -> dict[str, str]:
+    """CSV columns <prefix>_median/_min/_max of same-round ratios ("nan" when there are none)."""
+    nan = float("nan")
+    return {f"{prefix}_median": _f(statistics.median(ratios) if ratios else nan),
+            f"{prefix}_min": _f(min(ratios) if ratios else nan),
+            f"{prefix}_max": _f(max(ratios) if ratios else nan)}
 
 
 def _cpu_name() -> str:
