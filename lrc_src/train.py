@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 
 from lrc_src.baselines import LRCMethod, StudentKD, TinyBERTStyle, hard_prune, load_causal_lm, student_like
 from lrc_src.clone import LowRankClone
+from lrc_src.checkpoint import load_checkpoint, save_checkpoint
 from lrc_src.config import ExperimentConfig, dump_config
 from lrc_src.losses import lm_loss
 
@@ -190,51 +190,6 @@ def keep_freed_memory() -> bool:
         return False
     # mallopt's int -1 becomes glibc's size_t trim threshold SIZE_MAX: the heap is never trimmed
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, method, optimizer, scheduler, step: int) -> None:
-    """Atomically replace path/ with the state after `step` optimizer steps."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {n: p.detach().cpu().contiguous() for n, p in method.trainable_named_parameters()}
-    save_file(state, tmp / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(path: Path, method, optimizer, scheduler) -> int:
-    state = load_file(path / "trainable.safetensors")
-    params = dict(method.trainable_named_parameters())
-    missing = sorted(set(params) - set(state))
-    if missing:
-        raise ValueError(f"checkpoint {path} does not match this config (missing {missing[:3]}...)")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(state[n].to(p.device, p.dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return int(json.loads((path / "state.json").read_text())["step"])
 
 
 class MetricsLog:
