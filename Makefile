@@ -1,7 +1,10 @@
 # Two commands on a fresh machine (see README):
 #   make test       - create .venv, install the package with test deps, run the tests + nbval
 #   make replicate  - create .venv, install, run the default (tiny) profile with snakemake
-#   make sweep      - the profile's budget sweep (issue 7; not part of the tiny profile's hour)
+#   make sweep      - the profile's budget sweep (not part of the tiny profile's hour)
+#   make test-fast  - the developer loop: unit tests only (no subprocess, workflow or notebook runs)
+#   make lint       - ruff (lint + format check) and output-free notebook sources
+#   make lab        - JupyterLab on notebooks/ in the same venv
 PYTHON  ?= python3
 VENV    ?= .venv
 PY       = $(VENV)/bin/python
@@ -12,7 +15,7 @@ export LRC_CACHE ?= $(CURDIR)/.lrc_cache
 export TOKENIZERS_PARALLELISM = false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv test replicate sweep
+.PHONY: venv test test-fast lint lab replicate sweep
 
 venv: $(VENV)/.installed
 
@@ -31,6 +34,21 @@ $(VENV)/.installed: pyproject.toml
 test: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q --nbval-lax notebooks
+
+# The developer loop: everything but the integration tests (subprocesses, the ci DAG, notebooks).
+test-fast: venv
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not integration and not slow" tests
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/nbstripout --keep-id --verify notebooks/*.ipynb
+
+# JupyterLab in the project's venv, with the venv registered as a kernel ("Python (lrc)").
+lab: venv
+	$(PY) -m pip install -q -e '.[lab]'
+	$(PY) -m ipykernel install --user --name lrc --display-name "Python (lrc)"
+	cd notebooks && $(CURDIR)/$(VENV)/bin/jupyter lab
 
 # The default profile runs offline; the paper profile needs the hub (run snakemake directly).
 # A checkout carries the committed results/<profile>/ tables and evals, which snakemake would keep
