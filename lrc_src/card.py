@@ -1,0 +1,167 @@
+"""The model card of an exported student: `student/README.md`, written from the run's own files.
+
+A student folder that leaves the run (pushed to the hub, copied to a shared drive) should say what
+it is: which teacher it was distilled from and under which licence, by which method and settings,
+on how many tokens of what data, and how it scores. Everything in the card is read from the run
+folder (`config.yaml`, `run.json`, `metrics.csv`) and, once `lrc eval` has scored the student,
+from the evaluation tables it keeps beside the weights (`student/evals/<suite>.csv`); nothing is
+typed by hand. The front matter follows the Hugging Face model-card metadata, so
+`huggingface_hub.ModelCard.load("student/README.md")` reads it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from lrc_src.fileio import atomic_write_text
+
+CARD_NAME = "README.md"
+EVALS_DIR = "evals"  # inside the student folder: one CSV per suite, written by `lrc eval`
+
+# Hub ids and licences of the teachers this project names; a teacher given as a hub id is its own
+# base_model, and a local folder's licence is read from its own card when it has one.
+KNOWN_TEACHERS = {
+    "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+    "meta-llama/Llama-3.2-3B-Instruct": ("meta-llama/Llama-3.2-3B-Instruct", "llama3.2"),
+    "Qwen/Qwen2.5-3B": ("Qwen/Qwen2.5-3B", "other"),  # Qwen research licence
+    "Qwen/Qwen2.5-7B": ("Qwen/Qwen2.5-7B", "apache-2.0"),
+}
+METHOD_NAMES = {
+    "lrc": "Low-Rank Clone (LRC; Hao et al., arXiv 2505.12781)",
+    "scratch": "training from scratch (LM loss only)",
+    "kd": "logit knowledge distillation (KL + LM)",
+    "tinybert": "TinyBERT-style distillation (hidden states, attention maps, KL + LM)",
+    "prune_kd": "hard pruning of the hidden size, then logit distillation (KL + LM)",
+    "sft": "supervised fine-tuning on chat data",
+}
+
+
+def _front_matter_licence(folder: Path) -> str | None:
+    card = folder / CARD_NAME
+    if not card.is_file():
+        return None
+    text = card.read_text(encoding="utf-8")
+    if not text.startswith("---"):
+        return None
+    meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    return meta.get("license")
+
+
+def teacher_identity(teacher: str, teacher_folder: str | Path | None = None) -> tuple[str, str]:
+    """(base_model, licence) of a teacher name as the config gives it."""
+    if teacher in KNOWN_TEACHERS:
+        return KNOWN_TEACHERS[teacher]
+    licence = _front_matter_licence(Path(teacher_folder)) if teacher_folder else None
+    if "/" in teacher and not Path(teacher).exists():  # a hub id
+        return teacher, licence or "other"
+    return Path(teacher).name, licence or "other"
+
+
+def _datasets(data: dict) -> list[str]:
+    if data.get("mix"):
+        from lrc_src.mix import PAPER_SOURCES
+
+        return sorted({PAPER_SOURCES[name].dataset if name in PAPER_SOURCES else name for name in data["mix"]})
+    corpus = data.get("corpus") or []
+    return [corpus] if isinstance(corpus, str) else list(corpus)
+
+
+def _final_heldout_loss(metrics: Path) -> float | None:
+    if not metrics.is_file():
+        return None
+    with metrics.open() as f:
+        values = [r.get("heldout_loss", "") for r in csv.DictReader(f)]
+    values = [float(v) for v in values if v not in ("", None)]
+    return values[-1] if values else None
+
+
+def _eval_rows(student: Path) -> list[dict]:
+    rows = []
+    for path in sorted((student / EVALS_DIR).glob("*.csv")):
+        with path.open() as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def _fmt(value) -> str:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return "" if math.isnan(x) else f"{x:.4f}"
+
+
+def _settings(cfg: dict) -> list[tuple[str, object]]:
+    t, lrc = cfg["train"], cfg.get("lrc", {})
+    rows = [("method", cfg["method"]), ("teacher", cfg["teacher"]), ("sequence length", cfg["data"]["seq_len"]),
+            ("learning rate", t["lr"]), ("batch", f"{t['batch_size']} x {t['grad_accum']} micro-batches"),
+            ("warmup ratio", t["warmup_ratio"]), ("seed", t["seed"])]
+    if cfg["method"] == "lrc":
+        rows += [("student hidden size", lrc.get("student_hidden_size")), ("alpha (clone weight)", lrc.get("alpha")),
+                 ("KL temperature", lrc.get("kl_temperature")), ("projection init", lrc.get("init"))]
+    else:
+        rows += [("KL temperature", cfg.get("baseline", {}).get("kl_temperature"))]
+    return rows
+
+
+def model_card(run_dir: str | Path) -> str:
+    """The card's text for the student of `run_dir` (a folder written by `lrc train`)."""
+    run = Path(run_dir)
+    for name in ("config.yaml", "run.json"):
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"{str(run)!r} is not a finished run folder (no {name})")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    info = json.loads((run / "run.json").read_text())
+    student = run / "student"
+    if not (student / "config.json").is_file():
+        raise FileNotFoundError(f"run folder {str(run)!r} has no exported student (student/config.json)")
+    base_model, licence = teacher_identity(cfg["teacher"], cfg["teacher"] if Path(cfg["teacher"]).is_dir() else None)
+    meta = {
+        "base_model": base_model,
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "license": licence,
+        "tags": ["distillation", "low-rank-clone"] if cfg["method"] == "lrc" else ["distillation", cfg["method"]],
+        "datasets": _datasets(cfg["data"]),
+    }
+    heldout = _final_heldout_loss(run / "metrics.csv")
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# {run.name}: a student of {base_model}", "",
+             f"Distilled with {METHOD_NAMES.get(cfg['method'], cfg['method'])} by `lrc train` "
+             "(lrc-replication). This card was written from the run folder's own files.", "",
+             "| | |", "|---|---|",
+             f"| tokens trained | {info.get('tokens', '')} ({info.get('steps', '')} optimizer steps) |",
+             f"| trainable parameters | {info.get('trainable_parameters', '')} |",
+             f"| held-out loss (nats/token, end of training) | {_fmt(heldout) if heldout is not None else 'n/a'} |"]
+    lines += [f"| {k} | {v} |" for k, v in _settings(cfg)]
+    evals = _eval_rows(student)
+    if evals:
+        lines += ["", "## Evaluation (`lrc eval`)", "", "| suite | task | metric | value | stderr |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r.get('suite', '')} | {r.get('task', '')} | {r.get('metric', '')} | {_fmt(r.get('value'))} "
+                  f"| {_fmt(r.get('stderr'))} |" for r in evals]
+    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "model = AutoModelForCausalLM.from_pretrained(\"path/to/student\")",
+              "tokenizer = AutoTokenizer.from_pretrained(\"path/to/student\")", "```", "",
+              "A plain `transformers` model: no custom code is needed to load or run it.", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(run_dir: str | Path) -> Path:
+    """Write (or refresh) `run_dir/student/README.md`; returns its path."""
+    text = model_card(run_dir)
+    return atomic_write_text(Path(run_dir) / "student" / CARD_NAME, text)
+
+
+def run_of_student(model_dir: str | Path) -> Path | None:
+    """The run folder whose exported student `model_dir` is, or None (e.g. a teacher folder)."""
+    folder = Path(model_dir).resolve()
+    run = folder.parent
+    if folder.name == "student" and (run / "config.yaml").is_file() and (run / "run.json").is_file():
+        return run
+    return None

@@ -1,0 +1,60 @@
+"""The exported student's model card: written from the run's files, loadable by huggingface_hub."""
+import json
+
+import pytest
+from huggingface_hub import ModelCard
+
+from lrc_src.card import model_card, run_of_student, write_model_card
+from lrc_src.config import ExperimentConfig, dump_config
+from conftest import make_teacher
+
+
+def _run_folder(tmp_path, method="lrc", evals=None):
+    run = tmp_path / f"run-{method}"
+    make_teacher().save_pretrained(run / "student")
+    cfg = ExperimentConfig(method=method)
+    (run / "config.yaml").write_text(dump_config(cfg))
+    (run / "run.json").write_text(json.dumps({"status": "complete", "method": method, "steps": 30,
+                                              "tokens": 30720, "trainable_parameters": 1234}))
+    (run / "metrics.csv").write_text("step,tokens,loss,heldout_loss\n10,10240,9.0,8.5\n30,30720,7.0,6.25\n")
+    if evals:
+        (run / "student" / "evals").mkdir()
+        (run / "student" / "evals" / "tiny.csv").write_text(evals)
+    return run
+
+
+def test_card_front_matter_and_numbers_come_from_the_run(tmp_path):
+    run = _run_folder(tmp_path)
+    card = ModelCard.load(write_model_card(run))
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert card.data.license == "apache-2.0"
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert {"distillation", "low-rank-clone"} <= set(card.data.tags)
+    assert card.data.datasets == ["python-docs"]
+    assert "| tokens trained | 30720 (30 optimizer steps) |" in card.text
+    assert "6.2500" in card.text  # the last held-out loss of metrics.csv
+    assert "Evaluation" not in card.text
+
+
+def test_card_shows_the_evaluation_once_there_is_one(tmp_path):
+    evals = ("model,suite,task,metric,value,stderr,num_fewshot,limit,n\n"
+             "lrc,tiny,tiny_mmlu,acc,0.25,0.0433,0,,100\n")
+    card = model_card(_run_folder(tmp_path, evals=evals))
+    assert "| tiny | tiny_mmlu | acc | 0.2500 | 0.0433 |" in card
+
+
+def test_card_of_a_baseline_and_bad_folders(tmp_path):
+    card = model_card(_run_folder(tmp_path, method="kd"))
+    assert "logit knowledge distillation" in card and "low-rank-clone" not in card
+    with pytest.raises(FileNotFoundError, match="not a finished run folder"):
+        model_card(tmp_path / "nothing")
+    run = _run_folder(tmp_path, method="scratch")
+    (run / "student" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no exported student"):
+        model_card(run)
+
+
+def test_run_of_student(tmp_path):
+    run = _run_folder(tmp_path)
+    assert run_of_student(run / "student") == run.resolve()
+    assert run_of_student(tmp_path) is None
