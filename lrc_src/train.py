@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from lrc_src.baselines import LRCMethod, StudentKD, TinyBERTStyle, hard_prune, load_causal_lm, student_like
 from lrc_src.clone import LowRankClone
-from lrc_src.checkpoint import load_checkpoint, save_checkpoint
+from lrc_src.checkpoint import drop_optimizer_state, find_checkpoint, load_checkpoint, save_checkpoint
 from lrc_src.config import ExperimentConfig, dump_config
 from lrc_src.losses import lm_loss
 
@@ -380,7 +380,7 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     if saved is not None and saved != dump_config(cfg) and restart_on_config_change:
         for name in ("run.json", "metrics.csv", "config.yaml"):
             (out / name).unlink(missing_ok=True)
-        for name in ("checkpoint", "exports", "student"):
+        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "exports", "student"):
             shutil.rmtree(out / name, ignore_errors=True)
         saved = None
     if (out / "run.json").is_file() and json.loads((out / "run.json").read_text()).get("status") == "complete":
@@ -424,11 +424,12 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     start = 0
-    if ckpt.is_dir():  # `saved`: the folder's config.yaml, read (or cleared by a restart) above
+    found = find_checkpoint(out)  # checkpoint/, or checkpoint.old/ if a save was cut off mid-swap
+    if found is not None:  # `saved`: the folder's config.yaml, read (or cleared by a restart) above
         if saved is not None and saved != dump_config(cfg):
             raise ValueError(f"{out} holds a checkpoint of a different config; choose another --output-dir "
                              "(or pass --restart-on-config-change)")
-        start = load_checkpoint(ckpt, unwrapped, optimizer, scheduler)
+        start = load_checkpoint(found, unwrapped, optimizer, scheduler)
     if accelerator.is_main_process:
         (out / "config.yaml").write_text(dump_config(cfg))
     log = MetricsLog(out / "metrics.csv", start) if accelerator.is_main_process else None
@@ -505,7 +506,7 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
                 "accumulation_window": reuse}  # student weights generated once per optimizer step
         (out / "run.json").write_text(json.dumps(info, indent=2))
         if not tc.keep_optimizer_state:  # a finished run needs only its trainable state (export, analysis)
-            (ckpt / "optimizer.pt").unlink(missing_ok=True)
+            drop_optimizer_state(ckpt)
     accelerator.wait_for_everyone()
     return out
 
