@@ -62,7 +62,7 @@ class TrainConfig:
     eval_batches: int = 4  # held-out blocks evaluated = eval_batches * batch_size
     save_every: int = 50  # checkpoint every N steps (and at the end)
     export_at: list[int] = field(default_factory=list)  # steps at which to export a student (Fig. 4-5)
-    # keep checkpoint/optimizer.pt (AdamW moments, 2x the trainable state) once the run is complete;
+    # keep checkpoint/optimizer.safetensors (AdamW moments, 2x the trainable state) once the run is complete;
     # off by default: a finished run is exported and analysed from trainable.safetensors alone, and
     # the tiny profile's 48 runs would otherwise hold ~20 GB of optimizer state
     keep_optimizer_state: bool = False

@@ -100,7 +100,7 @@ def test_cuda_run_steps_with_fused_adamw(tmp_path):
     """On one GPU the trainer builds the fused AdamW (its checkpoint's param groups say so) and
     trains: finite losses, a loadable student."""
     run = train(ci_cfg("train.max_steps=3", "train.keep_optimizer_state=true"), tmp_path / "r", progress=False)
-    state = torch.load(run / "checkpoint" / "optimizer.pt", map_location="cpu", weights_only=True)
+    state = json.loads((run / "checkpoint" / "state.json").read_text())["optimizer"]
     assert state["param_groups"] and all(g.get("fused") for g in state["param_groups"]), state["param_groups"]
     rows = read_metrics(run)
     assert len(rows) == 3 and all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows), rows
@@ -219,9 +219,9 @@ def test_rerun_of_complete_run_is_a_no_op(tmp_path):
     run = train(cfg, tmp_path / "r", progress=False)
     # a finished run drops its optimizer state (disk) unless asked to keep it
     assert (run / "checkpoint" / "trainable.safetensors").is_file()
-    assert not (run / "checkpoint" / "optimizer.pt").exists()
+    assert not (run / "checkpoint" / "optimizer.safetensors").exists()
     kept = train(ci_cfg("train.max_steps=2", "train.keep_optimizer_state=true"), tmp_path / "k", progress=False)
-    assert (kept / "checkpoint" / "optimizer.pt").is_file()
+    assert (kept / "checkpoint" / "optimizer.safetensors").is_file()
     mtime = (run / "metrics.csv").stat().st_mtime
     train(cfg, run, progress=False)
     assert (run / "metrics.csv").stat().st_mtime == mtime
