@@ -14,7 +14,7 @@ IGNORE = -100
 def read_hub_chats(dataset_id: str, split: str = "train_sft") -> list[list[dict]]:
     """Conversations of a hub chat dataset with a `messages` column (e.g. UltraChat-200k's
     train_sft split). Offline it fails at once naming the dataset."""
-    from lrc_src.teachers import hub_offline_reason
+    from lrc_src.hub import hub_offline_reason
 
     reason = hub_offline_reason()
     if reason:

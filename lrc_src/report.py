@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lrc_src.fileio import write_csv_atomic
+
 PAPER_FILES = ("paper_benchmarks.csv", "paper_ablations.csv", "paper_fewshot.csv")
 
 
@@ -26,13 +28,8 @@ def project_root(start: str | Path | None = None) -> Path:
 
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
-    return path
+    """Write a table as the notebooks do: :func:`lrc_src.fileio.write_csv_atomic` (no index)."""
+    return write_csv_atomic(df, path)
 
 
 # ---------------------------------------------------------------- runs

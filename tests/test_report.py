@@ -55,3 +55,22 @@ def test_sweep_markdown_cells():
     lines = md.splitlines()
     assert lines[0] == "| method | 100 tokens | 200 tokens |"
     assert lines[2] == "| small | 3.100 (3.000-3.200) | 2.700 (2.500-2.900) |"
+
+
+def test_write_csv_bytes_and_atomic(tmp_path, monkeypatch):
+    """report.write_csv writes what pandas writes (no index, "\\n" line ends), leaving no temp file."""
+    import os
+
+    df = pd.DataFrame({"a": [1.5, float("nan"), 1e-20], "b": ["x,y", 'q"u', "é"], "c": [1, 2, 3]})
+    out = report.write_csv(df, tmp_path / "sub" / "t.csv")
+    assert out.read_bytes() == df.to_csv(index=False).encode("utf-8")
+    assert out.read_bytes().count(b"\n") == 4 and b"\r" not in out.read_bytes()
+
+    def disk_full(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(OSError):
+        report.write_csv(df.head(1), out)
+    assert out.read_bytes() == df.to_csv(index=False).encode("utf-8")
+    assert [p.name for p in out.parent.iterdir()] == ["t.csv"]

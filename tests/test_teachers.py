@@ -153,6 +153,23 @@ def test_hub_id_unreachable_fails_at_once(monkeypatch):
     assert time.perf_counter() - start < 5
 
 
+def test_hub_offline_reason_names_the_switch(monkeypatch):
+    """One probe for teachers, data mixes and hub suites: the datasets-only switch counts only
+    where ``datasets=True``; the first switch set is named, with its value."""
+    from lrc_src.hub import hub_offline_reason
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert hub_offline_reason(datasets=True) == "HF_DATASETS_OFFLINE=1 is set"
+    assert hub_offline_reason().startswith("http://127.0.0.1:9 is unreachable (")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "Yes")
+    assert hub_offline_reason() == "TRANSFORMERS_OFFLINE=Yes is set"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a false value does not turn the hub off
+    assert hub_offline_reason() == "TRANSFORMERS_OFFLINE=Yes is set"
+
+
 def test_missing_wheel_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("LRC_CACHE", str(tmp_path))
     real_find_spec = teachers.importlib.util.find_spec
