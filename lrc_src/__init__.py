@@ -7,7 +7,7 @@ Public API:
 __all__ = ["LRCConfig", "LowRankClone", "CloneOutput"]
 
 
-def __getattr__(name):  # lazy, so `import lrc_src.data` does not pay for torch/transformers twice
+def __getattr__(name):  # lazy, so `import lrc_src.packing` does not pay for torch/transformers twice
     if name in __all__:
         from lrc_src import clone
 

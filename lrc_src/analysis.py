@@ -43,7 +43,7 @@ def heldout_blocks(config_path: str | Path, tokenizer_dir: str | Path, corpus: l
     from transformers import AutoTokenizer
 
     from lrc_src.config import load_config
-    from lrc_src.data import prepare_data
+    from lrc_src.packing import prepare_data
 
     cfg = load_config(config_path)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -57,15 +57,16 @@ def heldout_blocks(config_path: str | Path, tokenizer_dir: str | Path, corpus: l
 def heldout_documents_in_train_split(eval_corpus: list[str], run_corpus: list[str], heldout_frac: float,
                                      seed: int) -> float:
     """Share of `eval_corpus`'s held-out documents that fall in the *training* split of a run on
-    `run_corpus` (the document split of lrc_src.data, same held-out fraction and seed).
+    `run_corpus` (the document split of lrc_src.packing, same held-out fraction and seed).
 
     0 by construction for every part of `run_corpus`, since a list spec holds out of each part what
     that part holds out alone (checked here, not assumed); > 0 only where two corpora share
     documents. An upper bound on contamination: a run trains on far fewer tokens than its split."""
-    from lrc_src.data import _split_finite, load_document_parts
+    from lrc_src.corpora import load_document_parts
+    from lrc_src.packing import split_documents
 
-    held = {d["text"] for d, h in _split_finite(load_document_parts(eval_corpus), heldout_frac, seed) if h}
-    train = {d["text"] for d, h in _split_finite(load_document_parts(run_corpus), heldout_frac, seed) if not h}
+    held = {d["text"] for d, h in split_documents(load_document_parts(eval_corpus), heldout_frac, seed) if h}
+    train = {d["text"] for d, h in split_documents(load_document_parts(run_corpus), heldout_frac, seed) if not h}
     return len(held & train) / max(len(held), 1)
 
 

@@ -53,7 +53,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from lrc_src.evaluate import run_eval_from_args
+    from lrc_src.harness import run_eval_from_args
 
     return run_eval_from_args(args)
 
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True, help="folder to write the student to")
     e.set_defaults(func=_export)
 
-    from lrc_src.evaluate import add_eval_arguments
+    from lrc_src.harness import add_eval_arguments
 
     v = sub.add_parser("eval", help="evaluate an HF model folder with lm-eval on a task suite",
                        description="Evaluate a model folder with lm-eval (hf backend) on a suite: tiny (offline), "

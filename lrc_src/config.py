@@ -27,7 +27,7 @@ METHODS = ("lrc", "scratch", "kd", "tinybert", "prune_kd", "sft")
 class DataConfig:
     """Training text: offline corpora (python-docs, kjv, local:<glob>) or a hub mix."""
 
-    corpus: list[str] = field(default_factory=lambda: ["python-docs"])  # see lrc_src.data
+    corpus: list[str] = field(default_factory=lambda: ["python-docs"])  # see lrc_src.corpora
     seq_len: int = 256  # packed sequence length (paper: 2048)
     heldout_frac: float = 0.02  # share of documents held out (by document) for evaluation
     max_train_tokens: int | None = None  # cap on tokenised training text (None = all)
