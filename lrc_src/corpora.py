@@ -43,7 +43,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from lrc_src.fileio import sha256_file
+from lrc_src.fileio import rename_into_place, sha256_file
 from lrc_src.teachers import cache_dir
 
 MIN_INFO_NODE_CHARS = 200
@@ -263,16 +263,6 @@ def documents_sha256(docs: Iterable[dict]) -> str:
 # ============================================================================================
 # Document files and folders (also used by lrc_src.packing for its cache)
 # ============================================================================================
-
-
-def rename_into_place(tmp: Path, final: Path, marker: str) -> None:
-    """Rename the finished folder ``tmp`` to ``final``; if another process got there first (its
-    ``final/marker`` exists), keep that copy."""
-    try:
-        tmp.rename(final)
-    except OSError:  # another process finished first: keep its copy
-        if not (final / marker).is_file():
-            raise
 
 
 def write_jsonl(path: Path, docs: Iterable[dict]) -> None:

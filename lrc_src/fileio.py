@@ -62,6 +62,16 @@ def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> Path:
     return atomic_write_bytes(Path(path).expanduser(), frame.to_csv(index=False, lineterminator="\n").encode("utf-8"))
 
 
+def rename_into_place(tmp: str | Path, final: str | Path, marker: str) -> None:
+    """Rename the finished folder ``tmp`` to ``final``; if another process got there first (its
+    ``final/marker`` exists), keep that copy (caches built by parallel jobs)."""
+    try:
+        Path(tmp).rename(final)
+    except OSError:
+        if not (Path(final) / marker).is_file():
+            raise
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()

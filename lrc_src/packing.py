@@ -32,10 +32,10 @@ from lrc_src.corpora import (
     documents_sha256,
     flatten_parts,
     load_document_parts,
-    rename_into_place,
     spec_parts,
     write_jsonl,
 )
+from lrc_src.fileio import rename_into_place
 from lrc_src.mix import mix_source_key, open_mix
 from lrc_src.teachers import cache_dir
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from lrc_src.fileio import rename_into_place
 from lrc_src.hub import hub_offline_reason
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -131,11 +132,7 @@ def _cached_folder(name: str, build: Callable[[Path], None]) -> Path:
     try:
         build(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it 0700
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished first: keep its copy
-            if not (final / "config.json").is_file():
-                raise
+        rename_into_place(tmp, final, marker="config.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
