@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lrc_src.clone import COMPILE_DEFAULTS, SUPPORTED_CONFIGS, LowRankClone, LRCConfig
+from lrc_src.clone import COMPILE_DEFAULTS, LowRankClone, LRCConfig
+from lrc_src.export import SUPPORTED_CONFIGS, student_config
 from lrc_src.losses import clone_mse, head_losses, kl_loss, lm_loss
 
 
@@ -58,9 +58,7 @@ def compile_decoder_layers(model: PreTrainedModel | None, **options) -> None:
 
 def student_like(teacher: PreTrainedModel, d_S: int, seed: int) -> PreTrainedModel:
     """A randomly initialised model of the LRC student's shape (same validation as LRC)."""
-    shape = LowRankClone(teacher, LRCConfig(student_hidden_size=d_S))  # validates d_S; cheap
-    scfg = shape.student_config()
-    del shape
+    scfg = student_config(teacher.config, d_S)
     torch.manual_seed(seed)
     return type(teacher)(scfg)
 
@@ -189,7 +187,6 @@ class LRCMethod(nn.Module):
     def __init__(self, clone: LowRankClone):
         super().__init__()
         self.clone = clone
-        self._window: dict | None = None  # set inside accumulation_window()
 
     def trainable_named_parameters(self):
         return [(f"clone.{n}", p) for n, p in self.clone.trainable_named_parameters()]
@@ -199,43 +196,14 @@ class LRCMethod(nn.Module):
         self.clone.compile_layers(**options)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> MethodOutput:
-        weights = None
-        if self._window is not None:
-            if not self._window:  # first micro-batch: generate under the caller's autocast
-                TW = self.clone.teacher_weights()
-                W = self.clone.student_weights(TW)  # in the graph of the projections
-                leaves = {k: w.detach().requires_grad_() for k, w in W.items() if w.grad_fn is not None}
-                self._window.update(TW=TW, W=W, leaves=leaves)
-            win = self._window
-            weights = (win["TW"], {**win["W"], **win["leaves"]})
-        out = self.clone.clone(input_ids, labels, weights=weights)
+        out = self.clone.clone(input_ids, labels)
         return MethodOutput(out.loss, out.losses)
 
     @contextlib.contextmanager
     def accumulation_window(self):
-        """Generate the student's weights once for all micro-batches of an optimizer step.
-
-        Inside the window, every forward uses the same generated weights as detached leaves
-        W'; each backward accumulates dL/dW' there (and the projections' direct gradients, e.g.
-        through the clone targets o^T P_o, into P.grad as usual). On exit, one backward through
-        the generation, W = W_T P, turns the summed dL/dW' into P.grad. The gradients equal those
-        of generating per micro-batch (tested); the generation's forward and backward run once
-        per optimizer step instead of once per micro-batch. Under DDP the trainer runs every
-        micro-batch without DDP's gradient sync and averages the gradients itself after this
-        backward (`lrc_src.train.average_gradients`); under FSDP/DeepSpeed (sharded parameters)
-        it does not open the window.
-        """
-        assert self._window is None, "nested accumulation windows"
-        self._window = {}
-        try:
+        """The student's weights generated once per optimizer step (`LowRankClone.accumulation_window`)."""
+        with self.clone.accumulation_window():
             yield self
-            win = self._window
-            if win:
-                keys = [k for k, leaf in win["leaves"].items() if leaf.grad is not None]
-                if keys:
-                    torch.autograd.backward([win["W"][k] for k in keys], [win["leaves"][k].grad for k in keys])
-        finally:
-            self._window = None
 
     def eval_model(self) -> PreTrainedModel:
         return self.clone.export_student()

@@ -3,7 +3,11 @@
     L = L_KL + L_LM + alpha * L_clone                                   (paper, Eq. 9)
 
 Each function takes plain tensors and returns a scalar tensor; shapes are in the docstrings.
-`tests/test_losses.py` checks each against a naive loop written independently.
+The fused or chunked implementations (`kl_loss`, `head_losses`, `clone_mse`) each have beside
+them their plain reference (`kl_loss_reference`, `head_losses_reference`, `clone_mse_reference`,
+written with F.kl_div, F.cross_entropy and F.mse_loss on whole tensors in fp32): that is the
+definition. `tests/test_losses.py` checks each implementation against its reference (values and
+gradients) and the references against naive loops written independently.
 """
 
 from __future__ import annotations
@@ -43,8 +47,24 @@ def kl_loss(
     its ~10 full-size [B, T, V] fp32 temporaries).
     """
     _check_kl_arguments(temperature, reduction)
-    B, T, V = student_logits.shape
+    B, T, _ = student_logits.shape
     kl_sum = _SoftKLSum.apply(student_logits, teacher_logits.detach(), float(temperature))
+    return kl_sum / (B if reduction == "batchmean" else B * T)
+
+
+def kl_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 40.0,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
+    """The definition `kl_loss` implements: F.kl_div on whole fp32 log-softmaxes, summed over
+    positions and vocabulary, / B ("batchmean") or / B*T ("token_mean"); no gradient to the teacher."""
+    _check_kl_arguments(temperature, reduction)
+    B, T, _ = student_logits.shape
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # [B, T, V]
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)  # [B, T, V]
+    kl_sum = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
     return kl_sum / (B if reduction == "batchmean" else B * T)
 
 
@@ -148,6 +168,46 @@ def head_losses(
         B if reduction == "batchmean" else B * T, float(kl_weight), float(lm_weight), ignore_index,
     )
     return loss, {"kl": kl, "lm": lm}
+
+
+def head_losses_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 40.0,
+    reduction: str = "batchmean",
+    kl_weight: float = 1.0,
+    lm_weight: float = 1.0,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The definition `head_losses` implements, on whole logits (same arguments and outputs):
+        logits = F.linear(hidden, weight, bias)   [B, T, V], in autocast's dtype under autocast
+        loss   = kl_weight * kl_loss_reference(logits, F.linear(*teacher), temperature, reduction)
+               + lm_weight * F.cross_entropy(next-token targets, summed) / max(n_targets, 1)
+    The LM term is `lm_loss(logits, labels)` while any target is left and 0 when none is (where
+    F.cross_entropy's mean would be nan); kl is 0 without a teacher."""
+    _check_kl_arguments(temperature, reduction)
+    B, T, _ = hidden.shape
+    if labels.shape != (B, T):
+        raise ValueError(f"labels shape {tuple(labels.shape)} must be {(B, T)}")
+    logits = F.linear(hidden, weight, bias)  # [B, T, V]
+    V = logits.shape[-1]
+    targets = labels[:, 1:].reshape(-1)  # [B*(T-1)]: position t predicts labels[t+1]
+    n_targets = int((targets != ignore_index).sum())
+    ce_sum = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), targets, ignore_index=ignore_index,
+                             reduction="sum")
+    lm = ce_sum / max(n_targets, 1)
+    if teacher is None:
+        kl = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    else:
+        with torch.no_grad():
+            teacher_logits = F.linear(*teacher)  # [B, T, V]
+        kl = kl_loss_reference(logits, teacher_logits, temperature, reduction)
+    loss = kl_weight * kl + lm_weight * lm
+    return loss, {"kl": kl.detach(), "lm": lm.detach()}
 
 
 # Logit elements per chunk of `head_losses`, two levels (rows = elements // V):
@@ -276,6 +336,15 @@ def clone_mse(student: torch.Tensor, target: torch.Tensor, relative: bool = Fals
     if relative:  # mean square of the target, accumulated in fp32 without an fp32 copy
         ms = torch.linalg.vector_norm(target.detach(), dtype=torch.float32).square() / target.numel()
         mse = mse / ms.clamp_min(1e-12)
+    return mse
+
+
+def clone_mse_reference(student: torch.Tensor, target: torch.Tensor, relative: bool = False) -> torch.Tensor:
+    """The definition `clone_mse` implements: F.mse_loss in fp32 (relative: divided by the mean
+    square of the detached target). student, target: the same shape."""
+    mse = F.mse_loss(student.float(), target.float())
+    if relative:
+        mse = mse / target.detach().float().pow(2).mean().clamp_min(1e-12)
     return mse
 
 

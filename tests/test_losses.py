@@ -1,11 +1,22 @@
-"""Each loss function against a naive loop written independently of lrc_src.losses."""
+"""The loss functions: each plain reference (the definition) against a naive loop written
+independently of lrc_src.losses, and each fused / chunked implementation against its reference
+(values and gradients, across chunk boundaries, both KL reductions, temperatures, ignored labels)."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lrc_src.losses import _row_logsumexp, clone_mse, kl_loss, lm_loss
+from lrc_src import losses
+from lrc_src.losses import (
+    _row_logsumexp,
+    clone_mse,
+    clone_mse_reference,
+    head_losses_reference,
+    kl_loss,
+    kl_loss_reference,
+    lm_loss,
+)
 
 
 def naive_kl(s, t, tau, per_token):
@@ -27,6 +38,7 @@ def test_kl_matches_naive(tau, reduction):
     s, t = torch.randn(2, 3, 7, generator=g) * 5, torch.randn(2, 3, 7, generator=g) * 5
     ref = naive_kl(s.double(), t.double(), tau, reduction == "token_mean")
     assert kl_loss(s, t, tau, reduction).item() == pytest.approx(ref, rel=1e-4, abs=1e-7)
+    assert kl_loss_reference(s, t, tau, reduction).item() == pytest.approx(ref, rel=1e-4, abs=1e-7)
 
 
 def test_kl_batchmean_scales_with_sequence_length():
@@ -57,13 +69,33 @@ def test_lm_matches_naive_and_ignores_masked():
     assert lm_loss(logits, labels).item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
 
 
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_head_losses_reference_matches_naive(with_teacher):
+    """head_losses_reference on hidden states = the naive KL and next-token CE of their logits."""
+    g = torch.Generator().manual_seed(2)
+    h, w, b = torch.randn(2, 4, 6, generator=g), torch.randn(7, 6, generator=g), torch.randn(7, generator=g)
+    ht, wt = torch.randn(2, 4, 5, generator=g), torch.randn(7, 5, generator=g)
+    labels = torch.randint(0, 7, (2, 4), generator=g)
+    labels[1, 2] = -100
+    z, zt = F.linear(h, w, b).double(), F.linear(ht, wt).double()
+    terms = [torch.logsumexp(z[i, t], -1).item() - z[i, t, labels[i, t + 1]].item()
+             for i in range(2) for t in range(3) if labels[i, t + 1] != -100]
+    kl = naive_kl(z, zt, 3.0, True) if with_teacher else 0.0
+    loss, parts = head_losses_reference(h, w, labels, (ht, wt, None) if with_teacher else None, bias=b,
+                                        temperature=3.0, reduction="token_mean", kl_weight=0.5, lm_weight=2.0)
+    assert parts["lm"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert parts["kl"].item() == pytest.approx(kl, rel=1e-4, abs=1e-7)
+    assert loss.item() == pytest.approx(0.5 * kl + 2.0 * sum(terms) / len(terms), rel=1e-5)
+
+
 def test_clone_mse_matches_naive():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
     ref = sum((x - y) ** 2 for x, y in zip(a.flatten().tolist(), b.flatten().tolist())) / a.numel()
-    assert clone_mse(a, b).item() == pytest.approx(ref, rel=1e-6)
     ms = sum(y * y for y in b.flatten().tolist()) / b.numel()
-    assert clone_mse(a, b, relative=True).item() == pytest.approx(ref / ms, rel=1e-6)
+    for fn in (clone_mse, clone_mse_reference):
+        assert fn(a, b).item() == pytest.approx(ref, rel=1e-6)
+        assert fn(a, b, relative=True).item() == pytest.approx(ref / ms, rel=1e-6)
 
 
 @pytest.mark.parametrize("shapes", [((2, 3, 4), (1, 3, 4)), ((2, 3, 4), (2, 3, 5)), ((6,), (2, 3))])
@@ -92,8 +124,7 @@ def test_kl_gradient_matches_autograd_reference(dtype, reduction, monkeypatch):
     value = kl_loss(s, t, tau, reduction)
     (value * 1.7).backward()
     s_ref = s.detach().float().requires_grad_()
-    ref = F.kl_div(F.log_softmax(s_ref / tau, -1), F.log_softmax(t.float() / tau, -1), log_target=True,
-                   reduction="sum") / (2 if reduction == "batchmean" else 10)
+    ref = kl_loss_reference(s_ref, t, tau, reduction)
     (ref * 1.7).backward()
     assert value.item() == pytest.approx(ref.item(), rel=1e-5)
     assert s.grad.dtype == dtype
@@ -103,15 +134,9 @@ def test_kl_gradient_matches_autograd_reference(dtype, reduction, monkeypatch):
 
 def _head_reference(h, w, b, labels, ht, wt, bt, tau, reduction, kl_weight, lm_weight):
     """kl_weight * F.kl_div + lm_weight * F.cross_entropy on whole fp32 logits (autograd)."""
-    B, T, _ = h.shape
-    z = F.linear(h.float(), w.float(), None if b is None else b.float())  # [B, T, V]
-    loss = lm_weight * F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), labels[:, 1:].reshape(-1),
-                                       ignore_index=-100)
-    if ht is not None:
-        zt = F.linear(ht, wt, bt)
-        kl = F.kl_div(F.log_softmax(z / tau, -1), F.log_softmax(zt / tau, -1), log_target=True, reduction="sum")
-        loss = loss + kl_weight * kl / (B if reduction == "batchmean" else B * T)
-    return loss
+    teacher = None if ht is None else (ht, wt, bt)
+    return head_losses_reference(h, w, labels, teacher, bias=b, temperature=tau, reduction=reduction,
+                                 kl_weight=kl_weight, lm_weight=lm_weight)[0]
 
 
 @pytest.mark.parametrize("tau", [1.0, 3.0])
@@ -230,9 +255,7 @@ def test_clone_mse_bf16_value_and_gradients(relative):
     value = clone_mse(s, t, relative)
     (value * 3.0).backward()
     s32, t32 = s.detach().float().requires_grad_(), t.detach().float().requires_grad_()
-    ref = (s32 - t32).pow(2).mean()
-    if relative:
-        ref = ref / t32.detach().pow(2).mean()
+    ref = clone_mse_reference(s32, t32, relative)
     (ref * 3.0).backward()
     assert value.dtype == torch.float32 and value.item() == pytest.approx(ref.item(), rel=1e-3)
     assert s.grad.dtype == t.grad.dtype == torch.bfloat16
@@ -255,3 +278,99 @@ def test_row_logsumexp_from_max_equals_the_argmax_gather_bit_for_bit(scale):
         got = _row_logsumexp(x.amax(dim=-1, keepdim=True), p)
         assert torch.equal(got, x.gather(1, k) - p.gather(1, k).log())
         torch.testing.assert_close(got.squeeze(1), torch.logsumexp(x.double(), dim=-1).float(), rtol=1e-6, atol=1e-5)
+
+
+# ---------------------------------------------------------------- implementations vs their references
+def _grads(loss, *xs):
+    return torch.autograd.grad(loss, xs)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 5), (2, 5, 37), (3, 7, 53)])
+@pytest.mark.parametrize("chunk_rows", [1, 3, 5, 1 << 20])  # a row per chunk, chunks (not) dividing N, one chunk
+@pytest.mark.parametrize("reduction", ["batchmean", "token_mean"])
+@pytest.mark.parametrize("tau", [1.0, 2.5, 40.0])
+def test_kl_loss_matches_reference(shape, chunk_rows, reduction, tau, monkeypatch):
+    """`kl_loss` (chunked `_SoftKLSum`) = `kl_loss_reference`: value and student gradient, for any
+    chunking; the teacher gets no gradient from either."""
+    monkeypatch.setitem(losses.KL_CHUNK_ELEMENTS, "cpu", chunk_rows * shape[-1])
+    g = torch.Generator().manual_seed(sum(shape))
+    s = (torch.randn(*shape, generator=g) * 3).requires_grad_()
+    t = (torch.randn(*shape, generator=g) * 3).requires_grad_()
+    got = kl_loss(s, t, tau, reduction)
+    ref = kl_loss_reference(s, t, tau, reduction)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-7)
+    (gs,) = _grads(got * 1.3, s)
+    (rs,) = _grads(ref * 1.3, s)
+    torch.testing.assert_close(gs, rs, rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError):  # the teacher logits are detached in both
+        torch.autograd.grad(kl_loss(s, t, tau, reduction), t)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(kl_loss_reference(s, t, tau, reduction), t)
+
+
+@pytest.mark.parametrize("B,T", [(1, 2), (2, 9), (3, 7)])
+@pytest.mark.parametrize("rows,sub_rows", [(1, 1), (4, 3), (5, 5), (6, 2), (1 << 20, 1 << 20)])
+@pytest.mark.parametrize("tau,reduction", [(1.0, "batchmean"), (2.5, "token_mean"), (40.0, "batchmean"),
+                                           (40.0, "token_mean")])
+def test_head_losses_match_reference_across_chunkings(B, T, rows, sub_rows, tau, reduction, monkeypatch):
+    """`head_losses` (`_FusedHeadLosses`) = `head_losses_reference`: loss, both parts and the
+    gradients to hidden, weight and bias, whatever the chunk and sub-chunk sizes (one row each,
+    sizes that do and do not divide B*T, one chunk), with ignored labels (a whole row of them
+    where B > 1)."""
+    V = 31
+    monkeypatch.setitem(losses.HEAD_CHUNK_ELEMENTS, "cpu", rows * V)
+    monkeypatch.setitem(losses.HEAD_SUBCHUNK_ELEMENTS, "cpu", sub_rows * V)
+    g = torch.Generator().manual_seed(B * 100 + T)
+    h = torch.randn(B, T, 12, generator=g).requires_grad_()
+    w = torch.randn(V, 12, generator=g).requires_grad_()
+    b = torch.randn(V, generator=g).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, -1] = -100
+    if B > 1:
+        labels[1] = -100
+    teacher = (torch.randn(B, T, 20, generator=g), torch.randn(V, 20, generator=g), torch.randn(V, generator=g))
+    kw = dict(bias=b, temperature=tau, reduction=reduction, kl_weight=0.7, lm_weight=1.3)
+    loss, parts = losses.head_losses(h, w, labels, teacher, **kw)
+    ref, ref_parts = head_losses_reference(h, w, labels, teacher, **kw)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+    for k in ("kl", "lm"):
+        assert parts[k].item() == pytest.approx(ref_parts[k].item(), rel=1e-5, abs=1e-6), k
+    for got, want in zip(_grads(loss * 2.5, h, w, b), _grads(ref * 2.5, h, w, b)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_head_losses_other_ignore_index_and_no_targets(with_teacher):
+    """ignore_index other than -100, and a batch without any target left (LM term 0, not nan): the
+    fused head and its reference agree on value and gradients."""
+    V = 13
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(2, 5, 8, generator=g).requires_grad_()
+    w = torch.randn(V, 8, generator=g).requires_grad_()
+    teacher = (torch.randn(2, 5, 6, generator=g), torch.randn(V, 6, generator=g), None) if with_teacher else None
+    partly = torch.randint(0, V, (2, 5), generator=g)
+    partly[0, 1:3] = -1
+    for labels in (partly, torch.full((2, 5), -1)):
+        kw = dict(temperature=2.0, reduction="token_mean", ignore_index=-1)
+        loss, parts = losses.head_losses(h, w, labels, teacher, **kw)
+        ref, ref_parts = head_losses_reference(h, w, labels, teacher, **kw)
+        assert torch.isfinite(loss) and loss.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-7)
+        assert parts["lm"].item() == pytest.approx(ref_parts["lm"].item(), rel=1e-5, abs=1e-7)
+        if (labels == -1).all():
+            assert parts["lm"].item() == 0.0
+        for got, want in zip(_grads(loss, h, w), _grads(ref, h, w)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 3, 4), (3, 7, 33)])
+@pytest.mark.parametrize("relative", [False, True])
+def test_clone_mse_matches_reference(shape, relative):
+    """`clone_mse` (`_MeanSquaredError`) = `clone_mse_reference` in fp32: value and gradients to the
+    student and to a target that requires grad (the projected teacher outputs)."""
+    g = torch.Generator().manual_seed(len(shape))
+    s = torch.randn(*shape, generator=g).requires_grad_()
+    t = (torch.randn(*shape, generator=g) * 2).requires_grad_()
+    got, ref = clone_mse(s, t, relative), clone_mse_reference(s, t, relative)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    for a, b in zip(_grads(got * 0.9, s, t), _grads(ref * 0.9, s, t)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

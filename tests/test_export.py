@@ -1,0 +1,100 @@
+"""lrc_src.export: the exported student equals the clone (logits), for every teacher kind and
+variant; student_config is the student's shape for LRC and the random-init baselines."""
+import pytest
+import torch
+from conftest import make_teacher
+from test_clone import KINDS, make_clone
+from transformers import AutoModelForCausalLM
+
+from lrc_src.export import student_config
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_logits_equal_clone_logits(kind, ids, tmp_path):
+    lrc = make_clone(kind)
+    out = lrc.clone(ids)
+    with torch.no_grad():
+        assert (lrc.teacher(ids).logits - out.teacher_logits).abs().max() <= 1e-4
+    lrc.save_student(tmp_path / "student")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student", dtype=torch.float32)
+    assert type(student) is type(lrc.teacher)
+    assert student.config.hidden_size == 32 and student.config.head_dim == 16
+    with torch.no_grad():
+        diff = (student(ids).logits - out.logits).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_saved_student_does_not_depend_on_the_device(tmp_path):
+    """save_student generates on the CPU: the same file from a clone on the GPU as on the CPU."""
+    from safetensors.torch import load_file
+    lrc = make_clone("llama-mqa-untied")
+    lrc.save_student(tmp_path / "cpu")
+    lrc.cuda().save_student(tmp_path / "cuda")
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("cpu", "cuda"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert lrc.export_student().lm_head.weight.device.type == "cuda"  # evaluation stays on the device
+
+
+def test_export_keeps_teacher_rope_llama3():
+    lrc = make_clone("llama3-rope")
+    scfg = lrc.export_student().config
+    assert scfg.rope_parameters["rope_type"] == "llama3"
+    assert scfg.rope_parameters == lrc.teacher.config.rope_parameters
+
+
+def test_odd_student_size_qwen2(ids):
+    """d_T 64 -> d_S 24 (not a power of two; Qwen2 accepts any size)."""
+    lrc = make_clone("qwen2-bias", d_S=22)
+    out = lrc.clone(ids)
+    with torch.no_grad():
+        assert (lrc.export_student()(ids).logits - out.logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", [
+    dict(attn_projection="io"), dict(ffn_projection="io"), dict(alignment="extra"),
+    dict(attn_out_space="teacher"), dict(clone_terms=()),
+])
+def test_export_exact_for_variants(variant, ids):
+    lrc = make_clone("llama-mqa-untied", **variant)
+    out = lrc.clone(ids)
+    with torch.no_grad():
+        assert (lrc.export_student()(ids).logits - out.logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("untie", [False, True])
+def test_student_config_is_the_exported_config(kind, untie):
+    """student_config(teacher config, d_S) is the config of the exported student (and of the
+    random-init baselines): the teacher's with hidden_size d_S, head_dim kept explicitly and the
+    head tied only when the teacher's is and untie_lm_head is off."""
+    from lrc_src.baselines import student_like
+
+    lrc = make_clone(kind, untie_lm_head=untie)
+    scfg = student_config(lrc.teacher.config, 32, untie_lm_head=untie)
+    assert type(scfg) is type(lrc.teacher.config)
+    assert scfg.to_dict() == lrc.export_student().config.to_dict()
+    assert scfg.hidden_size == 32 and scfg.head_dim == 16
+    assert scfg.tie_word_embeddings == (lrc.teacher.config.tie_word_embeddings and not untie)
+    like = student_like(lrc.teacher, 32, seed=0)
+    assert type(like) is type(lrc.teacher) and like.config.to_dict() == student_config(lrc.teacher.config, 32).to_dict()
+
+
+@pytest.mark.parametrize("d_S,match", [(64, "student_hidden_size=64 must be smaller"),
+                                       (30, "student_hidden_size=30 is not a multiple of the teacher's 4")])
+def test_student_config_rejects_bad_sizes(d_S, match):
+    """The same checks as LowRankClone's, for the baselines that only need the student's shape."""
+    from lrc_src.baselines import student_like
+
+    teacher = make_teacher()
+    with pytest.raises(ValueError, match=match):
+        student_config(teacher.config, d_S)
+    with pytest.raises(ValueError, match=match):
+        student_like(teacher, d_S, seed=0)
+
+
+def test_student_config_rejects_unsupported_teachers():
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match="unsupported teacher config GPT2Config"):
+        student_config(GPT2Config(n_embd=32, n_layer=1, n_head=2), 16)
