@@ -53,12 +53,14 @@ lab: venv
 # The default profile runs offline; the paper profile needs the hub (run snakemake directly).
 # A checkout carries the committed results/<profile>/ tables and evals, which snakemake would keep
 # as they are (their run folders are not committed). So until `make replicate` has finished in
-# this checkout (marked by results/<profile>/.replicated, not committed), every rule but prepare
-# and train is forced: the committed outputs are recomputed, and `git diff results/` shows what
-# changed. Training itself runs whenever a run folder is missing or unfinished (it resumes from its
-# checkpoint), so an interrupted `make replicate` goes on where it stopped.
+# this checkout (marked by results/<profile>/.replicated, not committed), every rule that writes a
+# committed output is forced: the committed outputs are recomputed, and `git diff results/` shows
+# what changed. prepare, tiny_suite and train write only uncommitted assets and run folders: they run
+# whenever their output is missing or out of date (training resumes from its checkpoint, the tiny
+# suite is deterministic and verified against its manifest when read), so an interrupted
+# `make replicate` goes on where it stopped.
 SMK        = HF_HUB_OFFLINE=$(if $(filter paper,$(PROFILE)),0,1) $(VENV)/bin/snakemake
-OUTPUT_RULES = $(filter-out all prepare train,$(shell $(VENV)/bin/snakemake --list-rules 2>/dev/null))
+OUTPUT_RULES = $(filter-out all prepare tiny_suite train,$(shell $(VENV)/bin/snakemake --list-rules 2>/dev/null))
 done_here  = $(wildcard results/$(PROFILE)/$(1))
 
 replicate: venv

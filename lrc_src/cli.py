@@ -1,9 +1,10 @@
-"""Command line: `lrc train`, `lrc export`, `lrc eval`.
+"""Command line: `lrc train`, `lrc prepare`, `lrc export`, `lrc tiny-suite`, `lrc eval`.
 
     lrc train --config config/tiny.yaml --output-dir runs/tiny-lrc [--set train.max_steps=20 ...]
     accelerate launch -m lrc_src.cli train --config config/paper-lrc-1.5b.yaml --output-dir runs/lrc-1.5b
     lrc export --run runs/tiny-lrc --output exported/
-    lrc eval --model runs/tiny-lrc/student --suite tiny --output eval.csv
+    lrc tiny-suite --heldout assets/heldout.jsonl --output assets/tiny_suite
+    lrc eval --model runs/tiny-lrc/student --suite tiny --data-dir assets/tiny_suite --output eval.csv
 
 User errors (bad config, missing files, bad values) print one line `lrc: error: ...` and exit 2.
 """
@@ -49,6 +50,21 @@ def _export(args: argparse.Namespace) -> int:
     cfg = load_config(run / "config.yaml")
     export_run(cfg, run, args.output)
     print(f"exported student: {args.output}")
+    return 0
+
+
+def _tiny_suite(args: argparse.Namespace) -> int:
+    """Build the offline tiny eval suite from a held-out file (deterministic for a given seed)."""
+    from lrc_src.tiny_suite import build_tiny_suite
+
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {str(out)!r} exists and is not a folder")
+    try:
+        folder = build_tiny_suite(args.heldout, out, seed=args.seed)
+    except (NotADirectoryError, PermissionError) as e:  # a parent of --output is a file; no permission
+        raise ValueError(f"cannot build the tiny suite in {str(out)!r}: {e}") from None
+    print(f"tiny suite (seed {args.seed}) from {args.heldout}: {folder}")
     return 0
 
 
@@ -105,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="run folder written by `lrc train`")
     e.add_argument("--output", required=True, help="folder to write the student to")
     e.set_defaults(func=_export)
+
+    s = sub.add_parser("tiny-suite", help="build the offline tiny eval suite from a held-out file",
+                       description="Write the tiny suite's task data, lm-eval task YAMLs and manifest.json into "
+                                   "OUTPUT, sampled from the held-out documents (and the MMLU test set) with SEED. "
+                                   "The same inputs and seed give the same bytes; a built suite is reused as is. "
+                                   "Pass OUTPUT to `lrc eval --suite tiny --data-dir`.")
+    s.add_argument("--heldout", required=True, metavar="FILE.jsonl",
+                   help='held-out documents, {"text": ...} per line (lrc prepare writes OUTPUT_DIR/heldout.jsonl)')
+    s.add_argument("--output", required=True, metavar="DIR", help="folder to write the suite to (created)")
+    s.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
+    s.set_defaults(func=_tiny_suite)
 
     from lrc_src.harness import add_eval_arguments
 

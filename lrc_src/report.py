@@ -2,7 +2,7 @@
 
 The notebooks in notebooks/ are thin: they call these functions, assert on what they read, plot,
 and write `results/<profile>/tables/<name>.csv`. Every number comes from a run folder
-(metrics.csv, run.json), an `lrc eval` CSV, or the paper CSVs in results/paper/.
+(metrics.csv, run.json), an `lrc eval` CSV, or the paper's numbers in reference/.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import pandas as pd
 
 from lrc_src.fileio import write_csv_atomic
 
-PAPER_FILES = ("paper_benchmarks.csv", "paper_ablations.csv", "paper_fewshot.csv")
+#: The paper's numbers transcribed from its tables (reference/README.md): name -> path from the
+#: project root. The workflow declares them as inputs of the rules whose notebooks read them.
+PAPER_FILES = {name: f"reference/paper_{name}.csv" for name in ("benchmarks", "ablations", "fewshot")}
 
 
 def project_root(start: str | Path | None = None) -> Path:
@@ -181,10 +183,10 @@ def sweep_markdown(sweep: pd.DataFrame, metric: str = "heldout_loss") -> str:
 # ---------------------------------------------------------------- paper
 
 
-def paper_frame(name: str, root: str | Path | None = None) -> pd.DataFrame:
-    """One of the paper CSVs copied into results/paper/ (benchmarks, ablations, fewshot)."""
-    root = project_root(root)
-    path = root / "results" / "paper" / f"paper_{name}.csv"
+def paper_frame(name: str | Path, root: str | Path | None = None) -> pd.DataFrame:
+    """The paper's numbers: `name` is a key of PAPER_FILES (benchmarks, ablations, fewshot; found
+    under the project root) or the path of such a CSV (as the workflow passes it)."""
+    path = project_root(root) / PAPER_FILES[name] if name in PAPER_FILES else Path(name)
     if not path.is_file():
         raise FileNotFoundError(f"paper table {path} is missing")
     return pd.read_csv(path)

@@ -35,13 +35,13 @@ def test_paper_benchmark_times_the_authors_step():
     r = snakemake("-n", "-p", "--cores", "2", "results/paper/tables/table8_throughput.csv",
                   "--forcerun", "table8_throughput", "--config", "profile=paper")
     assert r.returncode == 0, r.stderr[-3000:]
-    commands = [line for line in r.stdout.splitlines() if "benchmarks/throughput.py" in line]
+    commands = [line for line in r.stdout.splitlines() if "python benchmarks/throughput.py" in line]
     assert len(commands) == 1, r.stdout[-3000:]
     assert "--profile paper-1.5b --device cuda --steps 5 --warmup 2 --batch-size 3 --grad-accum 8 " in commands[0]
     r = snakemake("-n", "-p", "--cores", "1", "results/ci/tables/table8_throughput.csv",
                   "--forcerun", "table8_throughput", "--config", "profile=ci")
     assert r.returncode == 0, r.stderr[-3000:]
-    commands = [line for line in r.stdout.splitlines() if "benchmarks/throughput.py" in line]
+    commands = [line for line in r.stdout.splitlines() if "python benchmarks/throughput.py" in line]
     assert len(commands) == 1 and "--warmup 1  --threads 1" in commands[0], r.stdout[-3000:]
     assert "--batch-size" not in commands[0] and "--grad-accum" not in commands[0]
     assert "--compile" not in commands[0]  # eager unless the profile says benchmark.compile: true
@@ -76,7 +76,8 @@ def test_make_replicate_recomputes_the_committed_results_of_a_fresh_checkout():
         pytest.skip("this checkout has already run make replicate")
     cmd = next(line for line in make_recipe("replicate", "tiny").splitlines() if "snakemake" in line)
     forced = cmd.split("--forcerun", 1)[1].split()
-    assert {"evaluate", "table1_main", "claims", "budget_sweep"} <= set(forced) and not {"train", "prepare"} & set(forced)
+    assert {"evaluate", "table1_main", "claims", "budget_sweep"} <= set(forced)
+    assert not {"train", "prepare", "tiny_suite"} & set(forced)  # uncommitted assets and run folders
     r = snakemake("-n", "--cores", "2", "--config", "profile=tiny", "--forcerun", *forced)
     assert r.returncode == 0, r.stderr[-3000:]
     counts = dict(re.findall(r"^(train|evaluate|table1_main)\s+(\d+)$", r.stdout, re.M))
@@ -104,18 +105,124 @@ def test_unknown_profile_is_a_clear_error():
     (lambda P: P["tables"]["table7_io_sharing"]["speed"].update(lrc_small="lrc"),
      "gives a speed for run(s) ['lrc_small'] that it does not list"),
     (lambda P: P.pop("benchmark"), "takes speeds from the benchmark, but the profile has no benchmark section"),
+    (lambda P: P["budget_sweep"].update(small="lrc"),
+     "budget_sweep.small is 'lrc', which is not one of budget_sweep.runs ['lrc_small', 'prune_kd']"),
+    (lambda P: P["budget_sweep"].pop("small"), "'small' is a required property"),
+    (lambda P: P["benchmark"].update(profile="huge"), "benchmark.profile 'huge' is not one of"),
 ])
-def test_bad_speed_mapping_is_a_clear_error(change, message):
+def test_bad_profile_is_a_clear_error(change, message):
     prof = yaml.safe_load((ROOT / "config/workflow/ci.yaml").read_text())
     change(prof)
-    path = ROOT / "config/workflow/_test_speed.yaml"  # profiles are looked up by name in this folder
+    path = ROOT / "config/workflow/_test_bad.yaml"  # profiles are looked up by name in this folder
     try:
         path.write_text(yaml.safe_dump(prof))
-        r = snakemake("-n", "--cores", "1", "--config", "profile=_test_speed")
+        r = snakemake("-n", "--cores", "1", "--config", "profile=_test_bad")
     finally:
         path.unlink(missing_ok=True)
     assert r.returncode != 0
     assert message in r.stderr + r.stdout
+
+
+def _planned_jobs(stdout):
+    """(rule, declared inputs, shell command) of every job in a `snakemake -n -p` listing."""
+    jobs, rule, inputs = [], None, []
+    for line in stdout.splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):$", line):
+            rule, inputs = m.group(1), []
+        elif line.startswith("    input: "):
+            inputs = line[len("    input: "):].split(", ")
+        elif line.startswith("Shell command: ") and rule:
+            jobs.append((rule, set(inputs), line[len("Shell command: "):]))
+    return jobs
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+@pytest.mark.parametrize("profile", ["ci", "tiny"])
+def test_every_file_a_rule_reads_is_declared(profile):
+    """Each papermill rule declares the notebook it executes and every file its parameters name
+    (the paper's numbers, eval CSVs, the tiny suite, other tables, finished runs); lrc eval reads
+    the tiny suite from a declared folder that rule tiny_suite builds, never as a side effect."""
+    r = snakemake("-n", "-p", "--forceall", "--cores", "2", "--config", f"profile={profile}", "--",
+                  "all", f"results/{profile}/tables/budget_sweep.csv")
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = _planned_jobs(r.stdout)
+    suite = f"results/{profile}/assets/tiny_suite"
+    notebooks = 0
+    for rule, inputs, cmd in jobs:
+        assert "--heldout" not in cmd or rule == "tiny_suite", cmd
+        if rule == "tiny_suite":
+            assert inputs == {f"results/{profile}/assets/heldout.jsonl"}, inputs
+        if " lrc eval " in cmd:  # these profiles evaluate on the tiny suite only
+            assert f"--data-dir {suite} " in cmd and suite in inputs, (rule, cmd)
+        if "papermill" not in cmd:
+            continue
+        notebooks += 1
+        notebook = re.search(r"(notebooks/\w+\.ipynb) results/", cmd).group(1)
+        assert notebook in inputs, (rule, notebook)
+        params = json.loads(re.search(r"-y '(.*)' >", cmd).group(1))
+        for key, value in params.items():
+            if key.startswith("output") or key == "assets":
+                continue
+            for path in _strings(value):
+                if "/runs/" in path:
+                    assert f"{path}/run.json" in inputs, (rule, key, path)
+                elif "/" in path:
+                    assert path in inputs, (rule, key, path)
+        if "paper_frame(paper_csv)" in (ROOT / notebook).read_text():
+            assert params["paper_csv"] in inputs and params["paper_csv"].startswith("reference/"), rule
+    assert notebooks >= 7
+
+
+def test_the_papers_numbers_are_apart_from_the_profiles_outputs():
+    """reference/ holds the paper's CSVs (documented in its README); results/<profile>/ only
+    what a profile produced, so the `paper` profile's folder holds none of them."""
+    from lrc_src import report
+
+    readme = (ROOT / "reference" / "README.md").read_text()
+    for name, path in report.PAPER_FILES.items():
+        assert path.startswith("reference/") and (ROOT / path).is_file(), path
+        assert Path(path).name in readme, path
+        assert len(report.paper_frame(name, ROOT)) > 0
+        assert report.paper_frame(ROOT / path).equals(report.paper_frame(name, ROOT))
+    assert not list((ROOT / "results" / "paper").glob("paper_*.csv"))
+
+
+def test_lrc_tiny_suite_builds_the_suite_lrc_eval_reads(tmp_path):
+    """`lrc tiny-suite` writes a suite that load_tiny_manifest accepts, with the seed lrc eval's
+    --heldout used (0), and the same data as build_tiny_suite; a bad input is one error line."""
+    from lrc_src.tiny_suite import build_tiny_suite, load_tiny_manifest
+
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"text": " ".join(f"w{d}_{i}" for i in range(120))}) + "\n"
+                               for d in range(60)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cli = [sys.executable, "-m", "lrc_src.cli", "tiny-suite"]
+    r = subprocess.run([*cli, "--heldout", str(heldout), "--output", str(tmp_path / "suite")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    manifest = load_tiny_manifest(tmp_path / "suite")
+    assert manifest["seed"] == 0
+    other = build_tiny_suite(heldout, tmp_path / "other", seed=0)
+    for name in manifest["tasks"]:
+        assert (tmp_path / "suite" / f"{name}.jsonl").read_bytes() == (other / f"{name}.jsonl").read_bytes()
+    r = subprocess.run([*cli, "--heldout", str(heldout), "--output", str(tmp_path / "seed1"), "--seed", "1"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and load_tiny_manifest(tmp_path / "seed1")["seed"] == 1, r.stderr
+    for bad in (["--heldout", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "x")],
+                ["--heldout", str(heldout), "--output", str(heldout)]):
+        r = subprocess.run([*cli, *bad], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("lrc: error: "), r.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_ci_dag_end_to_end():
@@ -134,15 +241,19 @@ def test_ci_dag_end_to_end():
     main = pd.read_csv(ROOT / "results/ci/tables/table1_main.csv")
     ours = main[main.source.str.startswith("this replication")]
     assert set(ours.model) == {"teacher", "lrc", "scratch", "kd", "tinybert", "prune_kd", "lrc_small"}
-    # the analysis items (issue 5)
+    # the analysis items
     t5 = pd.read_csv(ROOT / "results/ci/tables/table5_neuron_masking.csv")
     assert {"unmasked", "important_top50_masked", "random_masked"} <= set(t5.condition)
     t22 = pd.read_csv(ROOT / "results/ci/tables/table22_gram_mse.csv")
     assert {"teacher_vs_student", "teacher_vs_random"} <= set(t22.comparison)
+    from lrc_src.tiny_suite import load_tiny_manifest
+
+    assert load_tiny_manifest(ROOT / "results/ci/assets/tiny_suite")["seed"] == 0  # rule tiny_suite
+    assert (ROOT / "results/ci/logs/tiny_suite.log").is_file()
     f4 = pd.read_csv(ROOT / "results/ci/tables/figure4_tokens.csv")
     assert set(f4[f4.run == "lrc"].step) == {2, 4, 8}
     assert (ROOT / "results/ci/runs/lrc/exports/step_2/projections.safetensors").is_file()
-    # issue 7's budget sweep: every method x budget x seed has a held-out loss; evals at the largest
+    # the budget sweep: every method x budget x seed has a held-out loss; evals at the largest
     sweep = pd.read_csv(ROOT / "results/ci/tables/budget_sweep.csv")
     assert list(sweep.columns) == ["method", "seed", "tokens", "metric", "value"]
     held = sweep[sweep.metric == "heldout_loss"]

@@ -1,50 +1,64 @@
-# Analysis items (issue 5): measurements on trained models rather than on their loss logs. Each
-# rule runs its own parametrised notebook (notebooks/<item>.ipynb), whose logic is in
-# lrc_src/analysis.py. Which runs feed an item, and its extra notebook parameters (`params:`),
-# are in the profile's `tables:` entry.
+# Analysis items: measurements on trained models rather than on their loss logs. Each rule runs
+# its own parametrised notebook (notebooks/<item>.ipynb), whose logic is in lrc_src/analysis.py.
+# Which runs feed an item, and its extra notebook parameters (`params:`), are in the profile's
+# `tables:` entry.
 #   figure4_tokens           held-out loss (+ tiny suite) of the exports at train.export_at and the final student
 #   table4_data_mix          runs differing only in data.corpus, scored on each corpus's held-out set
 #   table5_neuron_masking    mask the top-k FFN neurons vs k random ones, teacher and LRC student
 #   table21_singular_values  spectrum of P_up at the exports and at the end of training
 #   table22_gram_mse         FFN Gram matrices: teacher vs student vs a random model
 
-
-def _analysis_params(name):
-    return dict(TABLES.get(name, {}).get("params", {}))
-
-
-def _suite_evals(name):
-    """Eval CSVs an item needs: the teacher's when it runs the tiny suite itself (its rule builds
-    results/<profile>/assets/tiny_suite), and those of its runs that the profile evaluates."""
-    evals = {m: f"{R}/evals/{m}.csv" for m in table_runs(name) if m in P["eval"]["models"]}
-    if _analysis_params(name).get("suite"):
-        evals["teacher"] = f"{R}/evals/teacher.csv"
-    return evals
-
-
+ANALYSIS = {  # item -> the paper's CSV its notebook shows beside ours (PAPER_FILES key), if any
+    "figure4_tokens": None,
+    "table4_data_mix": "ablations",
+    "table5_neuron_masking": "ablations",
+    "table21_singular_values": "ablations",
+    "table22_gram_mse": "ablations",
+}
 SUITE_ITEMS = ("figure4_tokens", "table5_neuron_masking")  # notebooks that can run the tiny suite themselves
 
 
-def _analysis_notebook_params(name):
-    extra = _analysis_params(name)
+def _analysis_params(name):
+    """The item's notebook parameters from the profile; the suite is off unless the profile says so
+    (never the notebook's ci default)."""
+    params = dict(TABLES.get(name, {}).get("params", {}))
     if name in SUITE_ITEMS:
-        extra.setdefault("suite", False)  # explicit: never the notebook's (ci) default
-    if extra.get("suite"):
-        extra["suite_dir"] = f"{R}/assets/tiny_suite"
+        params.setdefault("suite", False)
+    return params
+
+
+def _run_evals(name):
+    """Eval CSVs of the item's runs that the profile evaluates (table4_data_mix shows them)."""
+    return {m: f"{R}/evals/{m}.csv" for m in table_runs(name) if m in P["eval"]["models"]}
+
+
+def _analysis_inputs(name):
+    ins = _table_inputs(name, f"notebooks/{name}.ipynb", paper=ANALYSIS[name])
     if name == "table4_data_mix":
-        extra["evals"] = {m: p for m, p in _suite_evals(name).items() if m != "teacher"}
+        ins["evals"] = list(_run_evals(name).values())
+    if _analysis_params(name).get("suite"):
+        ins["suite_data"] = TINY_SUITE
+    return ins
+
+
+def _analysis_notebook_params(name, input):
+    extra = _analysis_params(name)
+    if extra.get("suite"):
+        extra["suite_dir"] = input.suite_data
+    if ANALYSIS[name]:
+        extra["paper_csv"] = input.paper
+    if name == "table4_data_mix":
+        extra["evals"] = _run_evals(name)
     return notebook_params(name, **extra)
 
 
-for _name in ("figure4_tokens", "table4_data_mix", "table5_neuron_masking", "table21_singular_values",
-              "table22_gram_mse"):
+for _name in ANALYSIS:
 
     rule:
         name:
             _name
         input:
-            **_table_inputs(_name),
-            evals=list(_suite_evals(_name).values()),
+            **_analysis_inputs(_name),
         output:
             csv=f"results/{{profile}}/tables/{_name}.csv",
             png=f"results/{{profile}}/figures/{_name}.png",
@@ -53,7 +67,6 @@ for _name in ("figure4_tokens", "table4_data_mix", "table5_neuron_masking", "tab
             f"results/{{profile}}/logs/{_name}.log",
         threads: 1
         params:
-            p=lambda w, _n=_name: _analysis_notebook_params(_n),
-            nb=f"notebooks/{_name}.ipynb",
+            p=lambda w, input, _n=_name: _analysis_notebook_params(_n, input),
         shell:
-            "OMP_NUM_THREADS={threads} {PAPERMILL} {params.nb} {output.nb} -y {params.p} > {log} 2>&1"
+            "OMP_NUM_THREADS={threads} {PAPERMILL} {input.notebook} {output.nb} -y {params.p} > {log} 2>&1"

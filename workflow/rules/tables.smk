@@ -1,13 +1,18 @@
 # One rule per paper item: a papermill-executed notebook writes the tidy CSV and figure; the
 # executed notebook is kept under results/<profile>/notebooks/. Which runs feed which item is in
-# the profile (config/workflow/<profile>.yaml, `tables:`).
+# the profile (config/workflow/<profile>.yaml, `tables:`). Each rule's inputs are everything its
+# notebook reads: the notebook itself, the run folders (run.json marks a finished run), the eval
+# CSVs, the paper's numbers (reference/) and other tables.
 
 PAPERMILL = "papermill --cwd . --no-progress-bar --log-level WARNING"
 THROUGHPUT_CSV = f"{R}/tables/table8_throughput.csv"  # rule table8_throughput's output; Table 7's speeds
 
 
-def _table_inputs(name, evals=False):
-    ins = {"assets": f"{R}/assets/assets.json", "runs": [run_done(r) for r in table_runs(name)]}
+def _table_inputs(name, notebook, paper=None, evals=False):
+    """A table notebook's inputs; `paper`: which of the paper's CSVs it shows (PAPER_FILES key)."""
+    ins = {"notebook": notebook, "assets": f"{R}/assets/assets.json", "runs": [run_done(r) for r in table_runs(name)]}
+    if paper:
+        ins["paper"] = PAPER_FILES[paper]
     if evals:
         ins["evals"] = [f"{R}/evals/{m}.csv" for m in P["eval"]["models"]]
     if TABLES.get(name, {}).get("speed"):
@@ -23,7 +28,7 @@ def _speed_params(name):
 
 rule table1_main:
     input:
-        **_table_inputs("table1_main", evals=True),
+        **_table_inputs("table1_main", "notebooks/table1_main.ipynb", paper="benchmarks", evals=True),
     output:
         csv="results/{profile}/tables/table1_main.csv",
         png="results/{profile}/figures/table1_main.png",
@@ -31,14 +36,15 @@ rule table1_main:
     log:
         "results/{profile}/logs/table1_main.log",
     params:
-        p=lambda w: notebook_params("table1_main", evals={m: f"{R}/evals/{m}.csv" for m in P["eval"]["models"]}),
+        p=lambda w, input: notebook_params("table1_main", paper_csv=input.paper,
+                                           evals={m: f"{R}/evals/{m}.csv" for m in P["eval"]["models"]}),
     shell:
-        "{PAPERMILL} notebooks/table1_main.ipynb {output.nb} -y {params.p} > {log} 2>&1"
+        "{PAPERMILL} {input.notebook} {output.nb} -y {params.p} > {log} 2>&1"
 
 
 rule figure3_loss_curves:
     input:
-        **_table_inputs("figure3_loss_curves"),
+        **_table_inputs("figure3_loss_curves", "notebooks/figure3_loss_curves.ipynb"),
     output:
         csv="results/{profile}/tables/figure3_loss_curves.csv",
         png="results/{profile}/figures/figure3_loss_curves.png",
@@ -48,7 +54,7 @@ rule figure3_loss_curves:
     params:
         p=lambda w: notebook_params("figure3_loss_curves"),
     shell:
-        "{PAPERMILL} notebooks/figure3_loss_curves.ipynb {output.nb} -y {params.p} > {log} 2>&1"
+        "{PAPERMILL} {input.notebook} {output.nb} -y {params.p} > {log} 2>&1"
 
 
 # Ablations whose measurement is the final loss of a set of runs share one parametrised notebook.
@@ -59,7 +65,7 @@ for _name in ("table3_clone_terms", "table7_io_sharing", "figure6_alpha", "kl_te
         name:
             _name
         input:
-            **_table_inputs(_name),
+            **_table_inputs(_name, "notebooks/ablation.ipynb", paper="ablations"),
         output:
             csv=f"results/{{profile}}/tables/{_name}.csv",
             png=f"results/{{profile}}/figures/{_name}.png",
@@ -67,15 +73,28 @@ for _name in ("table3_clone_terms", "table7_io_sharing", "figure6_alpha", "kl_te
         log:
             f"results/{{profile}}/logs/{_name}.log",
         params:
-            p=lambda w, _n=_name: notebook_params(_n, **_speed_params(_n)),
+            p=lambda w, input, _n=_name: notebook_params(_n, paper_csv=input.paper, **_speed_params(_n)),
         shell:
-            "{PAPERMILL} notebooks/ablation.ipynb {output.nb} -y {params.p} > {log} 2>&1"
+            "{PAPERMILL} {input.notebook} {output.nb} -y {params.p} > {log} 2>&1"
 
 
 BENCH = P.get("benchmark", {})  # the profile's benchmark section (schema.yaml)
+BENCH_SCRIPT = "benchmarks/throughput.py"
+
+
+def _bench_inputs():
+    """The benchmark script and the train config of its profile (benchmarks/throughput.py PROFILES)."""
+    from benchmarks.throughput import PROFILES
+
+    if BENCH["profile"] not in PROFILES:
+        raise ValueError(f"profile {PROFILE}: benchmark.profile {BENCH['profile']!r} is not one of "
+                         f"{BENCH_SCRIPT}'s profiles {sorted(PROFILES)}")
+    return {"script": BENCH_SCRIPT, "config": os.path.relpath(PROFILES[BENCH["profile"]])}
 
 
 rule table8_throughput:
+    input:
+        **(_bench_inputs() if BENCH else {}),
     output:
         csv="results/{profile}/tables/table8_throughput.csv",
     log:
@@ -86,13 +105,14 @@ rule table8_throughput:
         shape=" ".join(f"--{k.replace('_', '-')} {BENCH[k]}" for k in ("batch_size", "grad_accum") if k in BENCH)
         + (" --compile" if BENCH.get("compile") else ""),
     shell:
-        "OMP_NUM_THREADS={threads} python benchmarks/throughput.py --profile {params.bench[profile]} "
+        "OMP_NUM_THREADS={threads} python {input.script} --profile {params.bench[profile]} "
         "--device {params.bench[device]} --steps {params.bench[steps]} --warmup {params.bench[warmup]} "
         "{params.shape} --threads {threads} --output {output.csv} > {log} 2>&1"
 
 
 rule claims:
     input:
+        notebook="notebooks/claims.ipynb",
         tables=[f"{R}/tables/{t}.csv" for t in TABLES if t != "claims"],
     output:
         csv="results/{profile}/tables/claims.csv",
@@ -103,4 +123,4 @@ rule claims:
     params:
         p=lambda w: notebook_params("claims", tables={t: f"{R}/tables/{t}.csv" for t in TABLES if t != "claims"}),
     shell:
-        "{PAPERMILL} notebooks/claims.ipynb {output.nb} -y {params.p} > {log} 2>&1"
+        "{PAPERMILL} {input.notebook} {output.nb} -y {params.p} > {log} 2>&1"

@@ -1,16 +1,20 @@
-# Assets (teacher, tokenised corpus) once per profile, then one training run per entry of `runs`.
+# Assets (teacher, tokenised corpus, held-out documents) once per profile, then one training run
+# per entry of `runs`. prepare also links assets/teacher to the teacher's folder in the asset
+# cache ($LRC_CACHE); that link is not an output (snakemake would delete or timestamp the cached
+# folder behind it), so the rules that read it take assets.json, which prepare writes last.
 
 
 rule prepare:
+    input:
+        config=P["train_config"],
     output:
-        "results/{profile}/assets/assets.json",
+        assets="results/{profile}/assets/assets.json",
+        heldout="results/{profile}/assets/heldout.jsonl",  # the documents no run trains on
     log:
         "results/{profile}/logs/prepare.log",
     threads: workflow.cores
-    params:
-        config=P["train_config"],
     shell:
-        "OMP_NUM_THREADS={threads} lrc prepare --config {params.config} "
+        "OMP_NUM_THREADS={threads} lrc prepare --config {input.config} "
         "--output-dir results/{wildcards.profile}/assets --threads {threads} > {log} 2>&1"
 
 
