@@ -1,10 +1,12 @@
-"""Command line: `lrc train`, `lrc prepare`, `lrc export`, `lrc tiny-suite`, `lrc eval`.
+"""Command line: `lrc train`, `lrc prepare`, `lrc export`, `lrc tiny-suite`, `lrc eval`, `lrc samples`.
 
     lrc train --config config/tiny.yaml --output-dir runs/tiny-lrc [--set train.max_steps=20 ...]
     accelerate launch -m lrc_src.cli train --config config/paper-lrc-1.5b.yaml --output-dir runs/lrc-1.5b
     lrc export --run runs/tiny-lrc --output exported/
     lrc tiny-suite --heldout assets/heldout.jsonl --output assets/tiny_suite
     lrc eval --model runs/tiny-lrc/student --suite tiny --data-dir assets/tiny_suite --output eval.csv
+    lrc samples --model teacher=assets/teacher --model lrc=runs/tiny-lrc/student --heldout assets/heldout.jsonl \
+        --output samples.csv
 
 User errors (bad config, missing files, bad values) print one line `lrc: error: ...` and exit 2.
 """
@@ -65,6 +67,27 @@ def _tiny_suite(args: argparse.Namespace) -> int:
     except (NotADirectoryError, PermissionError) as e:  # a parent of --output is a file; no permission
         raise ValueError(f"cannot build the tiny suite in {str(out)!r}: {e}") from None
     print(f"tiny suite (seed {args.seed}) from {args.heldout}: {folder}")
+    return 0
+
+
+def _samples(args: argparse.Namespace) -> int:
+    """Greedy continuations of a fixed prompt set by each --model, as one CSV."""
+    from lrc_src.fileio import write_csv_atomic
+    from lrc_src.samples import INSTRUCTIONS, sample_prompts, samples_frame
+
+    models = {}
+    for spec in args.model:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--model {spec!r} is not NAME=FOLDER")
+        models[name] = folder
+    if args.instructions > len(INSTRUCTIONS):
+        raise ValueError(f"--instructions {args.instructions}: there are {len(INSTRUCTIONS)}")
+    prompts = sample_prompts(args.heldout, n_heldout=args.heldout_prompts, seed=args.seed,
+                             instructions=INSTRUCTIONS[: args.instructions])
+    frame = samples_frame(models, prompts, max_new_tokens=args.max_new_tokens)
+    write_csv_atomic(frame, args.output)
+    print(f"{len(frame)} samples from {len(models)} model(s): {args.output}")
     return 0
 
 
@@ -132,6 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, metavar="DIR", help="folder to write the suite to (created)")
     s.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
     s.set_defaults(func=_tiny_suite)
+
+    g = sub.add_parser("samples", help="greedy continuations of a fixed prompt set by several models, as a CSV",
+                       description="For each model (an HF folder: a run's student/ or a teacher), the greedy "
+                                   "continuation of the same prompts: the openings of held-out documents chosen "
+                                   "by SEED, then a few plain instructions (through the chat template when the "
+                                   "tokenizer has one). Writes OUTPUT with columns model, kind, prompt, output.")
+    g.add_argument("--model", action="append", required=True, metavar="NAME=FOLDER",
+                   help="a model to sample (repeatable), e.g. --model lrc=runs/lrc/student")
+    g.add_argument("--heldout", required=True, metavar="FILE.jsonl", help='held-out documents, {"text": ...} per line')
+    g.add_argument("--heldout-prompts", type=int, default=2, metavar="N", help="prompts from held-out documents")
+    g.add_argument("--instructions", type=int, default=2, metavar="N", help="plain instructions to add")
+    g.add_argument("--max-new-tokens", type=int, default=24, metavar="N", help="greedy tokens per prompt")
+    g.add_argument("--seed", type=int, default=0, help="which held-out documents give the prompts")
+    g.add_argument("--output", required=True, help="CSV to write")
+    g.set_defaults(func=_samples)
 
     from lrc_src.harness import add_eval_arguments
 

@@ -56,6 +56,9 @@ for _t, _spec in TABLES.items():
         raise ValueError(f"profile {PROFILE}: table {_t} gives a speed for run(s) {_missing} that it does not list")
     if _spec.get("speed") and "benchmark" not in P:
         raise ValueError(f"profile {PROFILE}: table {_t} takes speeds from the benchmark, but the profile has no benchmark section")
+_missing = [m for m in P.get("samples", {}).get("models", []) if m != "teacher" and m not in RUNS]
+if _missing:
+    raise ValueError(f"profile {PROFILE}: samples.models uses undefined run(s) {_missing}")
 _missing = [m for m in P["eval"]["models"] if m != "teacher" and m not in RUNS]
 if _missing:
     raise ValueError(f"profile {PROFILE}: eval.models uses undefined run(s) {_missing}")
@@ -149,6 +152,8 @@ def all_outputs():
     outs = [f"{R}/tables/{t}.csv" for t in TABLES]
     outs += [f"{R}/evals/{m}.csv" for m in P["eval"]["models"]]
     outs += [f"{R}/evals/{m}__{s}.csv" for m in P["eval"]["models"] for s in P["eval"].get("extra_suites", [])]
+    if P.get("samples"):
+        outs.append(f"{R}/tables/samples.csv")
     if SWEEP and P["budget_sweep"].get("in_all", True):
         outs.append(f"{R}/tables/budget_sweep.csv")
     return outs

@@ -66,3 +66,26 @@ rule evaluate_extra_suite:
         "OMP_NUM_THREADS={threads} lrc eval --model {params.model} --suite {wildcards.suite} "
         "--batch-size {params.batch} {params.data} --model-name {wildcards.model} --device {params.device} "
         "--output {output} > {log} 2>&1"
+
+
+# What the models write: the greedy continuation of a fixed prompt set by the teacher and each
+# student (the profile's `samples:` section), one table.
+rule samples:
+    input:
+        assets="results/{profile}/assets/assets.json",
+        heldout="results/{profile}/assets/heldout.jsonl",
+        runs=lambda w: [run_done(m) for m in P["samples"]["models"] if m != "teacher"],
+    output:
+        "results/{profile}/tables/samples.csv",
+    log:
+        "results/{profile}/logs/samples.log",
+    threads: P["threads_per_run"]
+    params:
+        models=lambda w: " ".join(f"--model {m}={model_dir(m)}" for m in P["samples"]["models"]),
+        heldout_prompts=P.get("samples", {}).get("heldout_prompts", 2),
+        instructions=P.get("samples", {}).get("instructions", 2),
+        max_new=P.get("samples", {}).get("max_new_tokens", 24),
+    shell:
+        "OMP_NUM_THREADS={threads} lrc samples {params.models} --heldout {input.heldout} "
+        "--heldout-prompts {params.heldout_prompts} --instructions {params.instructions} "
+        "--max-new-tokens {params.max_new} --output {output} > {log} 2>&1"

@@ -29,6 +29,7 @@ def _speed_params(name):
 rule table1_main:
     input:
         **_table_inputs("table1_main", "notebooks/table1_main.ipynb", paper="benchmarks", evals=True),
+        samples=[f"{R}/tables/samples.csv"] if P.get("samples") else [],
     output:
         csv="results/{profile}/tables/table1_main.csv",
         png="results/{profile}/figures/table1_main.png",
@@ -37,7 +38,8 @@ rule table1_main:
         "results/{profile}/logs/table1_main.log",
     params:
         p=lambda w, input: notebook_params("table1_main", paper_csv=input.paper,
-                                           evals={m: f"{R}/evals/{m}.csv" for m in P["eval"]["models"]}),
+                                           evals={m: f"{R}/evals/{m}.csv" for m in P["eval"]["models"]},
+                                           samples_csv=input.samples[0] if input.samples else ""),
     shell:
         "{PAPERMILL} {input.notebook} {output.nb} -y {params.p} > {log} 2>&1"
 
