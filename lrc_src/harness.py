@@ -361,4 +361,20 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
         return 2
     print(frame.to_string(index=False))
     print(f"wrote {args.output}")
+    card = update_student_card(args.model, frame)
+    if card is not None:
+        print(f"updated the model card {card}")
     return 0
+
+
+def update_student_card(model_dir: str | Path, frame: pd.DataFrame) -> Path | None:
+    """When `model_dir` is a run's exported student, keep this evaluation beside its weights
+    (`student/evals/<suite>.csv`) and rewrite its model card to show it; None otherwise."""
+    from lrc_src.card import EVALS_DIR, run_of_student, write_model_card
+
+    run = run_of_student(model_dir)
+    if run is None or frame.empty:
+        return None
+    suite = str(frame["suite"].iloc[0])
+    write_csv_atomic(frame, run / "student" / EVALS_DIR / f"{suite}.csv")
+    return write_model_card(run)

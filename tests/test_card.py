@@ -58,3 +58,18 @@ def test_run_of_student(tmp_path):
     run = _run_folder(tmp_path)
     assert run_of_student(run / "student") == run.resolve()
     assert run_of_student(tmp_path) is None
+
+
+def test_lrc_eval_keeps_its_table_beside_the_student_and_updates_the_card(tmp_path):
+    import pandas as pd
+
+    from lrc_src.harness import update_student_card
+
+    run = _run_folder(tmp_path)
+    frame = pd.DataFrame([{"model": "lrc", "suite": "tiny", "task": "tiny_mmlu", "metric": "acc", "value": 0.3,
+                           "stderr": 0.05, "num_fewshot": 0, "limit": float("nan"), "n": 100}])
+    card = update_student_card(run / "student", frame)
+    assert card == run / "student" / "README.md"
+    assert (run / "student" / "evals" / "tiny.csv").is_file()
+    assert "| tiny | tiny_mmlu | acc | 0.3000 | 0.0500 |" in ModelCard.load(card).text
+    assert update_student_card(tmp_path, frame) is None  # not a run's student: nothing written
