@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import collections
 import json
+import multiprocessing
+import os
 import re
 import time
 
@@ -205,6 +207,120 @@ def test_local_corpus_shapes(cache, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# Tokenising in worker processes, in shards that a restart reuses
+# --------------------------------------------------------------------------------------------
+
+PACKED_FILES = ("train.npy", "heldout.npy", "heldout.jsonl")
+TOKENISE_CHUNK = packing._tokenise_chunk
+
+
+def _same_bytes(a, b) -> bool:
+    return a.directory.name == b.directory.name and all(
+        (a.directory / f).read_bytes() == (b.directory / f).read_bytes() for f in PACKED_FILES)
+
+
+def _log_chunks(monkeypatch, log, fail_at: int | None = None):
+    """Make every tokenised chunk append ``<shard index> <pid>`` to ``log`` (from any worker
+    process: they are forked with the patch), and raise on shard ``fail_at``."""
+    def logged(tokenizer, prefix, suffix, texts, held, shard, sha256):
+        index = int(shard.stem.split("_")[1])
+        with open(log, "a") as f:
+            f.write(f"{index} {os.getpid()}\n")
+        if index == fail_at:
+            raise RuntimeError(f"killed at shard {index}")
+        return TOKENISE_CHUNK(tokenizer, prefix, suffix, texts, held, shard, sha256)
+
+    monkeypatch.setattr(packing, "_tokenise_chunk", logged)
+
+
+def _logged(log) -> list[tuple[int, int]]:
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return [tuple(map(int, line.split())) for line in lines]
+
+
+def test_workers_pack_the_same_bytes_as_one_process(tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(packing, "CHUNK_CHARS", 1500)  # 5 documents of 360 characters a chunk: 8 chunks
+    spec = _marker_corpus(tmp_path / "corpus")
+    packed = {}
+    for label, num_proc in (("one", 1), ("workers", 2)):
+        monkeypatch.setenv("LRC_CACHE", str(tmp_path / label))
+        _log_chunks(monkeypatch, tmp_path / f"{label}.log")
+        packed[label] = prepare_data(tok, spec, seq_len=32, heldout_frac=0.25, seed=3, num_proc=num_proc)
+        assert not list((tmp_path / label / "tokens").glob("*.partial"))  # shards removed
+    one, workers = _logged(tmp_path / "one.log"), _logged(tmp_path / "workers.log")
+    assert sorted(i for i, _ in one) == sorted(i for i, _ in workers) == list(range(8))
+    assert {pid for _, pid in one} == {os.getpid()}
+    assert os.getpid() not in {pid for _, pid in workers}  # tokenised by the workers
+    assert _same_bytes(packed["one"], packed["workers"])
+    assert packed["one"].meta["documents_seen_sha256"] == packed["workers"].meta["documents_seen_sha256"]
+
+    # workers started the platform-independent way (spawn: a pickled tokenizer, a fresh import)
+    monkeypatch.setattr(packing, "_pool_context", lambda: multiprocessing.get_context("spawn"))
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "spawned"))
+    assert _same_bytes(packed["one"], prepare_data(tok, spec, seq_len=32, heldout_frac=0.25, seed=3, num_proc=2))
+
+
+def test_workers_stop_a_capped_mix_where_one_process_does(tok, stand_ins, tmp_path, monkeypatch):
+    """A capped stream stops after the chunk that reaches the cap: the held-out documents seen
+    until then, and so heldout.jsonl, are the same whatever the number of workers."""
+    monkeypatch.setattr(packing, "CHUNK_CHARS", 2000)
+    spec = {"mix": PAPER_MIX, "data_files": {k: str(v) for k, v in stand_ins.items()}}
+    streamed = len(list(paper_mix_documents(PAPER_MIX, tok, seed=0, data_files=stand_ins)))
+    packed = {}
+    for num_proc in (1, 3):
+        monkeypatch.setenv("LRC_CACHE", str(tmp_path / str(num_proc)))
+        _log_chunks(monkeypatch, tmp_path / f"{num_proc}.log")
+        packed[num_proc] = prepare_data(tok, spec, seq_len=64, heldout_frac=0.1, seed=0,
+                                        max_train_tokens=64 * 40, num_proc=num_proc)
+    meta = packed[1].meta
+    assert packed[1].train.shape == (40, 64) and meta["heldout_documents"] >= 1
+    assert meta["train_documents"] + meta["heldout_documents"] < streamed  # stopped at the cap ...
+    assert len(_logged(tmp_path / "1.log")) >= 3  # ... after several chunks
+    assert _same_bytes(packed[1], packed[3])
+
+
+def test_interrupted_preparation_resumes_from_its_shards(tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(packing, "CHUNK_CHARS", 1500)
+    spec = _marker_corpus(tmp_path / "corpus")
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "reference"))
+    reference = prepare_data(tok, spec, seq_len=32, heldout_frac=0.25, seed=3, num_proc=1)
+
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "cache"))
+    _log_chunks(monkeypatch, tmp_path / "killed.log", fail_at=5)
+    with pytest.raises(RuntimeError, match="killed at shard 5"):
+        prepare_data(tok, spec, seq_len=32, heldout_frac=0.25, seed=3, num_proc=2)
+    (partial,) = (tmp_path / "cache" / "tokens").glob("*.partial")
+    assert partial.name == f"{reference.directory.name}.partial"
+    finished = {int(p.stem.split("_")[1]) for p in partial.glob("shard_*.json")}
+    assert set(range(5)) <= finished and 5 not in finished
+    assert not (tmp_path / "cache" / "tokens" / reference.directory.name).exists()
+
+    _log_chunks(monkeypatch, tmp_path / "resumed.log")
+    resumed = prepare_data(tok, spec, seq_len=32, heldout_frac=0.25, seed=3, num_proc=2)
+    again = sorted(i for i, _ in _logged(tmp_path / "resumed.log"))
+    assert again == sorted(set(range(8)) - finished)  # only the unfinished chunks, each once
+    assert _same_bytes(reference, resumed) and not partial.exists()
+
+
+def test_a_changed_shard_is_tokenised_again(tok, tmp_path, monkeypatch):
+    """A shard is reused only for the chunk it was made from (same texts, same held-out flags)."""
+    monkeypatch.setattr(packing, "CHUNK_CHARS", 1500)
+    spec = _marker_corpus(tmp_path / "corpus")
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "cache"))
+    _log_chunks(monkeypatch, tmp_path / "killed.log", fail_at=4)
+    with pytest.raises(RuntimeError):
+        prepare_data(tok, spec, seq_len=32, heldout_frac=0.25, seed=3, num_proc=1)
+    (partial,) = (tmp_path / "cache" / "tokens").glob("*.partial")
+    record = json.loads((partial / "shard_000002.json").read_text())
+    (partial / "shard_000002.json").write_text(json.dumps({**record, "documents_sha256": "0" * 64}))
+    _log_chunks(monkeypatch, tmp_path / "resumed.log")
+    resumed = prepare_data(tok, spec, seq_len=32, heldout_frac=0.25, seed=3, num_proc=1)
+    assert [i for i, _ in _logged(tmp_path / "resumed.log")] == [2] + list(range(4, 8))
+    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "reference"))
+    assert _same_bytes(resumed, prepare_data(tok, spec, seq_len=32, heldout_frac=0.25, seed=3, num_proc=1))
+
+
+# --------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------
 
@@ -213,6 +329,23 @@ def test_local_corpus_shapes(cache, tmp_path):
 def test_bad_seq_len_names_it(tok, seq_len):
     with pytest.raises(ValueError, match=rf"seq_len.*{seq_len}"):
         prepare_data(tok, "kjv", seq_len=seq_len)
+
+
+@pytest.mark.parametrize("num_proc", [0, -2, 1.5, "2", True])
+def test_bad_num_proc_names_it(tok, num_proc):
+    with pytest.raises(ValueError, match=rf"num_proc.*{re.escape(repr(num_proc))}"):
+        prepare_data(tok, "kjv", seq_len=8, num_proc=num_proc)
+
+
+def test_tokenise_procs_from_the_environment(monkeypatch):
+    monkeypatch.delenv("LRC_TOKENISE_PROCS", raising=False)
+    assert 1 <= packing.tokenise_procs() <= packing.MAX_DEFAULT_PROCS
+    assert packing.tokenise_procs(3) == 3
+    monkeypatch.setenv("LRC_TOKENISE_PROCS", "5")
+    assert packing.tokenise_procs() == 5 and packing.tokenise_procs(2) == 2
+    monkeypatch.setenv("LRC_TOKENISE_PROCS", "many")
+    with pytest.raises(ValueError, match="LRC_TOKENISE_PROCS='many'"):
+        packing.tokenise_procs()
 
 
 def test_empty_corpus_names_spec(cache, tmp_path):
