@@ -32,7 +32,9 @@ def main(argv=None) -> int:
 
     from lrc_src.config import load_config
     from lrc_src.report import write_csv
-    from lrc_src.train import build_method, heldout_loss, load_inputs
+    from lrc_src.analysis import heldout_loss
+    from lrc_src.assets import load_inputs
+    from lrc_src.factory import build_method
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -45,12 +47,12 @@ def main(argv=None) -> int:
     acc = Accelerator(cpu=True, mixed_precision="no")
     n, bs = base.train.eval_batches * base.train.batch_size, base.train.batch_size
     rows = [{"init": "teacher", "untie_lm_head": "", "metric": "heldout_loss",
-             "value": heldout_loss(teacher, held, n, bs, acc)}]
+             "value": heldout_loss(teacher, held[:n], bs, acc)}]
     for init, untie in tqdm(STARTS, desc="starts"):
         cfg = load_config(args.config, [f"lrc.init={init}", f"lrc.untie_lm_head={str(untie).lower()}"])
         method = build_method(cfg, teacher, train_blocks)  # lrc: the clone at its start
         rows.append({"init": init, "untie_lm_head": untie, "metric": "heldout_loss",
-                     "value": heldout_loss(method.eval_model(), held, n, bs, acc)})
+                     "value": heldout_loss(method.eval_model(), held[:n], bs, acc)})
         print(f"{init:13s} untie={untie!s:5s} held-out loss {rows[-1]['value']:.3f}", flush=True)
     import pandas as pd
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput of LRC and every baseline, the paper's Table 8, measured in one process.
 
-For one profile (teacher + student shapes), every method that `lrc_src.train.build_method`
+For one profile (teacher + student shapes), every method that `lrc_src.factory.build_method`
 builds is timed on the same random token batches (fixed seed):
 
     lrc        LowRankClone, the profile's settings (default: attn/ffn projections "all")
@@ -14,21 +14,23 @@ builds is timed on the same random token batches (fixed seed):
     bound      the teacher's forward (inference mode) + one `scratch` step on the same batch: what
                LRC costs at least, since it must run the teacher and train a student of this shape
     lrc_regen  (only with --grad-accum > 1) lrc generating the student's weights for every
-               micro-batch, as before the trainer's accumulation window: the before/after of
-               generating them once per optimizer step
+               micro-batch (no accumulation window): the before/after of generating them once per
+               optimizer step
 
 With --grad-accum K a timed step is K micro-batches (forward + backward each, loss / K) and one
 optimizer step, for every method; the bound runs the teacher's forward and the student's
 forward/backward K times. LRC then generates its weights once per step (the trainer does the same,
-`LRCMethod.accumulation_window`), so its fixed per-step cost is shared by K micro-batches.
+`lrc_src.step.accumulation_window`), so its fixed per-step cost is shared by K micro-batches.
 
-A timed step is what the trainer does per optimizer step: forward under autocast, backward,
-clip_grad_norm_ (1.0), AdamW step (fused on CUDA, as the trainer; --adamw), zero_grad(set_to_none=True)
-(on CUDA followed by a synchronize). Methods alternate round-robin (the start rotates every round) so that machine
-drift affects all alike; the warm-up rounds are dropped and the median of the timed steps is
-reported. `--schedule sequential` (default for paper-1.5b, whose five 1.6B-parameter students with
-their AdamW states do not fit one GPU together) builds, times and frees one method at a time
-(scratch and bound alternate).
+A timed step is the trainer's own optimizer step, `lrc_src.step.train_step`: per micro-batch the
+forward under autocast (a single-process accelerate.Accelerator with the run's mixed precision),
+the non-finite-loss check, the backward and the loss terms read back; then clip_grad_norm_ (1.0),
+the AdamW step (fused on CUDA, as the trainer; --adamw) and zero_grad(set_to_none=True); no
+learning-rate schedule; on CUDA followed by a synchronize. Methods alternate round-robin (the
+start rotates every round) so that machine drift affects all alike; the warm-up rounds are dropped
+and the median of the timed steps is reported. `--schedule sequential` (default for paper-1.5b,
+whose five 1.6B-parameter students with their AdamW states do not fit one GPU together) builds,
+times and frees one method at a time (scratch and bound alternate).
 
 Profiles:
     ci          config/ci.yaml: the micro random Llama teacher (d_T 64) -> d_S 32, batch 4 x 64
@@ -49,7 +51,7 @@ and the whole process's peak during the step (teacher, every live method) in pea
           first given back to the OS (glibc malloc_trim): the timed steps reuse the memory that
           earlier steps freed (below), which RSS growth would not see.
 
-CPU allocator (column freed_memory): as the trainer does (`lrc_src.train.keep_freed_memory`), the
+CPU allocator (column freed_memory): as the trainer does (`lrc_src.runtime.keep_freed_memory`), the
 process keeps the memory that tensors free for the next step instead of returning it to the OS,
 which glibc otherwise does for every large block, so each step page-faults its whole working set
 anew ("kept"); --return-freed-memory times glibc's default ("returned").
@@ -116,13 +118,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import math
 import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,16 +309,6 @@ def _usage() -> tuple[float, float]:
     return float(u.ru_minflt), u.ru_stime
 
 
-def trim_heap() -> None:
-    """glibc: give the heap's free memory back to the OS (malloc_trim), so that the next step's RSS
-    growth is its working memory even where freed memory is otherwise kept."""
-    from lrc_src.train import glibc
-
-    libc = glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
 # ---------------------------------------------------------------- methods
 
 
@@ -367,18 +357,21 @@ def teacher_attention(teacher, impl: str | None):
             teacher.config._attn_implementation = old
 
 
-def build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw: str, compiled: bool = False):
-    """Build method `name` as the trainer would (lrc_src.train.build_method) + its AdamW
-    (lrc_src.train.make_optimizer with kernel `adamw`); compiled: its decoder layers through
-    torch.compile (the method's `compile_layers`, as `lrc train --compile`; not tinybert's)."""
-    from lrc_src.train import build_method, make_optimizer
+def build_unit(name, bench: Bench):
+    """Build method `name` as the trainer would (lrc_src.factory.build_method) + its AdamW
+    (lrc_src.factory.make_optimizer with kernel --adamw); with --compile its decoder layers go
+    through torch.compile (the method's `compile_layers`, as `lrc train --compile`; not tinybert's)."""
+    import torch
+
+    from lrc_src.factory import build_method, make_optimizer
 
     method, overrides = METHODS[name]
-    cfg = cfg_for(method, overrides)
+    cfg = bench.cfg_for(method, overrides)
+    teacher, compiled = bench.teacher, bench.compiling
     impl_before = teacher.config._attn_implementation
     torch.manual_seed(cfg.train.seed)
-    with torch.device(device):  # teacher-derived starts move their calibration ids to the teacher's device
-        module = build_method(cfg, teacher, calib_blocks).to(device)
+    with torch.device(bench.device):  # teacher-derived starts move their calibration ids to the teacher's device
+        module = build_method(cfg, teacher, bench.calib_blocks).to(bench.device)
     if compiled:
         try:
             module.compile_layers()
@@ -386,9 +379,8 @@ def build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw: str, 
             compiled = False
     unit = Unit(name, module, attn_impl=teacher.config._attn_implementation, compiled=compiled)
     teacher.config._attn_implementation = impl_before  # the other methods keep the teacher's kernel
-    tc = cfg.train
     params = module.trainable_named_parameters()
-    unit.optimizer = make_optimizer(params, tc, kernel=adamw)
+    unit.optimizer = make_optimizer(params, cfg.train, kernel=bench.adamw)
     unit.params = [p for _, p in params]
     module.train()
     return unit
@@ -402,41 +394,51 @@ def state_bytes(unit) -> float:
     return float(total)
 
 
-def run_step(unit, scratch, teacher, micro_batches, autocast, grad_clip, torch, device):
-    """One timed optimizer step of `unit` over micro_batches (a list of ids [B, T]); returns seconds."""
+def bound_method(teacher, scratch_module):
+    """The bound as a method: the teacher's forward in inference mode (its logits discarded), then
+    the scratch method's forward on the same batch, whose loss the step trains."""
+    import torch
+
+    def forward(ids, labels=None):
+        with torch.inference_mode():
+            teacher(input_ids=ids, use_cache=False).logits  # [B, T, V], discarded
+        return scratch_module(ids, labels)
+
+    return forward
+
+
+def run_step(unit, scratch, bench: Bench, micro_batches) -> float:
+    """One timed optimizer step of `unit` over micro_batches (a list of ids [B, T] on the device):
+    the trainer's `lrc_src.step.train_step`; returns seconds. The bound steps its scratch unit;
+    lrc_regen opens no accumulation window."""
+    import torch
+
+    from lrc_src.step import accumulation_window, train_step
+
     target = scratch if unit.name == BOUND else unit
-    K = len(micro_batches)
-    window = getattr(target.module, "accumulation_window", None)
-    reuse = K > 1 and window is not None and unit.name not in ACCUM_ONLY
+    method = bound_method(bench.teacher, target.module) if unit.name == BOUND else target.module
+    window = None if unit.name in ACCUM_ONLY else accumulation_window(target.module, len(micro_batches))
     # a unit that is not compiled runs eagerly even through the shared teacher's compiled layers
     stance = contextlib.nullcontext() if target.compiled else torch.compiler.set_stance("force_eager")
     t0 = time.perf_counter()
-    with stance, window() if reuse else contextlib.nullcontext():
-        for ids in micro_batches:
-            if unit.name == BOUND:
-                with torch.inference_mode(), autocast():
-                    teacher(input_ids=ids, use_cache=False).logits  # [B, T, V], discarded
-            with teacher_attention(teacher, target.attn_impl):
-                with autocast():
-                    out = target.module(ids, ids)
-                (out.loss / K).backward()
-    torch.nn.utils.clip_grad_norm_(target.params, grad_clip)
-    target.optimizer.step()
-    target.optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
+    with stance, teacher_attention(bench.teacher, target.attn_impl):
+        train_step(method, [(ids, None) for ids in micro_batches], target.optimizer, target.params,
+                   bench.base.train.grad_clip, bench.accelerator, window)
+    if bench.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
-def profile_step(unit, scratch, teacher, micro_batches, autocast, grad_clip, torch, device, path: Path) -> None:
+def profile_step(unit, scratch, bench: Bench, micro_batches, path: Path) -> None:
     """One more (untimed) step of `unit` under torch.profiler; its 40 costliest operators by self
     time (device time on CUDA, CPU time otherwise) written to `path` as text."""
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = bench.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
-        dt = run_step(unit, scratch, teacher, micro_batches, autocast, grad_clip, torch, device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        dt = run_step(unit, scratch, bench, micro_batches)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=40)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# {unit.name}: one step under torch.profiler, {dt:.4f} s with the profiler's "
@@ -489,11 +491,11 @@ def parse_args(argv):
                         "sequential: one method at a time, freed after (for memory). auto: sequential for "
                         "paper-1.5b, round-robin otherwise")
     p.add_argument("--mixed-precision", default="auto", choices=("auto", "bf16", "no"),
-                   help="autocast dtype; auto = lrc_src.train.resolve_mixed_precision('auto') for the device")
+                   help="autocast dtype; auto = lrc_src.runtime.resolve_mixed_precision('auto') for the device")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token batches (default 0)")
     p.add_argument("--return-freed-memory", action="store_true",
                    help="CPU: time glibc's default allocator behaviour (freed memory goes back to the OS) "
-                        "instead of the trainer's (kept for the next step; lrc_src.train.keep_freed_memory)")
+                        "instead of the trainer's (kept for the next step; lrc_src.runtime.keep_freed_memory)")
     p.add_argument("--adamw", default="auto", choices=("auto", "fused", "foreach", "default"),
                    help="AdamW kernel: fused (one launch for all tensors), foreach, or default (PyTorch's "
                         "choice: foreach on CUDA, one tensor at a time on the CPU); auto = as the trainer: "
@@ -514,71 +516,111 @@ def fail(msg: str) -> int:
     return 2
 
 
-def resolve_precision(choice: str, device) -> str:
-    from lrc_src.train import resolve_mixed_precision
-
-    if choice != "auto":
-        return choice
-    if device.type == "cpu":
-        import torch
-
-        if torch.cuda.is_available():  # resolve_mixed_precision would answer for the GPU
-            flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-            return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
-    return resolve_mixed_precision("auto")
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def check_args(args) -> str | None:
+    """The first problem with the command line, or None; fills in the default --methods."""
     if args.profile not in PROFILES:
-        return fail(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
+        return f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}"
     if args.methods is None:
         args.methods = ",".join(m for m in [*METHODS, BOUND] if m not in ACCUM_ONLY or args.grad_accum > 1)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in names if m not in METHODS and m != BOUND]
     if bad or not names:
-        return fail(f"unknown method(s) {bad}; choose from {', '.join([*METHODS, BOUND])}")
+        return f"unknown method(s) {bad}; choose from {', '.join([*METHODS, BOUND])}"
     for opt in ("steps", "batch_size", "seq_len", "threads", "grad_accum"):
         v = getattr(args, opt)
         if v is not None and v <= 0:
-            return fail(f"--{opt.replace('_', '-')} must be > 0, got {v}")
+            return f"--{opt.replace('_', '-')} must be > 0, got {v}"
     if args.warmup < 0:
-        return fail(f"--warmup must be >= 0, got {args.warmup}")
-    compiling = args.compile != "off"  # on, or both (eager twins beside the compiled units)
-    if compiling and args.warmup < 1:
-        return fail("--compile needs --warmup >= 1: the first step of each method compiles it")
+        return f"--warmup must be >= 0, got {args.warmup}"
+    if args.compile != "off" and args.warmup < 1:
+        return "--compile needs --warmup >= 1: the first step of each method compiles it"
+    return None
 
-    import numpy as np
+
+# ---------------------------------------------------------------- setup
+
+
+@dataclass
+class Bench:
+    """One run of the benchmark: its settings (command line + profile) and what every method shares
+    (teacher, random batches, the accelerator that autocasts their steps)."""
+
+    args: argparse.Namespace
+    wanted: list[str]  # the methods asked for, in order, each once
+    device: object  # torch.device
+    base: object  # the profile's ExperimentConfig
+    B: int  # sequences per micro-batch
+    T: int  # tokens per sequence
+    K: int  # micro-batches per optimizer step
+    mp: str  # mixed precision: "bf16" or "no"
+    adamw: str  # AdamW kernel
+    kept: bool  # freed memory kept for the next step (keep_freed_memory applied)
+    schedule: str  # "round-robin" or "sequential"
+    accelerator: object = None
+    teacher: object = None
+    batches: list = field(default_factory=list)  # per round: K random ids [B, T] (CPU)
+    calib_blocks: object = None  # [calibration_batches * B, T] random ids for teacher-derived starts
+
+    @property
+    def compiling(self) -> bool:  # on, or both (eager twins beside the compiled units)
+        return self.args.compile != "off"
+
+    @property
+    def both(self) -> bool:
+        return self.args.compile == "both"
+
+    @property
+    def rounds(self) -> int:
+        return self.args.warmup + self.args.steps
+
+    @property
+    def dtype_name(self) -> str:
+        return "bf16-autocast" if self.mp == "bf16" else "fp32"
+
+    def cfg_for(self, method: str, overrides: list[str]):
+        from lrc_src.config import load_config
+
+        return load_config(PROFILES[self.args.profile], [f"method={method}", f"train.batch_size={self.B}",
+                                                          f"data.seq_len={self.T}", *overrides])
+
+
+def setup(args) -> Bench | str:
+    """The benchmark's settings and runtime (threads, allocator, precision), or an error message."""
     import torch
-    from tqdm.auto import tqdm
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return fail(f"--device cuda but no CUDA device is available (torch {torch.__version__})")
-    if args.profile in CUDA_ONLY_PROFILES and args.device != "cuda":
-        return fail(f"profile {args.profile} (a 3B teacher at seq 2048) runs only with --device cuda")
+    from accelerate import Accelerator
 
     from lrc_src.config import load_config
+    from lrc_src.runtime import keep_freed_memory, resolve_mixed_precision, set_threads
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return f"--device cuda but no CUDA device is available (torch {torch.__version__})"
+    if args.profile in CUDA_ONLY_PROFILES and args.device != "cuda":
+        return f"profile {args.profile} (a 3B teacher at seq 2048) runs only with --device cuda"
     device = torch.device(args.device)
     base = load_config(PROFILES[args.profile])
-    threads = args.threads or getattr(base.train, "threads", None)
-    if threads:
-        torch.set_num_threads(threads)
-    from lrc_src.train import keep_freed_memory
-
+    set_threads(args.threads or getattr(base.train, "threads", None))
     kept = device.type == "cpu" and not args.return_freed_memory and keep_freed_memory()  # as the trainer
-    B = args.batch_size or PROFILE_DEFAULT_BATCH.get(args.profile) or base.train.batch_size
-    T = args.seq_len or base.data.seq_len
-    mp = resolve_precision(args.mixed_precision, device)
-    dtype = torch.bfloat16 if mp == "bf16" else torch.float32
+    mp = resolve_mixed_precision(args.mixed_precision, device.type)
     adamw = args.adamw if args.adamw != "auto" else ("fused" if device.type == "cuda" else "default")  # as the trainer
+    schedule = args.schedule if args.schedule != "auto" else (
+        "sequential" if args.profile == "paper-1.5b" else "round-robin")
+    bench = Bench(args, list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip())), device, base,
+                  B=args.batch_size or PROFILE_DEFAULT_BATCH.get(args.profile) or base.train.batch_size,
+                  T=args.seq_len or base.data.seq_len, K=args.grad_accum, mp=mp, adamw=adamw, kept=kept,
+                  schedule=schedule)
+    bench.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mp)
+    return bench
 
-    def cfg_for(method, overrides):
-        return load_config(PROFILES[args.profile], [f"method={method}", f"train.batch_size={B}",
-                                                    f"data.seq_len={T}", *overrides])
 
-    # ---- teacher
-    if args.profile == "paper-1.5b":
+def load_bench_teacher(bench: Bench) -> str | None:
+    """bench.teacher (with --compile its decoder layers compiled), the random batches (one list of
+    K micro-batches per round, shared by every method of the round) and calibration blocks; or an
+    error message."""
+    import numpy as np
+    import torch
+
+    base, device = bench.base, bench.device
+    if bench.args.profile == "paper-1.5b":
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(base.train.seed)
@@ -591,168 +633,226 @@ def main(argv=None) -> int:
         try:
             teacher, _ = load_teacher(base.teacher)
         except (FileNotFoundError, ValueError) as e:
-            return fail(f"cannot load teacher {base.teacher!r}: {e}")
+            return f"cannot load teacher {base.teacher!r}: {e}"
         teacher = teacher.to(device)
-    if compiling:  # the bound's teacher forward (kd's and prune_kd's too: one shared teacher)
+    if bench.compiling:  # the bound's teacher forward (kd's and prune_kd's too: one shared teacher)
         from lrc_src.baselines import compile_decoder_layers
 
         compile_decoder_layers(teacher)
-    tcfg, d_S = teacher.config, base.lrc.student_hidden_size
+    bench.teacher = teacher
     vocab = int(teacher.get_input_embeddings().num_embeddings)
+    gen = torch.Generator().manual_seed(bench.args.seed)
+    bench.batches = [[torch.randint(0, vocab, (bench.B, bench.T), generator=gen) for _ in range(bench.K)]
+                     for _ in range(bench.rounds)]
+    bench.calib_blocks = np.random.default_rng(bench.args.seed).integers(
+        0, vocab, (base.baseline.calibration_batches * bench.B, bench.T))
+    return None
 
-    # ---- fixed random batches: one per round, shared by every method of the round
-    rounds = args.warmup + args.steps
-    gen = torch.Generator().manual_seed(args.seed)
-    K = args.grad_accum
-    batches = [[torch.randint(0, vocab, (B, T), generator=gen) for _ in range(K)] for _ in range(rounds)]
-    calib_blocks = np.random.default_rng(args.seed).integers(0, vocab, (base.baseline.calibration_batches * B, T))
 
-    schedule = args.schedule if args.schedule != "auto" else (
-        "sequential" if args.profile == "paper-1.5b" else "round-robin")
-    wanted = list(dict.fromkeys(names))
-    to_build = [m for m in METHODS if m in wanted or (m == "scratch" and BOUND in wanted)]
-    if schedule == "round-robin":
-        groups = [to_build]
-    else:
-        groups = [[m] for m in to_build if m != "scratch"]
-        if "scratch" in to_build:
-            groups.insert(to_build.index("scratch"), ["scratch"])
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=mp == "bf16")  # noqa: E731
-    meter = MemoryMeter(torch, device)
-    grad_clip = base.train.grad_clip
-    results: dict[tuple[str, bool], Unit] = {}  # (method, compiled) -> its unit
-    both = args.compile == "both"
+def method_groups(bench: Bench) -> list[list[str]]:
+    """The methods to build (scratch too for the bound, which trains through it), in groups that
+    are alive together: one group (round-robin), or one method per group (sequential)."""
+    to_build = [m for m in METHODS if m in bench.wanted or (m == "scratch" and BOUND in bench.wanted)]
+    if bench.schedule == "round-robin":
+        return [to_build]
+    groups = [[m] for m in to_build if m != "scratch"]
+    if "scratch" in to_build:
+        groups.insert(to_build.index("scratch"), ["scratch"])
+    return groups
 
-    load_start = os.getloadavg()[0]  # other processes on the machine skew CPU timings: recorded
-    mem_round = device.type == "cpu"  # CPU: working memory from one extra untimed step (docstring)
-    per_unit = rounds + mem_round
-    bar = tqdm(total=per_unit * len(wanted) * (1 + both), desc=f"{args.profile} throughput", unit="step",
-               dynamic_ncols=True, file=sys.stderr)
-    for group in groups:
-        units: list[Unit] = []
-        for name in group:
-            bar.set_postfix_str(f"building {name}")
-            try:
-                unit = build_unit(name, cfg_for, teacher, calib_blocks, device, torch, adamw, compiling)
-            except torch.OutOfMemoryError:
-                results[name, compiling] = Unit(name, status="oom (build)", compiled=compiling)
-                unit = None
-            _release_cached(torch, device)  # after the except block: its traceback held the tensors
-            if unit is None:
+
+# ---------------------------------------------------------------- timing
+
+
+def build_group(bench: Bench, group: list[str], results: dict, bar) -> tuple[list[Unit], dict[bool, Unit]]:
+    """The group's units (with --compile both each compiled one after its eager twin; the bound
+    after the scratch unit it trains through) and its scratch units by `compiled`. A method whose
+    build runs out of memory goes to `results` with status "oom (build)"."""
+    import torch
+
+    units: list[Unit] = []
+    for name in group:
+        bar.set_postfix_str(f"building {name}")
+        try:
+            unit = build_unit(name, bench)
+        except torch.OutOfMemoryError:
+            results[name, bench.compiling] = Unit(name, status="oom (build)", compiled=bench.compiling)
+            unit = None
+        _release_cached(torch, bench.device)  # after the except block: its traceback held the tensors
+        if unit is None:
+            continue
+        if bench.both and unit.compiled:  # the eager twin first: it never runs the compiler
+            units.append(unit.eager_twin())
+            unit.label = f"{name}_compiled"
+        elif bench.both and name in bench.wanted:  # a method that refuses to compile is timed once
+            bar.total -= bench.rounds + _memory_round(bench)
+        units.append(unit)
+    scratches = {u.compiled: u for u in units if u.name == "scratch"}  # the bound trains through its own
+    if BOUND in bench.wanted:
+        for sc in scratches.values():
+            units.append(Unit(BOUND, compiled=sc.compiled, label=BOUND + sc.label.removeprefix("scratch")))
+        if "scratch" in group and not scratches:
+            results[BOUND, bench.compiling] = Unit(BOUND, status="oom (build)", compiled=bench.compiling)
+    return units, scratches
+
+
+def _memory_round(bench: Bench) -> int:
+    """1 on the CPU: working memory comes from one extra untimed step per method (docstring)."""
+    return int(bench.device.type == "cpu")
+
+
+def time_rounds(bench: Bench, units: list[Unit], scratches: dict[bool, Unit], meter: MemoryMeter, bar) -> None:
+    """Every wanted unit steps once per round, the start rotating every round; warm-up rounds first,
+    then the timed ones, then (CPU) the memory round."""
+    rounds = bench.rounds
+    for r in range(rounds + _memory_round(bench)):
+        k = r % max(1, len(units))
+        for unit in units[k:] + units[:k]:  # the start rotates every round
+            if unit.name not in bench.wanted:
                 continue
-            if both and unit.compiled:  # the eager twin first: it never runs the compiler
-                units.append(unit.eager_twin())
-                unit.label = f"{name}_compiled"
-            elif both and name in wanted:  # a method that refuses to compile is timed once
-                bar.total -= per_unit
-            units.append(unit)
-        scratches = {u.compiled: u for u in units if u.name == "scratch"}  # the bound trains through its own
-        if BOUND in wanted:
-            for sc in scratches.values():
-                units.append(Unit(BOUND, compiled=sc.compiled, label=BOUND + sc.label.removeprefix("scratch")))
-            if "scratch" in group and not scratches:
-                results[BOUND, compiling] = Unit(BOUND, status="oom (build)", compiled=compiling)
-        for r in range(rounds + mem_round):
-            timed = args.warmup <= r < rounds
-            k = r % max(1, len(units))
-            for unit in units[k:] + units[:k]:  # the start rotates every round
-                if unit.name not in wanted:
-                    continue
-                scratch = scratches.get(unit.compiled)
-                if not _steppable(unit, scratch):
-                    unit.status = unit.status if unit.status != "ok" else "skipped (scratch failed)"
-                    bar.update(1)
-                    continue
-                if r == rounds:
-                    trim_heap()
-                before = meter.start()
-                usage = _usage()
-                try:
-                    dt = run_step(unit, scratch, teacher, [b.to(device) for b in batches[min(r, rounds - 1)]],
-                                  autocast, grad_clip, torch, device)
-                except torch.OutOfMemoryError:
-                    unit.status = "oom"
-                if unit.status == "oom":  # outside the except block, so the failed step's tensors are gone
-                    target = scratch if unit.name == BOUND else unit
-                    target.optimizer.zero_grad(set_to_none=True)
-                    _release_cached(torch, device)
-                    bar.update(1)
-                    continue
-                used, total = meter.stop(before)
-                if math.isnan(unit.first_step_s):  # this was the unit's first step
-                    unit.first_step_s = dt
-                if timed:
-                    now = _usage()
-                    unit.times.append(dt)
-                    unit.faults.append(now[0] - usage[0])
-                    unit.sys_s.append(now[1] - usage[1])
-                if (timed and not mem_round) or r == rounds:  # working memory (docstring)
-                    unit.peak_bytes = max(unit.peak_bytes, used)
-                    unit.peak_total_bytes = max(unit.peak_total_bytes, total)
+            scratch = scratches.get(unit.compiled)
+            if not _steppable(unit, scratch):
+                unit.status = unit.status if unit.status != "ok" else "skipped (scratch failed)"
                 bar.update(1)
+                continue
+            dt = step_and_record(bench, unit, scratch, r, meter)
+            bar.update(1)
+            if dt is not None:
                 bar.set_postfix_str(f"{unit.label} {dt:.2f}s")
-        if args.torch_profiler:
-            for unit in units:
-                scratch = scratches.get(unit.compiled)
-                if unit.name in wanted and _steppable(unit, scratch):
-                    bar.set_postfix_str(f"profiling {unit.label}")
-                    profile_step(unit, scratch, teacher, [b.to(device) for b in batches[-1]], autocast,
-                                 grad_clip, torch, device, Path(args.torch_profiler) / f"{unit.label}.txt")
+
+
+def step_and_record(bench: Bench, unit: Unit, scratch: Unit | None, r: int, meter: MemoryMeter) -> float | None:
+    """Round r's step of `unit`: its time, page faults, system time and memory go to the unit's
+    records (timed rounds; memory in the memory round on the CPU). Returns the step's seconds, or
+    None when it ran out of memory (status "oom")."""
+    import torch
+
+    from lrc_src.runtime import trim_heap
+
+    rounds, mem_round = bench.rounds, _memory_round(bench)
+    timed = bench.args.warmup <= r < rounds
+    if r == rounds:  # the memory round
+        trim_heap()
+    before = meter.start()
+    usage = _usage()
+    try:
+        dt = run_step(unit, scratch, bench, [b.to(bench.device) for b in bench.batches[min(r, rounds - 1)]])
+    except torch.OutOfMemoryError:
+        unit.status = "oom"
+    if unit.status == "oom":  # outside the except block, so the failed step's tensors are gone
+        target = scratch if unit.name == BOUND else unit
+        target.optimizer.zero_grad(set_to_none=True)
+        _release_cached(torch, bench.device)
+        return None
+    used, total = meter.stop(before)
+    if math.isnan(unit.first_step_s):  # this was the unit's first step
+        unit.first_step_s = dt
+    if timed:
+        now = _usage()
+        unit.times.append(dt)
+        unit.faults.append(now[0] - usage[0])
+        unit.sys_s.append(now[1] - usage[1])
+    if (timed and not mem_round) or r == rounds:  # working memory (docstring)
+        unit.peak_bytes = max(unit.peak_bytes, used)
+        unit.peak_total_bytes = max(unit.peak_total_bytes, total)
+    return dt
+
+
+def profile_group(bench: Bench, units: list[Unit], scratches: dict[bool, Unit], bar) -> None:
+    """--torch-profiler: one more step of every wanted unit under torch.profiler (not timed)."""
+    for unit in units:
+        scratch = scratches.get(unit.compiled)
+        if unit.name in bench.wanted and _steppable(unit, scratch):
+            bar.set_postfix_str(f"profiling {unit.label}")
+            profile_step(unit, scratch, bench, [b.to(bench.device) for b in bench.batches[-1]],
+                         Path(bench.args.torch_profiler) / f"{unit.label}.txt")
+
+
+def time_methods(bench: Bench) -> dict[tuple[str, bool], Unit]:
+    """Build and time every group of methods; (method, compiled) -> its unit with its records (its
+    module and optimizer released)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    results: dict[tuple[str, bool], Unit] = {}  # (method, compiled) -> its unit
+    meter = MemoryMeter(torch, bench.device)
+    per_unit = bench.rounds + _memory_round(bench)
+    bar = tqdm(total=per_unit * len(bench.wanted) * (1 + bench.both), desc=f"{bench.args.profile} throughput",
+               unit="step", dynamic_ncols=True, file=sys.stderr)
+    for group in method_groups(bench):
+        units, scratches = build_group(bench, group, results, bar)
+        time_rounds(bench, units, scratches, meter, bar)
+        if bench.args.torch_profiler:
+            profile_group(bench, units, scratches, bar)
         for unit in units:
             if unit.name != BOUND:
                 unit.state_bytes = state_bytes(unit) if unit.optimizer is not None else 0.0
             results[unit.name, unit.compiled] = unit
             unit.module = unit.optimizer = None
             unit.params = []
-        if schedule == "sequential":
+        if bench.schedule == "sequential":
             del units, scratches
-            _release_cached(torch, device)
+            _release_cached(torch, bench.device)
     bar.close()
-    load = f"{load_start:.2f}->{os.getloadavg()[0]:.2f}"
     for (name, compiled), u in results.items():
         if name == BOUND and ("scratch", compiled) in results:
             u.state_bytes = results["scratch", compiled].state_bytes
+    return results
 
-    # ---- device peak for MFU
+
+# ---------------------------------------------------------------- results
+
+
+def device_peak(bench: Bench) -> tuple[str, float, str]:
+    """(device name, peak FLOP/s for MFU, where the peak comes from)."""
+    import torch
+
+    device, dtype = bench.device, torch.bfloat16 if bench.mp == "bf16" else torch.float32
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
-        peak = cuda_peak_flops(device_name, mp == "bf16")
-        source = f"table: {device_name} dense {'bf16' if mp == 'bf16' else 'tf32'}"
+        peak = cuda_peak_flops(device_name, bench.mp == "bf16")
+        source = f"table: {device_name} dense {'bf16' if bench.mp == 'bf16' else 'tf32'}"
         if peak is None:
             peak = measure_peak_flops(torch, device, dtype)
             source = f"measured: best 2048^3 {str(dtype).removeprefix('torch.')} matmul (device not in table)"
-    else:
-        device_name = _cpu_name()
-        peak = measure_peak_flops(torch, device, dtype)
-        source = (f"measured: best 2048^3 {str(dtype).removeprefix('torch.')} matmul, "
-                  f"{torch.get_num_threads()} threads, same process")
+        return device_name, peak, source
+    peak = measure_peak_flops(torch, device, dtype)
+    source = (f"measured: best 2048^3 {str(dtype).removeprefix('torch.')} matmul, "
+              f"{torch.get_num_threads()} threads, same process")
+    return _cpu_name(), peak, source
 
-    # ---- rows
-    rows = []
-    tokens = B * T * K
-    paired_by: dict[tuple[str, bool], list[float]] = {}  # (method, compiled) -> same-round ratios to the bound
-    keys = [(name, c) for name in wanted for c in (False, True) if (name, c) in results]
-    keys += [(name, compiling) for name in wanted if not any(k[0] == name for k in keys)]  # not run
+
+def table_rows(bench: Bench, results: dict, device_name: str, peak: float, source: str,
+               load: str) -> tuple[list[dict], dict[tuple[str, bool], list[float]]]:
+    """The CSV's rows (COLUMNS), one per (method, compiled) in --methods order, and every row's
+    same-round ratios to the bound of its mode."""
+    import torch
+
+    args, B, T, K = bench.args, bench.B, bench.T, bench.K
+    tcfg, d_S = bench.teacher.config, bench.base.lrc.student_hidden_size
+    tokens, rr = B * T * K, bench.schedule == "round-robin"
+    rows, paired_by = [], {}
+    keys = [(name, c) for name in bench.wanted for c in (False, True) if (name, c) in results]
+    keys += [(name, bench.compiling) for name in bench.wanted if not any(k[0] == name for k in keys)]  # not run
     for name, compiled in keys:
         u = results.get((name, compiled), Unit(name, status="not run", compiled=compiled))
         ok = u.status == "ok" and u.times
-        rr = schedule == "round-robin"
         paired = paired_by[name, compiled] = paired_ratios(u, results.get((BOUND, compiled))) if rr else []
         before = paired_ratios(u, results.get((name, False))) if rr and compiled else []  # compiled / eager twin
         med = statistics.median(u.times) if ok else float("nan")
         flops = model_flops(name, tcfg, d_S, B * K, T)
         rows.append({
-            "profile": args.profile, "device": device.type, "device_name": device_name, "method": name,
+            "profile": args.profile, "device": bench.device.type, "device_name": device_name, "method": name,
             "batch_size": B, "seq_len": T, "tokens_per_step": tokens,
             "median_step_s": _f(med), "tokens_per_s": _f(tokens / med if ok else float("nan")),
             "peak_mem_mb": _f(u.peak_bytes / 2**20 if ok else float("nan")), "threads": torch.get_num_threads(),
-            "dtype": "bf16-autocast" if mp == "bf16" else "fp32",
+            "dtype": bench.dtype_name,
             "peak_total_mb": _f(u.peak_total_bytes / 2**20 if ok else float("nan")),
             "state_mb": _f(u.state_bytes / 2**20), "flops_per_step": f"{flops:.4g}",
             "mfu": _f(flops / med / peak if ok else float("nan")), "peak_flops": f"{peak:.4g}",
-            "peak_flops_source": source, "schedule": schedule, "timed_steps": len(u.times), "load_avg": load, "status": u.status,
-            "freed_memory": "kept" if kept else "default",
-            "grad_accum": K, "adamw": adamw, "compiled": u.compiled,
+            "peak_flops_source": source, "schedule": bench.schedule, "timed_steps": len(u.times), "load_avg": load,
+            "status": u.status, "freed_memory": "kept" if bench.kept else "default",
+            "grad_accum": K, "adamw": bench.adamw, "compiled": u.compiled,
             "first_step_s": _f(u.first_step_s if ok else float("nan")),
             "min_step_s": _f(min(u.times) if ok else float("nan")),
             "max_step_s": _f(max(u.times) if ok else float("nan")),
@@ -761,20 +861,35 @@ def main(argv=None) -> int:
             **_spread_columns("over_bound_paired", paired),
             **_spread_columns("over_eager_paired", before),
         })
-    out = Path(args.output) if args.output else ROOT / "results" / args.profile / "tables" / "table8_throughput.csv"
-    write_csv_atomic(out, rows)
+    return rows, paired_by
 
-    # ---- report
-    print(f"# {args.profile} on {device_name} ({device.type}, {torch.get_num_threads()} threads, "
-          f"{rows[0]['dtype']}), batch {B} x {T} x {K} micro-batches, {args.steps} timed + {args.warmup} warm-up "
-          f"steps, {schedule}" + (f", freed memory {'kept' if kept else 'returned to the OS'}"
-                                   if device.type == "cpu" else ""))
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    """The tidy CSV (COLUMNS, in order), written atomically."""
+    import pandas as pd
+
+    from lrc_src.fileio import write_csv_atomic
+
+    write_csv_atomic(pd.DataFrame(rows, columns=COLUMNS), path)
+
+
+def print_summary(bench: Bench, rows: list[dict], paired_by: dict, device_name: str, peak: float, source: str,
+                  load: str, out: Path) -> None:
+    """The readable table and the notes under it (the FLOP floor, paired ratios)."""
+    import torch
+
+    args, B, T, K = bench.args, bench.B, bench.T, bench.K
+    print(f"# {args.profile} on {device_name} ({bench.device.type}, {torch.get_num_threads()} threads, "
+          f"{bench.dtype_name}), batch {B} x {T} x {K} micro-batches, {args.steps} timed + {args.warmup} warm-up "
+          f"steps, {bench.schedule}" + (f", freed memory {'kept' if bench.kept else 'returned to the OS'}"
+                                        if bench.device.type == "cpu" else ""))
     print(f"# peak FLOP/s {peak:.3g} ({source}); 1-min load average {load} (machine cores: {os.cpu_count()})")
     print(f"{'method':18s} {'step_s':>9s} {'tokens/s':>10s} {'peak_mb':>9s} {'state_mb':>9s} {'mfu':>8s}  status")
     for r in rows:
         label = r["method"] + (" (compiled)" if r["compiled"] else "")
         print(f"{label:18s} {r['median_step_s']:>9s} {r['tokens_per_s']:>10s} {r['peak_mem_mb']:>9s} "
               f"{r['state_mb']:>9s} {r['mfu']:>8s}  {r['status']}")
+    tcfg, d_S = bench.teacher.config, bench.base.lrc.student_hidden_size
     bound_flops = model_flops(BOUND, tcfg, d_S, B * K, T)
     floor = (bound_flops + lrc_extra_flops(tcfg, d_S, B * K, T)) / bound_flops
     targets_only = (bound_flops + lrc_extra_flops(tcfg, d_S, B * K, T, generation=False)) / bound_flops
@@ -790,7 +905,11 @@ def main(argv=None) -> int:
             print(f"# {r['method']} compiled step / eager step of the same round: median {r['over_eager_paired_median']}, "
                   f"min {r['over_eager_paired_min']}, max {r['over_eager_paired_max']}")
     print(f"# wrote {out}")
-    # the last line reports the compiled rows when there are any (--compile, --compile both)
+
+
+def last_line(rows: list[dict]) -> str:
+    """'lrc_over_bound=R lrc_over_ordinary=R lrc_tokens_per_s=N mfu=F', from the compiled rows when
+    there are any (--compile, --compile both)."""
     by = {r["method"]: r for r in sorted(rows, key=lambda r: r["compiled"])}
 
     def num(method, col):
@@ -800,9 +919,32 @@ def main(argv=None) -> int:
             return float("nan")
 
     lrc_s, bound_s = num("lrc", "median_step_s"), num(BOUND, "median_step_s")
-    line = (f"lrc_over_bound={lrc_s / bound_s:.4f} "
+    return (f"lrc_over_bound={lrc_s / bound_s:.4f} "
             f"lrc_over_ordinary={num('lrc', 'tokens_per_s') / num('scratch', 'tokens_per_s'):.4f} "
             f"lrc_tokens_per_s={num('lrc', 'tokens_per_s'):.1f} mfu={num('lrc', 'mfu'):.4f}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    error = check_args(args)
+    if error:
+        return fail(error)
+    bench = setup(args)
+    if isinstance(bench, str):
+        return fail(bench)
+    error = load_bench_teacher(bench)
+    if error:
+        return fail(error)
+
+    load_start = os.getloadavg()[0]  # other processes on the machine skew CPU timings: recorded
+    results = time_methods(bench)
+    load = f"{load_start:.2f}->{os.getloadavg()[0]:.2f}"
+    device_name, peak, source = device_peak(bench)
+    rows, paired_by = table_rows(bench, results, device_name, peak, source, load)
+    out = Path(args.output) if args.output else ROOT / "results" / args.profile / "tables" / "table8_throughput.csv"
+    write_rows(rows, out)
+    print_summary(bench, rows, paired_by, device_name, peak, source, load, out)
+    line = last_line(rows)
     sys.stdout.flush()
     sys.stderr.flush()
     print(line, flush=True)
@@ -852,21 +994,6 @@ def _cpu_name() -> str:
     except OSError:
         m = None
     return (m.group(1).strip() if m else "cpu") + f" ({os.cpu_count()} cores visible)"
-
-
-def write_csv_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.DictWriter(f, COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":

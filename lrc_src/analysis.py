@@ -11,6 +11,7 @@ neuron j of layer i are the same index), hidden sizes d_T (teacher) and d_S (stu
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -91,17 +92,32 @@ def run_points(run_dir: str | Path) -> list[tuple[int, Path, Path]]:
 
 
 @torch.no_grad()
-def heldout_loss(model, blocks: np.ndarray, batch_size: int = 8) -> float:
-    """Mean next-token loss (nats/token) over blocks [N, T]; the same average as the trainer's
-    `heldout_loss` column (every block contributes T-1 predictions)."""
+def heldout_loss(model, blocks: np.ndarray, batch_size: int = 8, accelerator=None) -> float:
+    """Mean next-token loss (nats/token) of `model` over blocks [N, T], every block contributing T-1
+    predictions; NaN for no blocks. Runs in eval mode and restores the model's mode after.
+
+    The trainer's `heldout_loss` column (and assets.json's teacher_heldout_loss) is this on the first
+    train.eval_batches * train.batch_size held-out blocks.
+    accelerator: move each batch to its device and run under its autocast (the run's mixed
+        precision); None: CPU tensors, no autocast (the model as loaded).
+    """
+    blocks = np.asarray(blocks, dtype=np.int64)  # [N, T]
+    if len(blocks) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
-        ids = torch.as_tensor(np.asarray(blocks[i:i + batch_size], dtype=np.int64))  # [B, T]
-        logits = model(input_ids=ids).logits  # [B, T, V]
+        ids = torch.from_numpy(blocks[i:i + batch_size])  # [B, T]
+        if accelerator is not None:
+            ids = ids.to(accelerator.device)
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+            logits = model(input_ids=ids).logits  # [B, T, V]
         n = ids.shape[0] * (ids.shape[1] - 1)
         total += lm_loss(logits, ids).item() * n
         count += n
-    return total / max(count, 1)
+    model.train(was_training)
+    return total / count
 
 
 # ---------------------------------------------------------------- FFN neurons (Table 5)

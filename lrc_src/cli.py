@@ -31,8 +31,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from lrc_src.assets import prepare_assets
     from lrc_src.config import load_config
-    from lrc_src.train import prepare_assets
 
     info = prepare_assets(load_config(args.config, args.set), args.output_dir, threads=args.threads)
     print(f"teacher held-out loss {info['teacher_heldout_loss']:.4f}; wrote {args.output_dir}/assets.json")
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--return-freed-memory", action="store_true",
                    help="on the CPU, let freed memory go back to the OS as glibc does by default (lower "
                         "resident memory between steps); by default it is kept for the next step, so that "
-                        "steps do not page-fault their working set in again (lrc_src.train.keep_freed_memory)")
+                        "steps do not page-fault their working set in again (lrc_src.runtime.keep_freed_memory)")
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder layers (teacher and student side by side for LRC; one graph "
                         "for all layers): fused elementwise kernels, less Python per layer; the first step "

@@ -2,6 +2,9 @@
 
 Reads top to bottom: setup (teacher, data, method; every user error is raised here, before the
 run folder is touched), `accelerator.prepare`, resume from the last checkpoint, the loop, save.
+The inputs come from lrc_src.assets, the method, its AdamW and schedule from lrc_src.factory, and
+each optimizer step is lrc_src.step.train_step (the step benchmarks/throughput.py times).
+`export_run` (`lrc export`) rebuilds a run folder's student from its checkpoint.
 
 Run folder:
     config.yaml        the resolved config
@@ -19,13 +22,11 @@ checkpoint are dropped and recomputed), so a killed run continues exactly as if 
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import ctypes
+import io
 import json
 import math
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -33,37 +34,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from lrc_src.baselines import LRCMethod, StudentKD, TinyBERTStyle, hard_prune, load_causal_lm, student_like
-from lrc_src.clone import LowRankClone
+from lrc_src.analysis import heldout_loss
+from lrc_src.assets import load_inputs
 from lrc_src.checkpoint import drop_optimizer_state, find_checkpoint, load_checkpoint, save_checkpoint
 from lrc_src.config import ExperimentConfig, dump_config
-from lrc_src.losses import lm_loss
+from lrc_src.factory import build_method, lr_lambda, make_optimizer
+from lrc_src.fileio import atomic_write_text
+from lrc_src.runtime import keep_freed_memory, resolve_mixed_precision, set_threads
+from lrc_src.step import DDP_TYPES, NonFiniteLossError, accumulation_window, train_step
 
 TIMING_COLUMNS = ("tokens_per_s", "elapsed_s")  # the only columns that differ between reruns
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
 # ---------------------------------------------------------------- setup helpers
-
-
-def resolve_mixed_precision(choice: str) -> str:
-    """'auto' -> 'bf16' on CUDA with bf16, or on a CPU with native bf16 (avx512_bf16/amx); else 'no'."""
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "no"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
 
 
 class Batches:
@@ -91,105 +77,14 @@ class Batches:
         lab = None if self.labels is None else torch.from_numpy(np.asarray(self.labels[rows], dtype=np.int64))
         return ids, lab
 
-
-def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray) -> torch.nn.Module:
-    """The method module for cfg.method (see lrc_src.baselines for what each one trains)."""
-    b, d_S, seed = cfg.baseline, cfg.lrc.student_hidden_size, cfg.train.seed
-    kd = dict(kl_temperature=b.kl_temperature, kl_reduction=b.kl_reduction)
-
-    def calibration() -> torch.Tensor:  # the first calibration_batches training batches: [N, T]
-        n = b.calibration_batches * cfg.train.batch_size
-        return torch.from_numpy(np.asarray(train_blocks[:n], dtype=np.int64))
-    if cfg.method == "lrc":
-        torch.manual_seed(seed)
-        clone = LowRankClone(teacher, cfg.lrc)
-        if cfg.lrc.init != "normal":
-            clone.init_from_teacher(calibration())
-        return LRCMethod(clone)
-    if cfg.method == "scratch":
-        return StudentKD(student_like(teacher, d_S, seed))
-    if cfg.method == "kd":
-        return StudentKD(student_like(teacher, d_S, seed), teacher if b.use_kl else None, **kd)
-    if cfg.method == "tinybert":
-        torch.manual_seed(seed)
-        return TinyBERTStyle(student_like(teacher, d_S, seed), teacher, b.hidden_weight, b.attn_weight, **kd)
-    if cfg.method == "prune_kd":  # LRC's start (lrc.init; "normal" means "prune"), exported, then KD
-        init = "prune" if cfg.lrc.init == "normal" else cfg.lrc.init
-        start = hard_prune(teacher, d_S, calibration(), init=init, untie_lm_head=cfg.lrc.untie_lm_head)
-        return StudentKD(start, teacher if b.use_kl else None, **kd)
-    if cfg.method == "sft":
-        return StudentKD(teacher)  # for sft the "teacher" slot holds the model being fine-tuned
-    raise AssertionError(cfg.method)
-
-
-ADAMW_KERNELS = {"default": {}, "fused": {"fused": True}, "foreach": {"foreach": True}}
-
-
-def make_optimizer(named_params: list[tuple[str, torch.Tensor]], tc, kernel: str = "default") -> torch.optim.AdamW:
-    """AdamW over a method's trainable parameters: matrices at tc.lr, vectors (norms) at tc.lr_norm
-    (default tc.lr); betas and weight decay from tc (a TrainConfig).
-
-    kernel: "default" (PyTorch's choice: foreach on CUDA, one tensor at a time on the CPU), "fused"
-    (one launch per step for all tensors; the same update up to rounding; the trainer's choice on
-    CUDA without sharding) or "foreach".
-    """
-    if kernel not in ADAMW_KERNELS:
-        raise ValueError(f"AdamW kernel {kernel!r}: choose one of {', '.join(ADAMW_KERNELS)}")
-    norm_lr = tc.lr_norm if tc.lr_norm is not None else tc.lr
-    groups = [
-        {"params": [p for n, p in named_params if p.ndim >= 2], "lr": tc.lr},
-        {"params": [p for n, p in named_params if p.ndim < 2], "lr": norm_lr},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(tc.betas),
-                             weight_decay=tc.weight_decay, **ADAMW_KERNELS[kernel])
-
-
-def lr_lambda(total_steps: int, warmup_ratio: float):
-    """Linear warmup over warmup_ratio * total steps, then linear decay to 0 (paper)."""
-    warmup = max(1, math.ceil(warmup_ratio * total_steps)) if warmup_ratio > 0 else 0
-
-    def f(step: int) -> float:  # step = optimizer steps taken so far
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return f
-
-
-def _set_threads(n: int | None) -> None:
-    if n:
-        torch.set_num_threads(n)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (<malloc.h>)
-
-
-def glibc():
-    """The process's C library if it is glibc (Linux), else None."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    return ctypes.CDLL("libc.so.6")
-
-
-def keep_freed_memory() -> bool:
-    """Make this process reuse the memory its CPU tensors free instead of handing it back to the OS.
-
-    glibc serves every large allocation (any above 32 MB, and by default any above a threshold that
-    adapts up to that) with a fresh mmap and unmaps it on free, and trims the heap's free top past
-    128 KB, so each training step page-faults (and the kernel zeroes) its working set anew: at the
-    tiny shapes on 2 cores 0.6-1.5 s of system time in a 9 s LRC step of 4 x 1024 tokens, 0.3-0.5 s
-    in the bound's 7 s (benchmarks/throughput.py). No mmap (M_MMAP_MAX 0) and no trimming (trim
-    threshold SIZE_MAX) keep freed memory in the heap, where the next step reuses it: resident memory
-    stays at its peak. (The 2 GB threshold used before still trims a free top above 2 GB: strace
-    shows a freed 2.1 GB tensor given back and faulted in again on the next allocation. LRC's
-    working set at batch 16 x 256 is 6 GB.)
-    Nothing else changes (same values, bit for bit). Returns whether it was applied: glibc only.
-    """
-    libc = glibc()
-    if libc is None:
-        return False
-    # mallopt's int -1 becomes glibc's size_t trim threshold SIZE_MAX: the heap is never trimmed
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
+    def step(self, step: int, grad_accum: int, accelerator) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """This process's grad_accum micro-batches of optimizer step `step`, on its device: global
+        micro-batch (step * grad_accum + micro) * processes + rank."""
+        out = []
+        for micro in range(grad_accum):
+            ids, labels = self.get((step * grad_accum + micro) * accelerator.num_processes + accelerator.process_index)
+            out.append((ids.to(accelerator.device), labels.to(accelerator.device) if labels is not None else None))
+        return out
 
 
 class MetricsLog:
@@ -208,13 +103,12 @@ class MetricsLog:
             path.unlink()
 
     def _rewrite(self, rows: list[dict]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
-            if self.columns:
-                w = csv.DictWriter(f, self.columns)
-                w.writeheader()
-                w.writerows(rows)
-        tmp.replace(self.path)
+        text = io.StringIO(newline="")  # csv's own \r\n line ends, as write() appends them
+        if self.columns:
+            w = csv.DictWriter(text, self.columns)
+            w.writeheader()
+            w.writerows(rows)
+        atomic_write_text(self.path, text.getvalue())
 
     def write(self, row: dict) -> None:
         new = self.columns is None
@@ -235,108 +129,6 @@ def _fmt(x) -> str:
     return str(x)
 
 
-@torch.no_grad()
-def heldout_loss(model, heldout: np.ndarray, n_blocks: int, batch_size: int, accelerator) -> float:
-    """Mean next-token LM loss (nats/token) of the student on the first n_blocks held-out blocks."""
-    blocks = np.asarray(heldout[:n_blocks], dtype=np.int64)
-    if len(blocks) == 0:
-        return float("nan")
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        ids = torch.from_numpy(blocks[i : i + batch_size]).to(accelerator.device)
-        with accelerator.autocast():
-            logits = model(input_ids=ids).logits
-        n = ids.shape[0] * (ids.shape[1] - 1)
-        total += lm_loss(logits, ids).item() * n
-        count += n
-    model.train(was_training)
-    return total / count
-
-
-def load_inputs(cfg: ExperimentConfig):
-    """(teacher, tokenizer, train blocks [N, T], train labels or None, held-out blocks) for cfg.
-
-    For method=sft the "teacher" is the model being fine-tuned and the blocks are chat examples."""
-    from lrc_src.teachers import load_teacher  # heavy deps load only when training
-
-    if cfg.method == "sft":
-        from transformers import AutoTokenizer
-
-        from lrc_src.chat import encode_chat_file
-
-        if not cfg.sft.chat_data:
-            raise ValueError("method=sft needs sft.chat_data (a jsonl of {'messages': [...]})")
-        model = load_causal_lm(cfg.sft.model)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.sft.model)
-        ids, labels = encode_chat_file(tokenizer, cfg.sft.chat_data, cfg.data.seq_len)
-        n_held = max(1, int(round(len(ids) * cfg.data.heldout_frac)))
-        if n_held >= len(ids):
-            raise ValueError(f"sft.chat_data {cfg.sft.chat_data!r} has too few conversations ({len(ids)})")
-        return model, tokenizer, ids[n_held:], labels[n_held:], ids[:n_held]
-    teacher, tokenizer = load_teacher(cfg.teacher)
-    data = _packed_data(cfg, tokenizer)
-    return teacher, tokenizer, data.train, None, data.heldout
-
-
-def _packed_data(cfg: ExperimentConfig, tokenizer):
-    """The tokenised, packed corpus of cfg.data (cached on disk by lrc_src.packing)."""
-    from lrc_src.packing import prepare_data
-
-    corpus = {"mix": cfg.data.mix, "data_files": cfg.data.mix_files or {}} if cfg.data.mix else cfg.data.corpus
-    return prepare_data(tokenizer, corpus, cfg.data.seq_len, heldout_frac=cfg.data.heldout_frac,
-                        seed=cfg.data.seed, max_train_tokens=cfg.data.max_train_tokens)
-
-
-def prepare_assets(cfg: ExperimentConfig, output_dir: str | Path, threads: int | None = None) -> dict:
-    """Fetch/convert the teacher and tokenise the data once for a profile, so that parallel runs
-    reuse the caches. Writes output_dir/assets.json (teacher folder, held-out documents, token
-    counts, the teacher's held-out loss on the same blocks the runs evaluate) and a copy of the
-    held-out documents as output_dir/heldout.jsonl."""
-    from lrc_src.teachers import teacher_folder
-
-    _set_threads(threads)
-    out = Path(output_dir)
-    teacher, tokenizer, train_blocks, _, heldout = load_inputs(cfg)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
-    n = cfg.train.eval_batches * cfg.train.batch_size
-    info = {
-        "teacher": cfg.teacher,
-        "teacher_folder": str(teacher_folder(cfg.teacher)) if cfg.method != "sft" else cfg.sft.model,
-        "train_blocks": int(len(train_blocks)), "heldout_blocks": int(len(heldout)),
-        "seq_len": cfg.data.seq_len,
-        "teacher_heldout_loss": heldout_loss(teacher, heldout, n, cfg.train.batch_size, accelerator),
-        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    link = out / "teacher"  # a stable path to the teacher's HF folder, for `lrc eval`
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(Path(info["teacher_folder"]).resolve(), target_is_directory=True)
-    if cfg.method != "sft":
-        src = _packed_data(cfg, tokenizer).heldout_path  # cached: returns at once
-        shutil.copyfile(src, out / "heldout.jsonl.tmp")
-        (out / "heldout.jsonl.tmp").replace(out / "heldout.jsonl")
-        info["heldout_path"] = str((out / "heldout.jsonl").resolve())
-    tmp = out / "assets.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(out / "assets.json")
-    return info
-
-
-def export_run(cfg: ExperimentConfig, run_dir: str | Path, output: str | Path) -> Path:
-    """Export the student of run_dir's last checkpoint to `output` (plain HF folder + tokenizer)."""
-    teacher, tokenizer, train_blocks, _, _ = load_inputs(cfg)
-    method = build_method(cfg, teacher, train_blocks)
-    state = load_file(Path(run_dir) / "checkpoint" / "trainable.safetensors")
-    with torch.no_grad():
-        for n, p in method.trainable_named_parameters():
-            p.copy_(state[n])
-    _export_atomic(method, Path(output), tokenizer)
-    return Path(output)
-
-
 # ---------------------------------------------------------------- train
 
 
@@ -346,22 +138,41 @@ def _has_accelerator() -> bool:
     return bool(acc.is_available()) if acc is not None else torch.cuda.is_available()
 
 
-# data-parallel types whose replicas hold whole parameters: the accumulation window's gradients
-# can be averaged by hand (see train())
-DDP_TYPES = tuple(getattr(DistributedType, n) for n in ("MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU",
-                                                         "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_HPU")
-                  if hasattr(DistributedType, n))
+def _saved_config(out: Path, cfg: ExperimentConfig, restart_on_config_change: bool) -> str | None:
+    """The run folder's config.yaml text (None: no run there). With restart_on_config_change, a run
+    of a different config is deleted first (its outputs; the folder stays)."""
+    saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else None
+    if saved is not None and saved != dump_config(cfg) and restart_on_config_change:
+        for name in ("run.json", "metrics.csv", "config.yaml"):
+            (out / name).unlink(missing_ok=True)
+        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "exports", "student"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        saved = None
+    return saved
 
 
-def average_gradients(params: list[torch.Tensor], accelerator: Accelerator) -> None:
-    """Average p.grad over the processes (one all-reduce of a flat buffer), as DDP's sync would;
-    a parameter without a gradient counts as zeros."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")  # [sum numel]
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g)
-        offset += g.numel()
+def _is_complete(out: Path, cfg: ExperimentConfig, saved: str | None) -> bool:
+    """The folder holds a completed run of cfg; a completed run of another config is an error."""
+    if not (out / "run.json").is_file() or json.loads((out / "run.json").read_text()).get("status") != "complete":
+        return False
+    if saved == dump_config(cfg):
+        return True
+    raise ValueError(f"{out} holds a completed run of a different config; choose another --output-dir "
+                     "(or pass --restart-on-config-change)")
+
+
+def _accelerator(mixed_precision: str) -> Accelerator:
+    """This process's Accelerator: one process, or one of WORLD_SIZE launched by torchrun /
+    accelerate launch (several without a GPU: accelerate's CPU data parallelism over gloo, which it
+    only turns on when asked: accelerate launch --cpu sets ACCELERATE_USE_CPU, plain torchrun
+    would not)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision),
+                              cpu=world > 1 and not _has_accelerator())
+    if accelerator.num_processes != world:
+        raise ValueError(f"WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es): "
+                         "launch with `accelerate launch` or torchrun on a supported backend")
+    return accelerator
 
 
 def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, threads: int | None = None,
@@ -376,30 +187,14 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
         like threads, not part of the config: a run may resume with or without it.
     """
     out = Path(output_dir)
-    saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else None
-    if saved is not None and saved != dump_config(cfg) and restart_on_config_change:
-        for name in ("run.json", "metrics.csv", "config.yaml"):
-            (out / name).unlink(missing_ok=True)
-        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "exports", "student"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        saved = None
-    if (out / "run.json").is_file() and json.loads((out / "run.json").read_text()).get("status") == "complete":
-        if saved == dump_config(cfg):
-            return out
-        raise ValueError(f"{out} holds a completed run of a different config; choose another --output-dir "
-                         "(or pass --restart-on-config-change)")
-    _set_threads(threads)
+    saved = _saved_config(out, cfg, restart_on_config_change)
+    if _is_complete(out, cfg, saved):
+        return out
+    set_threads(threads)
     tc = cfg.train
 
     # ---- setup: everything that can fail on user input happens before the run folder is written
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
-    # several processes without a GPU: accelerate's CPU data parallelism (gloo); it only turns that on
-    # when asked (accelerate launch --cpu sets ACCELERATE_USE_CPU), plain torchrun would not
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc.mixed_precision),
-                              cpu=world > 1 and not _has_accelerator())
-    if accelerator.num_processes != world:
-        raise ValueError(f"WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es): "
-                         "launch with `accelerate launch` or torchrun on a supported backend")
+    accelerator = _accelerator(tc.mixed_precision)
     if keep_memory and accelerator.device.type == "cpu":
         keep_freed_memory()
     torch.manual_seed(tc.seed)
@@ -431,47 +226,29 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
                              "(or pass --restart-on-config-change)")
         start = load_checkpoint(found, unwrapped, optimizer, scheduler)
     if accelerator.is_main_process:
-        (out / "config.yaml").write_text(dump_config(cfg))
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
     log = MetricsLog(out / "metrics.csv", start) if accelerator.is_main_process else None
 
     # ---- loop
     method.train()
-    # One weight generation per optimizer step when accumulating. Under DDP every micro-batch runs
-    # without gradient sync and the gradients are averaged after the window's closing backward
-    # (DDP's own sync would miss that backward); FSDP/DeepSpeed shard the parameters: no window.
-    reuse = tc.grad_accum > 1 and hasattr(unwrapped, "accumulation_window") and unsharded
-    manual_sync = reuse and accelerator.num_processes > 1
-    window = unwrapped.accumulation_window if reuse else contextlib.nullcontext
+    # One weight generation per optimizer step when accumulating (lrc_src.step); under DDP the
+    # window's gradients are averaged by hand after its closing backward.
+    window = accumulation_window(unwrapped, tc.grad_accum, unsharded)
+    manual_sync = window is not None and accelerator.num_processes > 1
+    trainable = [p for _, p in params]
     bar = tqdm(total=total_steps, initial=start, desc=f"{cfg.method}", unit="step",
                disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
     t_last, tokens_last, t0 = time.perf_counter(), start * tokens_per_step, time.perf_counter()
     for step in range(start, total_steps):
-        lr_now = [g["lr"] for g in optimizer.param_groups][0]
-        sums: dict[str, float] = {}
-        with window():  # LRC: generate the student's weights once per optimizer step
-            for micro in range(tc.grad_accum):
-                index = (step * tc.grad_accum + micro) * accelerator.num_processes + accelerator.process_index
-                ids, labels = batches.get(index)
-                ids = ids.to(accelerator.device)
-                labels = labels.to(accelerator.device) if labels is not None else None
-                sync = micro == tc.grad_accum - 1 and not manual_sync
-                with accelerator.no_sync(method) if not sync else contextlib.nullcontext():
-                    with accelerator.autocast():
-                        o = method(ids, labels)
-                    if not torch.isfinite(o.loss):
-                        bar.close()
-                        raise NonFiniteLossError(
-                            f"non-finite loss ({o.loss.item()}) at step {step + 1}; last good checkpoint: "
-                            f"{ckpt if ckpt.is_dir() else 'none'} (lower train.lr or check the data)")
-                    accelerator.backward(o.loss / tc.grad_accum)
-                for k, v in [("loss", o.loss)] + list(o.losses.items()):
-                    sums[k] = sums.get(k, 0.0) + v.detach().float().item() / tc.grad_accum
-        if manual_sync:
-            average_gradients([p for _, p in params], accelerator)
-        grad_norm = accelerator.clip_grad_norm_([p for _, p in params], tc.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr_now = optimizer.param_groups[0]["lr"]
+        try:
+            sums, grad_norm = train_step(method, batches.step(step, tc.grad_accum, accelerator), optimizer,
+                                         trainable, tc.grad_clip, accelerator, window, manual_sync, scheduler)
+        except NonFiniteLossError as e:
+            bar.close()
+            last_good = ckpt if ckpt.is_dir() else "none"
+            raise NonFiniteLossError(f"{e} at step {step + 1}; last good checkpoint: {last_good} "
+                                     "(lower train.lr or check the data)") from None
         done = step + 1
         tokens = done * tokens_per_step
         bar.update(1)
@@ -485,7 +262,7 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
                    "grad_norm": float(grad_norm), "tokens_per_s": (tokens - tokens_last) / max(now - t_last, 1e-9),
                    "elapsed_s": now - t0, "heldout_loss": ""}
             if evaluate_now:
-                row["heldout_loss"] = heldout_loss(unwrapped.eval_model(), heldout, tc.eval_batches * tc.batch_size,
+                row["heldout_loss"] = heldout_loss(unwrapped.eval_model(), heldout[:tc.eval_batches * tc.batch_size],
                                                    tc.batch_size, accelerator)
             log.write({k: _fmt(v) for k, v in row.items()})
             t_last, tokens_last = time.perf_counter(), tokens
@@ -503,8 +280,8 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
                 "tokens": total_steps * tokens_per_step, "trainable_parameters":
                 sum(p.numel() for _, p in params), "mixed_precision": accelerator.mixed_precision,
                 "num_processes": accelerator.num_processes,
-                "accumulation_window": reuse}  # student weights generated once per optimizer step
-        (out / "run.json").write_text(json.dumps(info, indent=2))
+                "accumulation_window": window is not None}  # student weights generated once per optimizer step
+        atomic_write_text(out / "run.json", json.dumps(info, indent=2))
         if not tc.keep_optimizer_state:  # a finished run needs only its trainable state (export, analysis)
             drop_optimizer_state(ckpt)
     accelerator.wait_for_everyone()
@@ -523,3 +300,15 @@ def _export_atomic(method, directory: Path, tokenizer, with_trainable: bool = Fa
         save_file(state, tmp / "projections.safetensors")
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
+
+
+def export_run(cfg: ExperimentConfig, run_dir: str | Path, output: str | Path) -> Path:
+    """Export the student of run_dir's last checkpoint to `output` (plain HF folder + tokenizer)."""
+    teacher, tokenizer, train_blocks, _, _ = load_inputs(cfg)
+    method = build_method(cfg, teacher, train_blocks)
+    state = load_file(Path(run_dir) / "checkpoint" / "trainable.safetensors")
+    with torch.no_grad():
+        for n, p in method.trainable_named_parameters():
+            p.copy_(state[n])
+    _export_atomic(method, Path(output), tokenizer)
+    return Path(output)

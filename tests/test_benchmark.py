@@ -236,7 +236,8 @@ def test_compile_both_pairs_eager_and_compiled_steps(tmp_path):
             assert all(x != x for x in before), r  # NaN: nothing to compare an eager step with
     assert float(m.group(1)) == pytest.approx(
         float(by["lrc", True]["median_step_s"]) / float(by["bound", True]["median_step_s"]), rel=1e-3)
-    assert float(m.group(3)) == pytest.approx(float(by["lrc", True]["tokens_per_s"]), rel=1e-3)
+    # the last line prints tokens/s to one decimal: at a slow step that is more than rel 1e-3
+    assert float(m.group(3)) == pytest.approx(float(by["lrc", True]["tokens_per_s"]), rel=1e-3, abs=0.05)
     assert "lrc compiled step / eager step of the same round" in p.stdout
 
 

@@ -14,7 +14,8 @@ import yaml
 
 from lrc_src.cli import main
 from lrc_src.config import config_from_dict, load_config
-from lrc_src.train import TIMING_COLUMNS, make_optimizer, train
+from lrc_src.factory import make_optimizer
+from lrc_src.train import TIMING_COLUMNS, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CI = ROOT / "config" / "ci.yaml"
@@ -95,6 +96,53 @@ def test_make_optimizer_groups_and_kernels():
         make_optimizer([("norm", torch.nn.Parameter(torch.ones(3)))], tc, kernel="apex")
 
 
+def test_train_step_means_micro_batches_and_stops_before_a_non_finite_update():
+    """lrc_src.step.train_step (the trainer's step, which benchmarks/throughput.py times): K
+    micro-batches inside the window make one update with the gradient of their mean loss, report
+    the mean loss terms and the gradient norm and step the schedule; a non-finite loss raises
+    before any update."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from lrc_src.step import NonFiniteLossError, train_step
+
+    class Square(torch.nn.Module):  # loss = scale * (w . x)^2 for a micro-batch x = ids [2]
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+
+        def forward(self, ids, labels=None):
+            dot = (self.w * ids.float()).sum()
+            return SimpleNamespace(loss=dot**2 * (1.0 if labels is None else labels), losses={"dot": dot})
+
+    acc = Accelerator()
+    model = Square().to(acc.device)
+    x1, x2 = torch.tensor([1, 2], device=acc.device), torch.tensor([3, 1], device=acc.device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    opened = []
+
+    @contextlib.contextmanager
+    def window():
+        opened.append("enter")
+        yield
+        opened.append("exit")
+
+    # dots -3 and 1, losses 9 and 1; the mean loss's gradient ((2*-3)*x1 + (2*1)*x2) / 2 = [0, -5]
+    sums, norm = train_step(model, [(x1, None), (x2, None)], opt, [model.w], 100.0, acc, window, scheduler=sched)
+    assert sums == {"loss": 5.0, "dot": -1.0} and float(norm) == pytest.approx(5.0)
+    torch.testing.assert_close(model.w.detach().cpu(), torch.tensor([1.0, -1.5]))
+    assert model.w.grad is None and opened == ["enter", "exit"] and opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+    before = model.w.detach().clone()
+    nan = torch.tensor(float("nan"), device=acc.device)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\)"):
+        train_step(model, [(x1, None), (x2, nan)], opt, [model.w], 100.0, acc)
+    assert torch.equal(model.w.detach(), before) and opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_run_steps_with_fused_adamw(tmp_path):
     """On one GPU the trainer builds the fused AdamW (its checkpoint's param groups say so) and
@@ -149,7 +197,8 @@ def _run_snippet(script: str, mode: str) -> str:
 
 FAULTS_AFTER_FREE = """
 import resource, sys, torch
-from lrc_src.train import keep_freed_memory
+import lrc_src.train  # the trainer's imports: the heap as a training process has it
+from lrc_src.runtime import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 x = torch.ones(64 << 20, dtype=torch.uint8); del x  # 64 MB: above glibc's largest mmap threshold
@@ -176,7 +225,7 @@ def test_keep_freed_memory_reuses_freed_pages():
 
 HEAP_TOP_AFTER_FREE = """
 import ctypes, sys
-from lrc_src.train import _M_TRIM_THRESHOLD, glibc, keep_freed_memory
+from lrc_src.runtime import _M_TRIM_THRESHOLD, glibc, keep_freed_memory
 libc = glibc()
 libc.sbrk.restype = libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
@@ -310,7 +359,7 @@ def test_config_types_are_coerced_and_checked():
 
 def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
     from lrc_src import baselines
-    from lrc_src.train import NonFiniteLossError
+    from lrc_src.step import NonFiniteLossError
 
     calls = {"n": 0}
     original = baselines.LRCMethod.forward

@@ -1,0 +1,78 @@
+"""The process's runtime settings for training and its benchmark: CPU threads, the glibc allocator
+(`keep_freed_memory`), and the mixed precision that 'auto' means on a device.
+
+None of them changes a number the run computes: they choose how fast it computes them (and, for
+mixed precision, the config's choice is the one the run records).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+from pathlib import Path
+
+import torch
+
+
+def set_threads(n: int | None) -> None:
+    """torch's CPU threads (None or 0: torch's default)."""
+    if n:
+        torch.set_num_threads(n)
+
+
+def resolve_mixed_precision(choice: str, device_type: str | None = None) -> str:
+    """'auto' -> 'bf16' where the device computes bf16 natively: a CUDA GPU with bf16, or a CPU with
+    avx512_bf16/amx; else 'no'. Any other choice is returned as it is.
+
+    device_type: "cuda" or "cpu" (default: CUDA when it is available, as the trainer runs).
+    """
+    if choice != "auto":
+        return choice
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "no"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (<malloc.h>)
+
+
+def glibc():
+    """The process's C library if it is glibc (Linux), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL("libc.so.6")
+
+
+def keep_freed_memory() -> bool:
+    """Make this process reuse the memory its CPU tensors free instead of handing it back to the OS.
+
+    glibc serves every large allocation (any above 32 MB, and by default any above a threshold that
+    adapts up to that) with a fresh mmap and unmaps it on free, and trims the heap's free top past
+    128 KB, so each training step page-faults (and the kernel zeroes) its working set anew: at the
+    tiny shapes on 2 cores 0.6-1.5 s of system time in a 9 s LRC step of 4 x 1024 tokens, 0.3-0.5 s
+    in the bound's 7 s (benchmarks/throughput.py). No mmap (M_MMAP_MAX 0) and no trimming (trim
+    threshold SIZE_MAX) keep freed memory in the heap, where the next step reuses it: resident memory
+    stays at its peak. (A 2 GB trim threshold would still trim a free top above 2 GB: strace shows a
+    freed 2.1 GB tensor given back and faulted in again on the next allocation. LRC's working set at
+    batch 16 x 256 is 6 GB.)
+    Nothing else changes (same values, bit for bit). Returns whether it was applied: glibc only.
+    """
+    libc = glibc()
+    if libc is None:
+        return False
+    # mallopt's int -1 becomes glibc's size_t trim threshold SIZE_MAX: the heap is never trimmed
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
+
+
+def trim_heap() -> None:
+    """glibc: give the heap's free memory back to the OS now (malloc_trim), e.g. before measuring
+    a step's resident-memory growth where freed memory is otherwise kept."""
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
