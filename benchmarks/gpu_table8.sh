@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 6 in one go (about 5 minutes on one H100/H200 before the two paired
+# Every GPU measurement of Table 8 in one go (about 5 minutes on one H100/H200 before the two paired
 # runs were added; each times its methods twice and compiles in its first step, so budget more), for a session that
 # has a GPU: the paper's LRC-1.5B shape (Llama-3.2-3B-shaped teacher with random bf16 weights ->
 # d_S 1536, seq 2048). Runs, most important first (a failed or cut-off run leaves the earlier CSVs):

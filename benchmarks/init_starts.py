@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Held-out loss of LRC's starting points, before any training (issue 7).
+"""Held-out loss of LRC's starting points, before any training.
 
 For a training config (default: the tiny profile's), build the student at every `lrc.init`
 (normal = the paper's N(0, 0.02); prune; prune_scaled; pca with the tied and with an untied head),

@@ -1,4 +1,4 @@
-"""Measurements on trained models for the paper's analysis items (issue 5).
+"""Measurements on trained models for the paper's analysis items.
 
 Each function measures one thing on a plain HF causal LM (Llama/Qwen2/Mistral layout:
 `model.model.layers[i].mlp.{gate,up,down}_proj`) or on a saved trainable state; the notebooks
