@@ -43,8 +43,8 @@ def load_inputs(cfg: ExperimentConfig):
 
 
 def _packed_data(cfg: ExperimentConfig, tokenizer):
-    """The tokenised, packed corpus of cfg.data (cached on disk by lrc_src.data)."""
-    from lrc_src.data import prepare_data
+    """The tokenised, packed corpus of cfg.data (cached on disk by lrc_src.packing)."""
+    from lrc_src.packing import prepare_data
 
     corpus = {"mix": cfg.data.mix, "data_files": cfg.data.mix_files or {}} if cfg.data.mix else cfg.data.corpus
     return prepare_data(tokenizer, corpus, cfg.data.seq_len, heldout_frac=cfg.data.heldout_frac,

@@ -155,6 +155,8 @@ class TinyBERTStyle(StudentKD):
         )
         self.hidden_weight, self.attn_weight = hidden_weight, attn_weight
 
+    compilable = False  # train.compile=auto runs it eagerly
+
     def compile_layers(self, **options) -> None:
         raise ValueError("tinybert cannot be compiled: transformers' capture of every layer's hidden states and "
                          "attention maps breaks torch.compile's graph in each layer; train it without --compile")

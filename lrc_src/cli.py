@@ -25,7 +25,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     out = train(cfg, args.output_dir, progress=not args.no_progress, threads=args.threads,
                 restart_on_config_change=args.restart_on_config_change, keep_memory=not args.return_freed_memory,
-                compile_layers=args.compile)
+                compile_layers=True if args.compile else None)
     print(f"run complete: {out}")
     return 0
 
@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder layers (teacher and student side by side for LRC; one graph "
                         "for all layers): fused elementwise kernels, less Python per layer; the first step "
-                        "compiles (seconds to minutes). Not part of the config: a run resumes with or without it")
+                        "compiles (seconds to minutes). Same as --set train.compile=on (default auto: on with CUDA); "
+                        "a run resumes with or without it")
     t.set_defaults(func=_train)
 
     pr = sub.add_parser("prepare", help="fetch the teacher and tokenise the data of a config once",

@@ -67,6 +67,16 @@ class TrainConfig:
     # the tiny profile's 48 runs would otherwise hold ~20 GB of optimizer state
     keep_optimizer_state: bool = False
     seed: int = 0
+    # torch.compile the decoder layers: auto | on | off. auto compiles with CUDA, where every method's
+    # step is 27-29% faster compiled (results/paper-1.5b, H200), and on the CPU only for runs of at
+    # least CPU_COMPILE_MIN_STEPS steps (lrc_src.runtime): there a cold compile costs ~13 s and saves
+    # 7-20% of each step, and the CPU profiles' short runs keep the eager numbers they were measured
+    # with. Methods that cannot compile (tinybert) run eagerly under auto. A runtime choice: a run may
+    # resume with another value (RUNTIME_KEYS).
+    compile: bool | str = "auto"
+    # experiment trackers beside metrics.csv: none | tensorboard | trackio | wandb, or a list
+    # (lrc_src.trackers; offline, files inside the run folder; the `trackers` extra installs them)
+    log_with: str | list[str] = "none"
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_tokens is None:
@@ -80,6 +90,11 @@ class TrainConfig:
             raise ValueError(f"train.lr={self.lr} must be > 0")
         if self.mixed_precision not in ("auto", "bf16", "no"):
             raise ValueError(f"train.mixed_precision={self.mixed_precision!r} is not one of ('auto', 'bf16', 'no')")
+        if self.compile not in (True, False, "auto", "on", "off"):
+            raise ValueError(f"train.compile={self.compile!r} is not one of auto, on, off")
+        from lrc_src.trackers import parse_log_with
+
+        parse_log_with(self.log_with)  # an unknown tracker or a missing package is an error now
 
 
 @dataclass
@@ -237,6 +252,26 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if not isinstance(d, dict):
         raise ValueError(f"config file {str(path)!r} must contain a mapping")
     return config_from_dict(d, overrides)
+
+
+# Settings that change how a run executes, not what it computes: a run folder resumes (and counts as
+# the same experiment) when only these differ, and config.yaml written before they existed matches.
+RUNTIME_KEYS = (("train", "compile"), ("train", "log_with"))
+
+
+def same_experiment(saved: str | None, cfg: ExperimentConfig) -> bool:
+    """Whether a run folder's config.yaml text describes the experiment `cfg` (runtime keys aside)."""
+    if saved is None:
+        return False
+
+    def identity(d: dict) -> dict:
+        d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+        for section, key in RUNTIME_KEYS:
+            if isinstance(d.get(section), dict):
+                d[section].pop(key, None)
+        return d
+
+    return identity(yaml.safe_load(saved) or {}) == identity(yaml.safe_load(dump_config(cfg)))
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -13,7 +13,9 @@ Run folder:
     checkpoint/        trainable state (safetensors), optimizer, scheduler, RNG, step
     exports/step_N/    students exported at train.export_at steps, plus projections.safetensors
                        (the trainable state at that step, as in checkpoint/)
-    student/           the final student as a plain HF folder with tokenizer
+    student/           the final student as a plain HF folder with tokenizer, and its model card
+                       README.md (lrc_src.card; `lrc eval` adds its scores)
+    trackers/          TensorBoard / Trackio / W&B files when train.log_with names trackers
     run.json           written last: {"status": "complete", ...}; its absence means incomplete
 
 Re-running the same command on the same folder resumes from checkpoint/ (metrics rows after the
@@ -40,10 +42,12 @@ from tqdm.auto import tqdm
 from lrc_src.analysis import heldout_loss
 from lrc_src.assets import load_inputs
 from lrc_src.checkpoint import drop_optimizer_state, find_checkpoint, load_checkpoint, save_checkpoint
-from lrc_src.config import ExperimentConfig, dump_config
+from lrc_src import trackers
+from lrc_src.card import write_model_card
+from lrc_src.config import ExperimentConfig, dump_config, same_experiment
 from lrc_src.factory import build_method, lr_lambda, make_optimizer
 from lrc_src.fileio import atomic_write_text
-from lrc_src.runtime import keep_freed_memory, resolve_mixed_precision, set_threads
+from lrc_src.runtime import keep_freed_memory, resolve_compile, resolve_mixed_precision, set_threads
 from lrc_src.step import DDP_TYPES, NonFiniteLossError, accumulation_window, train_step
 
 TIMING_COLUMNS = ("tokens_per_s", "elapsed_s")  # the only columns that differ between reruns
@@ -142,7 +146,7 @@ def _saved_config(out: Path, cfg: ExperimentConfig, restart_on_config_change: bo
     """The run folder's config.yaml text (None: no run there). With restart_on_config_change, a run
     of a different config is deleted first (its outputs; the folder stays)."""
     saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else None
-    if saved is not None and saved != dump_config(cfg) and restart_on_config_change:
+    if saved is not None and not same_experiment(saved, cfg) and restart_on_config_change:
         for name in ("run.json", "metrics.csv", "config.yaml"):
             (out / name).unlink(missing_ok=True)
         for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "exports", "student"):
@@ -155,20 +159,20 @@ def _is_complete(out: Path, cfg: ExperimentConfig, saved: str | None) -> bool:
     """The folder holds a completed run of cfg; a completed run of another config is an error."""
     if not (out / "run.json").is_file() or json.loads((out / "run.json").read_text()).get("status") != "complete":
         return False
-    if saved == dump_config(cfg):
+    if same_experiment(saved, cfg):
         return True
     raise ValueError(f"{out} holds a completed run of a different config; choose another --output-dir "
                      "(or pass --restart-on-config-change)")
 
 
-def _accelerator(mixed_precision: str) -> Accelerator:
+def _accelerator(mixed_precision: str, **trackers) -> Accelerator:
     """This process's Accelerator: one process, or one of WORLD_SIZE launched by torchrun /
     accelerate launch (several without a GPU: accelerate's CPU data parallelism over gloo, which it
     only turns on when asked: accelerate launch --cpu sets ACCELERATE_USE_CPU, plain torchrun
     would not)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision),
-                              cpu=world > 1 and not _has_accelerator())
+                              cpu=world > 1 and not _has_accelerator(), **trackers)
     if accelerator.num_processes != world:
         raise ValueError(f"WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es): "
                          "launch with `accelerate launch` or torchrun on a supported backend")
@@ -176,15 +180,17 @@ def _accelerator(mixed_precision: str) -> Accelerator:
 
 
 def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, threads: int | None = None,
-          restart_on_config_change: bool = False, keep_memory: bool = True, compile_layers: bool = False) -> Path:
+          restart_on_config_change: bool = False, keep_memory: bool = True,
+          compile_layers: bool | None = None) -> Path:
     """Train cfg.method; resume if output_dir holds a checkpoint of the same config. Returns output_dir.
 
     A folder holding a run of a different config is an error, unless restart_on_config_change:
     then that run is deleted and training starts again (the workflow's choice: it owns its folders).
     keep_memory: on the CPU, `keep_freed_memory()` (faster steps; resident memory stays at its peak).
     compile_layers: torch.compile the method's decoder layers (`compile_layers()` of the method:
-        regional compilation, one graph for all layers; the first step compiles). A runtime choice
-        like threads, not part of the config: a run may resume with or without it.
+        regional compilation, one graph for all layers; the first step compiles); None: as
+        train.compile says (auto: with CUDA). A runtime choice like threads: a run may resume with
+        or without it.
     """
     out = Path(output_dir)
     saved = _saved_config(out, cfg, restart_on_config_change)
@@ -194,17 +200,21 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     tc = cfg.train
 
     # ---- setup: everything that can fail on user input happens before the run folder is written
-    accelerator = _accelerator(tc.mixed_precision)
+    tracker_names = trackers.parse_log_with(tc.log_with)
+    accelerator = _accelerator(tc.mixed_precision, **trackers.accelerator_arguments(tracker_names, out))
     if keep_memory and accelerator.device.type == "cpu":
         keep_freed_memory()
     torch.manual_seed(tc.seed)
     teacher, tokenizer, train_blocks, train_labels, heldout = load_inputs(cfg)
     batches = Batches(train_blocks, tc.batch_size, tc.seed, train_labels)
     method = build_method(cfg, teacher, train_blocks).to(accelerator.device)
-    if compile_layers:
-        method.compile_layers()
     tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len * accelerator.num_processes
     total_steps = math.ceil(tc.max_tokens / tokens_per_step) if tc.max_tokens else tc.max_steps
+    if compile_layers is None:
+        compile_layers = resolve_compile(tc.compile, accelerator.device.type, total_steps,
+                                         compilable=getattr(method, "compilable", True))
+    if compile_layers:
+        method.compile_layers()
 
     params = method.trainable_named_parameters()
     # whole parameters in this process (one process or DDP); FSDP/DeepSpeed shard them
@@ -221,13 +231,14 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     start = 0
     found = find_checkpoint(out)  # checkpoint/, or checkpoint.old/ if a save was cut off mid-swap
     if found is not None:  # `saved`: the folder's config.yaml, read (or cleared by a restart) above
-        if saved is not None and saved != dump_config(cfg):
+        if saved is not None and not same_experiment(saved, cfg):
             raise ValueError(f"{out} holds a checkpoint of a different config; choose another --output-dir "
                              "(or pass --restart-on-config-change)")
         start = load_checkpoint(found, unwrapped, optimizer, scheduler)
     if accelerator.is_main_process:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
     log = MetricsLog(out / "metrics.csv", start) if accelerator.is_main_process else None
+    trackers.start(accelerator, tracker_names, out, cfg.to_dict(), start)
 
     # ---- loop
     method.train()
@@ -265,6 +276,7 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
                 row["heldout_loss"] = heldout_loss(unwrapped.eval_model(), heldout[:tc.eval_batches * tc.batch_size],
                                                    tc.batch_size, accelerator)
             log.write({k: _fmt(v) for k, v in row.items()})
+            trackers.log_row(accelerator, row, done)
             t_last, tokens_last = time.perf_counter(), tokens
         if accelerator.is_main_process and done in tc.export_at:
             _export_atomic(unwrapped, out / "exports" / f"step_{done}", tokenizer, with_trainable=True)
@@ -282,8 +294,10 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
                 "num_processes": accelerator.num_processes,
                 "accumulation_window": window is not None}  # student weights generated once per optimizer step
         atomic_write_text(out / "run.json", json.dumps(info, indent=2))
+        write_model_card(out)
         if not tc.keep_optimizer_state:  # a finished run needs only its trainable state (export, analysis)
             drop_optimizer_state(ckpt)
+    accelerator.end_training()  # closes the trackers, if any
     accelerator.wait_for_everyone()
     return out
 
