@@ -30,11 +30,11 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from lrc_src.config import load_config
-    from lrc_src.report import write_csv
     from lrc_src.analysis import heldout_loss
     from lrc_src.assets import load_inputs
+    from lrc_src.config import load_config
     from lrc_src.factory import build_method
+    from lrc_src.report import write_csv
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -46,13 +46,25 @@ def main(argv=None) -> int:
         return 2
     acc = Accelerator(cpu=True, mixed_precision="no")
     n, bs = base.train.eval_batches * base.train.batch_size, base.train.batch_size
-    rows = [{"init": "teacher", "untie_lm_head": "", "metric": "heldout_loss",
-             "value": heldout_loss(teacher, held[:n], bs, acc)}]
+    rows = [
+        {
+            "init": "teacher",
+            "untie_lm_head": "",
+            "metric": "heldout_loss",
+            "value": heldout_loss(teacher, held[:n], bs, acc),
+        }
+    ]
     for init, untie in tqdm(STARTS, desc="starts"):
         cfg = load_config(args.config, [f"lrc.init={init}", f"lrc.untie_lm_head={str(untie).lower()}"])
         method = build_method(cfg, teacher, train_blocks)  # lrc: the clone at its start
-        rows.append({"init": init, "untie_lm_head": untie, "metric": "heldout_loss",
-                     "value": heldout_loss(method.eval_model(), held[:n], bs, acc)})
+        rows.append(
+            {
+                "init": init,
+                "untie_lm_head": untie,
+                "metric": "heldout_loss",
+                "value": heldout_loss(method.eval_model(), held[:n], bs, acc),
+            }
+        )
         print(f"{init:13s} untie={untie!s:5s} held-out loss {rows[-1]['value']:.3f}", flush=True)
     import pandas as pd
 

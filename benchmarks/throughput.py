@@ -148,13 +148,44 @@ METHODS = {
 ACCUM_ONLY = ("lrc_regen",)
 BOUND = "bound"
 COLUMNS = [
-    "profile", "device", "device_name", "method", "batch_size", "seq_len", "tokens_per_step",
-    "median_step_s", "tokens_per_s", "peak_mem_mb", "threads", "dtype",
+    "profile",
+    "device",
+    "device_name",
+    "method",
+    "batch_size",
+    "seq_len",
+    "tokens_per_step",
+    "median_step_s",
+    "tokens_per_s",
+    "peak_mem_mb",
+    "threads",
+    "dtype",
     # extra context
-    "peak_total_mb", "state_mb", "flops_per_step", "mfu", "peak_flops", "peak_flops_source", "schedule", "timed_steps",
-    "load_avg", "status", "grad_accum", "freed_memory", "min_step_s", "max_step_s", "minor_faults_per_step",
-    "sys_s_per_step", "over_bound_paired_median", "over_bound_paired_min", "over_bound_paired_max", "adamw",
-    "compiled", "first_step_s", "over_eager_paired_median", "over_eager_paired_min", "over_eager_paired_max",
+    "peak_total_mb",
+    "state_mb",
+    "flops_per_step",
+    "mfu",
+    "peak_flops",
+    "peak_flops_source",
+    "schedule",
+    "timed_steps",
+    "load_avg",
+    "status",
+    "grad_accum",
+    "freed_memory",
+    "min_step_s",
+    "max_step_s",
+    "minor_faults_per_step",
+    "sys_s_per_step",
+    "over_bound_paired_median",
+    "over_bound_paired_min",
+    "over_bound_paired_max",
+    "adamw",
+    "compiled",
+    "first_step_s",
+    "over_eager_paired_median",
+    "over_eager_paired_min",
+    "over_eager_paired_max",
 ]
 # Dense tensor-core peaks (FLOP/s) by device-name substring; the first match wins, so longer or
 # more specific names come first ("H100 PCIe" before "H100", "A100" before "A10").
@@ -180,13 +211,27 @@ def paper_teacher_config():
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-        num_attention_heads=24, num_key_value_heads=8, head_dim=128, hidden_act="silu",
-        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192},
-        bos_token_id=128000, eos_token_id=128009,
+        vocab_size=128256,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        hidden_act="silu",
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        bos_token_id=128000,
+        eos_token_id=128009,
     )
 
 
@@ -335,7 +380,7 @@ class Unit:
     def __post_init__(self):
         self.label = self.label or self.name
 
-    def eager_twin(self) -> "Unit":
+    def eager_twin(self) -> Unit:
         """The same module and optimizer, run eagerly (`--compile both`)."""
         return Unit(self.name, self.module, self.optimizer, self.params, self.attn_impl, compiled=False)
 
@@ -401,7 +446,7 @@ def bound_method(teacher, scratch_module):
 
     def forward(ids, labels=None):
         with torch.inference_mode():
-            teacher(input_ids=ids, use_cache=False).logits  # [B, T, V], discarded
+            _ = teacher(input_ids=ids, use_cache=False).logits  # [B, T, V], discarded
         return scratch_module(ids, labels)
 
     return forward
@@ -422,8 +467,15 @@ def run_step(unit, scratch, bench: Bench, micro_batches) -> float:
     stance = contextlib.nullcontext() if target.compiled else torch.compiler.set_stance("force_eager")
     t0 = time.perf_counter()
     with stance, teacher_attention(bench.teacher, target.attn_impl):
-        train_step(method, [(ids, None) for ids in micro_batches], target.optimizer, target.params,
-                   bench.base.train.grad_clip, bench.accelerator, window)
+        train_step(
+            method,
+            [(ids, None) for ids in micro_batches],
+            target.optimizer,
+            target.params,
+            bench.base.train.grad_clip,
+            bench.accelerator,
+            window,
+        )
     if bench.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -441,8 +493,10 @@ def profile_step(unit, scratch, bench: Bench, micro_batches, path: Path) -> None
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=40)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {unit.name}: one step under torch.profiler, {dt:.4f} s with the profiler's "
-                    f"overhead; operators by {key}\n{table}\n")
+    path.write_text(
+        f"# {unit.name}: one step under torch.profiler, {dt:.4f} s with the profiler's "
+        f"overhead; operators by {key}\n{table}\n"
+    )
 
 
 # ---------------------------------------------------------------- CLI
@@ -457,7 +511,8 @@ def parse_args(argv):
             "forward + one ordinary student step), on the same teacher, student shapes and random "
             "batches, in one process; write tokens/s, median step seconds, peak memory and MFU to a CSV "
             "(the paper's Table 8). The last stdout line is 'lrc_over_bound=R lrc_over_ordinary=R "
-            "lrc_tokens_per_s=N mfu=F'. See the module docstring for the memory and FLOP definitions."),
+            "lrc_tokens_per_s=N mfu=F'. See the module docstring for the memory and FLOP definitions."
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "profiles:\n"
@@ -468,46 +523,96 @@ def parse_args(argv):
             "examples:\n"
             "  python benchmarks/throughput.py --profile ci --steps 2 --warmup 1\n"
             "  python benchmarks/throughput.py --profile tiny --threads 2\n"
-            "  python benchmarks/throughput.py --profile paper-1.5b --device cuda --steps 5 --warmup 2\n"),
+            "  python benchmarks/throughput.py --profile paper-1.5b --device cuda --steps 5 --warmup 2\n"
+        ),
     )
     p.add_argument("--profile", required=True, metavar="NAME", help=f"one of {', '.join(PROFILES)}")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run (default cpu)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method; the median is reported (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per method first (default 2)")
-    p.add_argument("--batch-size", type=int, default=None, metavar="B",
-                   help="sequences per step (default: the profile's train.batch_size; paper-1.5b: 1)")
-    p.add_argument("--seq-len", type=int, default=None, metavar="T", help="tokens per sequence (default: the profile's data.seq_len)")
-    p.add_argument("--grad-accum", type=int, default=1, metavar="K",
-                   help="micro-batches per optimizer step (default 1); K > 1 also times lrc_regen")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: torch's default)")
-    p.add_argument("--output", default=None, metavar="CSV",
-                   help="CSV to write (default results/<profile>/tables/table8_throughput.csv)")
-    p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset of {','.join([*METHODS, BOUND])} (default: all; "
-                        "lrc_regen only with --grad-accum > 1)")
-    p.add_argument("--schedule", default="auto", choices=("auto", "round-robin", "sequential"),
-                   help="round-robin: all methods alive, alternating every step (drift hits all alike); "
-                        "sequential: one method at a time, freed after (for memory). auto: sequential for "
-                        "paper-1.5b, round-robin otherwise")
-    p.add_argument("--mixed-precision", default="auto", choices=("auto", "bf16", "no"),
-                   help="autocast dtype; auto = lrc_src.runtime.resolve_mixed_precision('auto') for the device")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="B",
+        help="sequences per step (default: the profile's train.batch_size; paper-1.5b: 1)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        metavar="T",
+        help="tokens per sequence (default: the profile's data.seq_len)",
+    )
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        metavar="K",
+        help="micro-batches per optimizer step (default 1); K > 1 also times lrc_regen",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's default)"
+    )
+    p.add_argument(
+        "--output",
+        default=None,
+        metavar="CSV",
+        help="CSV to write (default results/<profile>/tables/table8_throughput.csv)",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated subset of {','.join([*METHODS, BOUND])} (default: all; "
+        "lrc_regen only with --grad-accum > 1)",
+    )
+    p.add_argument(
+        "--schedule",
+        default="auto",
+        choices=("auto", "round-robin", "sequential"),
+        help="round-robin: all methods alive, alternating every step (drift hits all alike); "
+        "sequential: one method at a time, freed after (for memory). auto: sequential for "
+        "paper-1.5b, round-robin otherwise",
+    )
+    p.add_argument(
+        "--mixed-precision",
+        default="auto",
+        choices=("auto", "bf16", "no"),
+        help="autocast dtype; auto = lrc_src.runtime.resolve_mixed_precision('auto') for the device",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random token batches (default 0)")
-    p.add_argument("--return-freed-memory", action="store_true",
-                   help="CPU: time glibc's default allocator behaviour (freed memory goes back to the OS) "
-                        "instead of the trainer's (kept for the next step; lrc_src.runtime.keep_freed_memory)")
-    p.add_argument("--adamw", default="auto", choices=("auto", "fused", "foreach", "default"),
-                   help="AdamW kernel: fused (one launch for all tensors), foreach, or default (PyTorch's "
-                        "choice: foreach on CUDA, one tensor at a time on the CPU); auto = as the trainer: "
-                        "fused on CUDA, default on the CPU")
-    p.add_argument("--compile", nargs="?", const="on", default="off", choices=("off", "on", "both"),
-                   help="torch.compile every method's decoder layers (regional: one graph for all layers; "
-                        "the bound's teacher forward too; tinybert stays eager), as `lrc train --compile`; "
-                        "compilation happens in the warm-up steps, so use --warmup >= 1. '--compile both' "
-                        "times every method eagerly and compiled in the same rounds (paired before/after)")
-    p.add_argument("--torch-profiler", default=None, metavar="DIR",
-                   help="after the timed steps, run one more step of each method under torch.profiler and "
-                        "write its costliest operators to DIR/<method>.txt (not timed)")
+    p.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="CPU: time glibc's default allocator behaviour (freed memory goes back to the OS) "
+        "instead of the trainer's (kept for the next step; lrc_src.runtime.keep_freed_memory)",
+    )
+    p.add_argument(
+        "--adamw",
+        default="auto",
+        choices=("auto", "fused", "foreach", "default"),
+        help="AdamW kernel: fused (one launch for all tensors), foreach, or default (PyTorch's "
+        "choice: foreach on CUDA, one tensor at a time on the CPU); auto = as the trainer: "
+        "fused on CUDA, default on the CPU",
+    )
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=("off", "on", "both"),
+        help="torch.compile every method's decoder layers (regional: one graph for all layers; "
+        "the bound's teacher forward too; tinybert stays eager), as `lrc train --compile`; "
+        "compilation happens in the warm-up steps, so use --warmup >= 1. '--compile both' "
+        "times every method eagerly and compiled in the same rounds (paired before/after)",
+    )
+    p.add_argument(
+        "--torch-profiler",
+        default=None,
+        metavar="DIR",
+        help="after the timed steps, run one more step of each method under torch.profiler and "
+        "write its costliest operators to DIR/<method>.txt (not timed)",
+    )
     return p.parse_args(argv)
 
 
@@ -580,8 +685,10 @@ class Bench:
     def cfg_for(self, method: str, overrides: list[str]):
         from lrc_src.config import load_config
 
-        return load_config(PROFILES[self.args.profile], [f"method={method}", f"train.batch_size={self.B}",
-                                                          f"data.seq_len={self.T}", *overrides])
+        return load_config(
+            PROFILES[self.args.profile],
+            [f"method={method}", f"train.batch_size={self.B}", f"data.seq_len={self.T}", *overrides],
+        )
 
 
 def setup(args) -> Bench | str:
@@ -602,12 +709,22 @@ def setup(args) -> Bench | str:
     kept = device.type == "cpu" and not args.return_freed_memory and keep_freed_memory()  # as the trainer
     mp = resolve_mixed_precision(args.mixed_precision, device.type)
     adamw = args.adamw if args.adamw != "auto" else ("fused" if device.type == "cuda" else "default")  # as the trainer
-    schedule = args.schedule if args.schedule != "auto" else (
-        "sequential" if args.profile == "paper-1.5b" else "round-robin")
-    bench = Bench(args, list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip())), device, base,
-                  B=args.batch_size or PROFILE_DEFAULT_BATCH.get(args.profile) or base.train.batch_size,
-                  T=args.seq_len or base.data.seq_len, K=args.grad_accum, mp=mp, adamw=adamw, kept=kept,
-                  schedule=schedule)
+    schedule = (
+        args.schedule if args.schedule != "auto" else ("sequential" if args.profile == "paper-1.5b" else "round-robin")
+    )
+    bench = Bench(
+        args,
+        list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip())),
+        device,
+        base,
+        B=args.batch_size or PROFILE_DEFAULT_BATCH.get(args.profile) or base.train.batch_size,
+        T=args.seq_len or base.data.seq_len,
+        K=args.grad_accum,
+        mp=mp,
+        adamw=adamw,
+        kept=kept,
+        schedule=schedule,
+    )
     bench.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=mp)
     return bench
 
@@ -642,10 +759,13 @@ def load_bench_teacher(bench: Bench) -> str | None:
     bench.teacher = teacher
     vocab = int(teacher.get_input_embeddings().num_embeddings)
     gen = torch.Generator().manual_seed(bench.args.seed)
-    bench.batches = [[torch.randint(0, vocab, (bench.B, bench.T), generator=gen) for _ in range(bench.K)]
-                     for _ in range(bench.rounds)]
+    bench.batches = [
+        [torch.randint(0, vocab, (bench.B, bench.T), generator=gen) for _ in range(bench.K)]
+        for _ in range(bench.rounds)
+    ]
     bench.calib_blocks = np.random.default_rng(bench.args.seed).integers(
-        0, vocab, (base.baseline.calibration_batches * bench.B, bench.T))
+        0, vocab, (base.baseline.calibration_batches * bench.B, bench.T)
+    )
     return None
 
 
@@ -764,8 +884,13 @@ def profile_group(bench: Bench, units: list[Unit], scratches: dict[bool, Unit], 
         scratch = scratches.get(unit.compiled)
         if unit.name in bench.wanted and _steppable(unit, scratch):
             bar.set_postfix_str(f"profiling {unit.label}")
-            profile_step(unit, scratch, bench, [b.to(bench.device) for b in bench.batches[-1]],
-                         Path(bench.args.torch_profiler) / f"{unit.label}.txt")
+            profile_step(
+                unit,
+                scratch,
+                bench,
+                [b.to(bench.device) for b in bench.batches[-1]],
+                Path(bench.args.torch_profiler) / f"{unit.label}.txt",
+            )
 
 
 def time_methods(bench: Bench) -> dict[tuple[str, bool], Unit]:
@@ -777,8 +902,13 @@ def time_methods(bench: Bench) -> dict[tuple[str, bool], Unit]:
     results: dict[tuple[str, bool], Unit] = {}  # (method, compiled) -> its unit
     meter = MemoryMeter(torch, bench.device)
     per_unit = bench.rounds + _memory_round(bench)
-    bar = tqdm(total=per_unit * len(bench.wanted) * (1 + bench.both), desc=f"{bench.args.profile} throughput",
-               unit="step", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=per_unit * len(bench.wanted) * (1 + bench.both),
+        desc=f"{bench.args.profile} throughput",
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     for group in method_groups(bench):
         units, scratches = build_group(bench, group, results, bar)
         time_rounds(bench, units, scratches, meter, bar)
@@ -817,13 +947,16 @@ def device_peak(bench: Bench) -> tuple[str, float, str]:
             source = f"measured: best 2048^3 {str(dtype).removeprefix('torch.')} matmul (device not in table)"
         return device_name, peak, source
     peak = measure_peak_flops(torch, device, dtype)
-    source = (f"measured: best 2048^3 {str(dtype).removeprefix('torch.')} matmul, "
-              f"{torch.get_num_threads()} threads, same process")
+    source = (
+        f"measured: best 2048^3 {str(dtype).removeprefix('torch.')} matmul, "
+        f"{torch.get_num_threads()} threads, same process"
+    )
     return _cpu_name(), peak, source
 
 
-def table_rows(bench: Bench, results: dict, device_name: str, peak: float, source: str,
-               load: str) -> tuple[list[dict], dict[tuple[str, bool], list[float]]]:
+def table_rows(
+    bench: Bench, results: dict, device_name: str, peak: float, source: str, load: str
+) -> tuple[list[dict], dict[tuple[str, bool], list[float]]]:
     """The CSV's rows (COLUMNS), one per (method, compiled) in --methods order, and every row's
     same-round ratios to the bound of its mode."""
     import torch
@@ -841,26 +974,43 @@ def table_rows(bench: Bench, results: dict, device_name: str, peak: float, sourc
         before = paired_ratios(u, results.get((name, False))) if rr and compiled else []  # compiled / eager twin
         med = statistics.median(u.times) if ok else float("nan")
         flops = model_flops(name, tcfg, d_S, B * K, T)
-        rows.append({
-            "profile": args.profile, "device": bench.device.type, "device_name": device_name, "method": name,
-            "batch_size": B, "seq_len": T, "tokens_per_step": tokens,
-            "median_step_s": _f(med), "tokens_per_s": _f(tokens / med if ok else float("nan")),
-            "peak_mem_mb": _f(u.peak_bytes / 2**20 if ok else float("nan")), "threads": torch.get_num_threads(),
-            "dtype": bench.dtype_name,
-            "peak_total_mb": _f(u.peak_total_bytes / 2**20 if ok else float("nan")),
-            "state_mb": _f(u.state_bytes / 2**20), "flops_per_step": f"{flops:.4g}",
-            "mfu": _f(flops / med / peak if ok else float("nan")), "peak_flops": f"{peak:.4g}",
-            "peak_flops_source": source, "schedule": bench.schedule, "timed_steps": len(u.times), "load_avg": load,
-            "status": u.status, "freed_memory": "kept" if bench.kept else "default",
-            "grad_accum": K, "adamw": bench.adamw, "compiled": u.compiled,
-            "first_step_s": _f(u.first_step_s if ok else float("nan")),
-            "min_step_s": _f(min(u.times) if ok else float("nan")),
-            "max_step_s": _f(max(u.times) if ok else float("nan")),
-            "minor_faults_per_step": _f(statistics.median(u.faults) if ok else float("nan")),
-            "sys_s_per_step": _f(statistics.median(u.sys_s) if ok else float("nan")),
-            **_spread_columns("over_bound_paired", paired),
-            **_spread_columns("over_eager_paired", before),
-        })
+        rows.append(
+            {
+                "profile": args.profile,
+                "device": bench.device.type,
+                "device_name": device_name,
+                "method": name,
+                "batch_size": B,
+                "seq_len": T,
+                "tokens_per_step": tokens,
+                "median_step_s": _f(med),
+                "tokens_per_s": _f(tokens / med if ok else float("nan")),
+                "peak_mem_mb": _f(u.peak_bytes / 2**20 if ok else float("nan")),
+                "threads": torch.get_num_threads(),
+                "dtype": bench.dtype_name,
+                "peak_total_mb": _f(u.peak_total_bytes / 2**20 if ok else float("nan")),
+                "state_mb": _f(u.state_bytes / 2**20),
+                "flops_per_step": f"{flops:.4g}",
+                "mfu": _f(flops / med / peak if ok else float("nan")),
+                "peak_flops": f"{peak:.4g}",
+                "peak_flops_source": source,
+                "schedule": bench.schedule,
+                "timed_steps": len(u.times),
+                "load_avg": load,
+                "status": u.status,
+                "freed_memory": "kept" if bench.kept else "default",
+                "grad_accum": K,
+                "adamw": bench.adamw,
+                "compiled": u.compiled,
+                "first_step_s": _f(u.first_step_s if ok else float("nan")),
+                "min_step_s": _f(min(u.times) if ok else float("nan")),
+                "max_step_s": _f(max(u.times) if ok else float("nan")),
+                "minor_faults_per_step": _f(statistics.median(u.faults) if ok else float("nan")),
+                "sys_s_per_step": _f(statistics.median(u.sys_s) if ok else float("nan")),
+                **_spread_columns("over_bound_paired", paired),
+                **_spread_columns("over_eager_paired", before),
+            }
+        )
     return rows, paired_by
 
 
@@ -873,37 +1023,50 @@ def write_rows(rows: list[dict], path: Path) -> None:
     write_csv_atomic(pd.DataFrame(rows, columns=COLUMNS), path)
 
 
-def print_summary(bench: Bench, rows: list[dict], paired_by: dict, device_name: str, peak: float, source: str,
-                  load: str, out: Path) -> None:
+def print_summary(
+    bench: Bench, rows: list[dict], paired_by: dict, device_name: str, peak: float, source: str, load: str, out: Path
+) -> None:
     """The readable table and the notes under it (the FLOP floor, paired ratios)."""
     import torch
 
     args, B, T, K = bench.args, bench.B, bench.T, bench.K
-    print(f"# {args.profile} on {device_name} ({bench.device.type}, {torch.get_num_threads()} threads, "
-          f"{bench.dtype_name}), batch {B} x {T} x {K} micro-batches, {args.steps} timed + {args.warmup} warm-up "
-          f"steps, {bench.schedule}" + (f", freed memory {'kept' if bench.kept else 'returned to the OS'}"
-                                        if bench.device.type == "cpu" else ""))
+    print(
+        f"# {args.profile} on {device_name} ({bench.device.type}, {torch.get_num_threads()} threads, "
+        f"{bench.dtype_name}), batch {B} x {T} x {K} micro-batches, {args.steps} timed + {args.warmup} warm-up "
+        f"steps, {bench.schedule}"
+        + (f", freed memory {'kept' if bench.kept else 'returned to the OS'}" if bench.device.type == "cpu" else "")
+    )
     print(f"# peak FLOP/s {peak:.3g} ({source}); 1-min load average {load} (machine cores: {os.cpu_count()})")
     print(f"{'method':18s} {'step_s':>9s} {'tokens/s':>10s} {'peak_mb':>9s} {'state_mb':>9s} {'mfu':>8s}  status")
     for r in rows:
         label = r["method"] + (" (compiled)" if r["compiled"] else "")
-        print(f"{label:18s} {r['median_step_s']:>9s} {r['tokens_per_s']:>10s} {r['peak_mem_mb']:>9s} "
-              f"{r['state_mb']:>9s} {r['mfu']:>8s}  {r['status']}")
+        print(
+            f"{label:18s} {r['median_step_s']:>9s} {r['tokens_per_s']:>10s} {r['peak_mem_mb']:>9s} "
+            f"{r['state_mb']:>9s} {r['mfu']:>8s}  {r['status']}"
+        )
     tcfg, d_S = bench.teacher.config, bench.base.lrc.student_hidden_size
     bound_flops = model_flops(BOUND, tcfg, d_S, B * K, T)
     floor = (bound_flops + lrc_extra_flops(tcfg, d_S, B * K, T)) / bound_flops
     targets_only = (bound_flops + lrc_extra_flops(tcfg, d_S, B * K, T, generation=False)) / bound_flops
-    print(f"# lrc_over_bound if LRC's extra matmuls ran as fast as the bound's and all else were free: {floor:.3f} "
-          f"({targets_only:.3f} with the weight generation amortised over unboundedly many tokens per step)")
+    print(
+        f"# lrc_over_bound if LRC's extra matmuls ran as fast as the bound's and all else were free: {floor:.3f} "
+        f"({targets_only:.3f} with the weight generation amortised over unboundedly many tokens per step)"
+    )
     for compiled in (False, True):
         paired = paired_by.get(("lrc", compiled))
         if paired:
-            print(f"# LRC step / bound step of the same round{' (both compiled)' if compiled else ''}: median "
-                  f"{statistics.median(paired):.3f}, min {min(paired):.3f}, max {max(paired):.3f} over {len(paired)} rounds")
+            print(
+                f"# LRC step / bound step of the same round{' (both compiled)' if compiled else ''}: median "
+                f"{statistics.median(paired):.3f}, min {min(paired):.3f}, max {max(paired):.3f} "
+                f"over {len(paired)} rounds"
+            )
     for r in rows:
         if r["over_eager_paired_median"] != "nan":
-            print(f"# {r['method']} compiled step / eager step of the same round: median {r['over_eager_paired_median']}, "
-                  f"min {r['over_eager_paired_min']}, max {r['over_eager_paired_max']}")
+            print(
+                f"# {r['method']} compiled step / eager step of the same round: "
+                f"median {r['over_eager_paired_median']}, min {r['over_eager_paired_min']}, "
+                f"max {r['over_eager_paired_max']}"
+            )
     print(f"# wrote {out}")
 
 
@@ -919,9 +1082,11 @@ def last_line(rows: list[dict]) -> str:
             return float("nan")
 
     lrc_s, bound_s = num("lrc", "median_step_s"), num(BOUND, "median_step_s")
-    return (f"lrc_over_bound={lrc_s / bound_s:.4f} "
-            f"lrc_over_ordinary={num('lrc', 'tokens_per_s') / num('scratch', 'tokens_per_s'):.4f} "
-            f"lrc_tokens_per_s={num('lrc', 'tokens_per_s'):.1f} mfu={num('lrc', 'mfu'):.4f}")
+    return (
+        f"lrc_over_bound={lrc_s / bound_s:.4f} "
+        f"lrc_over_ordinary={num('lrc', 'tokens_per_s') / num('scratch', 'tokens_per_s'):.4f} "
+        f"lrc_tokens_per_s={num('lrc', 'tokens_per_s'):.1f} mfu={num('lrc', 'mfu'):.4f}"
+    )
 
 
 def main(argv=None) -> int:
@@ -983,9 +1148,11 @@ def _f(x: float) -> str:
 def _spread_columns(prefix: str, ratios: list[float]) -> dict[str, str]:
     """CSV columns <prefix>_median/_min/_max of same-round ratios ("nan" when there are none)."""
     nan = float("nan")
-    return {f"{prefix}_median": _f(statistics.median(ratios) if ratios else nan),
-            f"{prefix}_min": _f(min(ratios) if ratios else nan),
-            f"{prefix}_max": _f(max(ratios) if ratios else nan)}
+    return {
+        f"{prefix}_median": _f(statistics.median(ratios) if ratios else nan),
+        f"{prefix}_min": _f(min(ratios) if ratios else nan),
+        f"{prefix}_max": _f(max(ratios) if ratios else nan),
+    }
 
 
 def _cpu_name() -> str:

@@ -41,10 +41,12 @@ from lrc_src.packing import prepare_data
 from lrc_src.teachers import smollm2_tokenizer
 
 MIX = {"fineweb_edu": 18, "dclm": 2, "cosmopedia_v2": 1, "openhermes": 0.5}  # the paper's weights
-WORDS = ("the of and to in is that for it as with was on be by this are from at or an which have "
-         "not they their one all has been more can we when there were so some these what if about "
-         "into time only other than then its two also many first new could may like after would "
-         "model data learning train student teacher layer weight matrix vector token text").split()
+WORDS = (
+    "the of and to in is that for it as with was on be by this are from at or an which have "
+    "not they their one all has been more can we when there were so some these what if about "
+    "into time only other than then its two also many first new could may like after would "
+    "model data learning train student teacher layer weight matrix vector token text"
+).split()
 
 
 def source_texts(kind: str, n_chars: int, seed: int = 0) -> list[str]:
@@ -83,8 +85,7 @@ def write_mix(folder: Path, texts: list[str]) -> dict:
             record = {"text": text, "metadata": {"int_score": 4}}
         elif name == "openhermes":
             half = len(text) // 2
-            record = {"conversations": [{"from": "human", "value": text[:half]},
-                                        {"from": "gpt", "value": text[half:]}]}
+            record = {"conversations": [{"from": "human", "value": text[:half]}, {"from": "gpt", "value": text[half:]}]}
         else:
             record = {"text": text}
         files[name].write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -110,13 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=32.0, help="MB of text in the stand-in mix (default 32)")
     ap.add_argument("--procs", type=int, default=2, help="worker processes of the parallel run (default 2)")
-    ap.add_argument("--text", choices=("python-docs", "synthetic"), default="python-docs",
-                    help="documents: the python-docs corpus (built in the cache if missing), or synthetic prose")
+    ap.add_argument(
+        "--text",
+        choices=("python-docs", "synthetic"),
+        default="python-docs",
+        help="documents: the python-docs corpus (built in the cache if missing), or synthetic prose",
+    )
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--cpus", default=None,
-                    help="pin this process and its workers to these CPUs, e.g. 0-1 or 0,2 (default: as started)")
-    ap.add_argument("--work", default=None,
-                    help="folder for the stand-in files and caches (default: a temp folder, removed)")
+    ap.add_argument(
+        "--cpus",
+        default=None,
+        help="pin this process and its workers to these CPUs, e.g. 0-1 or 0,2 (default: as started)",
+    )
+    ap.add_argument(
+        "--work", default=None, help="folder for the stand-in files and caches (default: a temp folder, removed)"
+    )
     args = ap.parse_args(argv)
     if args.procs < 2:
         raise SystemExit(f"--procs must be >= 2 (the parallel run), got {args.procs}")
@@ -136,28 +145,39 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"mix": MIX, "data_files": write_mix(work / "mix", texts)}
         chars = sum(map(len, texts))
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        print(f"{chars / 1e6:.1f}M characters ({args.text}) in {len(texts)} documents; {cpus} CPUs; "
-              f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', '(unset)')}; "
-              f"load average {os.getloadavg()[0]:.2f}", flush=True)
+        print(
+            f"{chars / 1e6:.1f}M characters ({args.text}) in {len(texts)} documents; {cpus} CPUs; "
+            f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', '(unset)')}; "
+            f"load average {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
         # one-time costs (imports, the chat template's compilation) out of the first timed run
         tokenizer([d["text"] for d in itertools.islice(open_mix(spec, tokenizer, seed=0), 200)])
         runs = {}
         for num_proc in (1, args.procs):
             packed, tokens, wall, cpu, kids_cpu = timed_prepare(
-                tokenizer, spec, work / f"cache_{num_proc}", num_proc, args.seq_len)
+                tokenizer, spec, work / f"cache_{num_proc}", num_proc, args.seq_len
+            )
             runs[num_proc] = (packed, tokens / wall, cpu, kids_cpu)
-            print(f"num_proc={num_proc}: {tokens:,} tokens in {wall:.1f} s = {tokens / wall:,.0f} tokens/s "
-                  f"(CPU s: this process {cpu:.1f}, workers {kids_cpu:.1f}; load average "
-                  f"{os.getloadavg()[0]:.2f})", flush=True)
+            print(
+                f"num_proc={num_proc}: {tokens:,} tokens in {wall:.1f} s = {tokens / wall:,.0f} tokens/s "
+                f"(CPU s: this process {cpu:.1f}, workers {kids_cpu:.1f}; load average "
+                f"{os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
         (one, rate_one, cpu_one, _), (par, rate_par, cpu_main, cpu_workers) = runs[1], runs[args.procs]
-        same = all((one.directory / f).read_bytes() == (par.directory / f).read_bytes()
-                   for f in ("train.npy", "heldout.npy", "heldout.jsonl"))
+        same = all(
+            (one.directory / f).read_bytes() == (par.directory / f).read_bytes()
+            for f in ("train.npy", "heldout.npy", "heldout.jsonl")
+        )
         # what the parallel run would take with a CPU per process: its CPU seconds spread over the
         # processes (workers evenly loaded), or the feeding process's own, whichever is longer
         cpu_ratio = cpu_one / max((cpu_main + cpu_workers) / args.procs, cpu_main)
         print(f"same bytes: {same}")
-        print(f"tokens_per_s_1={rate_one:.0f} tokens_per_s_{args.procs}={rate_par:.0f} ratio={rate_par / rate_one:.2f} "
-              f"cpu_seconds_ratio={cpu_ratio:.2f}")
+        print(
+            f"tokens_per_s_1={rate_one:.0f} tokens_per_s_{args.procs}={rate_par:.0f} ratio={rate_par / rate_one:.2f} "
+            f"cpu_seconds_ratio={cpu_ratio:.2f}"
+        )
         return 0 if same else 1
     finally:
         if args.work is None:

@@ -32,8 +32,9 @@ def load_model(path: str | Path):
     return model.eval().requires_grad_(False)
 
 
-def heldout_blocks(config_path: str | Path, tokenizer_dir: str | Path, corpus: list[str] | None = None,
-                   n_blocks: int | None = None) -> np.ndarray:
+def heldout_blocks(
+    config_path: str | Path, tokenizer_dir: str | Path, corpus: list[str] | None = None, n_blocks: int | None = None
+) -> np.ndarray:
     """Held-out blocks [N, T] of a run's data config (its config.yaml), from the token cache.
 
     corpus: replace the run's `data.corpus` (same seq_len, heldout_frac, seed, max_train_tokens),
@@ -49,14 +50,21 @@ def heldout_blocks(config_path: str | Path, tokenizer_dir: str | Path, corpus: l
     cfg = load_config(config_path)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     spec = list(corpus) if corpus is not None else cfg.data.corpus
-    data = prepare_data(tokenizer, spec, cfg.data.seq_len, heldout_frac=cfg.data.heldout_frac,
-                        seed=cfg.data.seed, max_train_tokens=cfg.data.max_train_tokens)
+    data = prepare_data(
+        tokenizer,
+        spec,
+        cfg.data.seq_len,
+        heldout_frac=cfg.data.heldout_frac,
+        seed=cfg.data.seed,
+        max_train_tokens=cfg.data.max_train_tokens,
+    )
     n = cfg.train.eval_batches * cfg.train.batch_size if n_blocks is None else n_blocks
     return np.asarray(data.heldout[:n], dtype=np.int64)  # [N, T]
 
 
-def heldout_documents_in_train_split(eval_corpus: list[str], run_corpus: list[str], heldout_frac: float,
-                                     seed: int) -> float:
+def heldout_documents_in_train_split(
+    eval_corpus: list[str], run_corpus: list[str], heldout_frac: float, seed: int
+) -> float:
     """Share of `eval_corpus`'s held-out documents that fall in the *training* split of a run on
     `run_corpus` (the document split of lrc_src.packing, same held-out fraction and seed).
 
@@ -108,7 +116,7 @@ def heldout_loss(model, blocks: np.ndarray, batch_size: int = 8, accelerator=Non
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
-        ids = torch.from_numpy(blocks[i:i + batch_size])  # [B, T]
+        ids = torch.from_numpy(blocks[i : i + batch_size])  # [B, T]
         if accelerator is not None:
             ids = ids.to(accelerator.device)
         with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
@@ -140,12 +148,14 @@ def ffn_neuron_importance(model, blocks: np.ndarray, batch_size: int = 8) -> tor
     tokens = 0
     hooks = []
     for i, mlp in enumerate(mlps):
+
         def pre(_m, inp, i=i):
             acc[i] += inp[0].detach().float().abs().reshape(-1, acc.shape[1]).sum(0)  # [d_mid]
+
         hooks.append(mlp.down_proj.register_forward_pre_hook(pre))
     try:
         for s in range(0, len(blocks), batch_size):
-            ids = torch.as_tensor(np.asarray(blocks[s:s + batch_size], dtype=np.int64))  # [B, T]
+            ids = torch.as_tensor(np.asarray(blocks[s : s + batch_size], dtype=np.int64))  # [B, T]
             model(input_ids=ids)
             tokens += ids.numel()
     finally:

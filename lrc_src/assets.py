@@ -47,8 +47,14 @@ def _packed_data(cfg: ExperimentConfig, tokenizer):
     from lrc_src.packing import prepare_data
 
     corpus = {"mix": cfg.data.mix, "data_files": cfg.data.mix_files or {}} if cfg.data.mix else cfg.data.corpus
-    return prepare_data(tokenizer, corpus, cfg.data.seq_len, heldout_frac=cfg.data.heldout_frac,
-                        seed=cfg.data.seed, max_train_tokens=cfg.data.max_train_tokens)
+    return prepare_data(
+        tokenizer,
+        corpus,
+        cfg.data.seq_len,
+        heldout_frac=cfg.data.heldout_frac,
+        seed=cfg.data.seed,
+        max_train_tokens=cfg.data.max_train_tokens,
+    )
 
 
 def prepare_assets(cfg: ExperimentConfig, output_dir: str | Path, threads: int | None = None) -> dict:
@@ -66,7 +72,8 @@ def prepare_assets(cfg: ExperimentConfig, output_dir: str | Path, threads: int |
     info = {
         "teacher": cfg.teacher,
         "teacher_folder": str(teacher_folder(cfg.teacher)) if cfg.method != "sft" else cfg.sft.model,
-        "train_blocks": int(len(train_blocks)), "heldout_blocks": int(len(heldout)),
+        "train_blocks": int(len(train_blocks)),
+        "heldout_blocks": int(len(heldout)),
         "seq_len": cfg.data.seq_len,
         "teacher_heldout_loss": heldout_loss(teacher, heldout[:n], cfg.train.batch_size, accelerator),
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),

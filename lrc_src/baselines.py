@@ -63,8 +63,9 @@ def student_like(teacher: PreTrainedModel, d_S: int, seed: int) -> PreTrainedMod
     return type(teacher)(scfg)
 
 
-def hard_prune(teacher: PreTrainedModel, d_S: int, calibration_ids: torch.Tensor, init: str = "prune",
-               untie_lm_head: bool = False) -> PreTrainedModel:
+def hard_prune(
+    teacher: PreTrainedModel, d_S: int, calibration_ids: torch.Tensor, init: str = "prune", untie_lm_head: bool = False
+) -> PreTrainedModel:
     """The teacher with all but the d_S most important hidden channels removed (Minitron-style).
 
     Implemented as LRC's one-hot `init="prune"` start exported once: every projection selects
@@ -82,8 +83,13 @@ def hard_prune(teacher: PreTrainedModel, d_S: int, calibration_ids: torch.Tensor
 class StudentKD(nn.Module):
     """A plain HF student trained with LM (+ optional KL to a frozen teacher): scratch, kd, prune_kd, sft."""
 
-    def __init__(self, student: PreTrainedModel, teacher: PreTrainedModel | None = None,
-                 kl_temperature: float = 40.0, kl_reduction: str = "batchmean"):
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        teacher: PreTrainedModel | None = None,
+        kl_temperature: float = 40.0,
+        kl_reduction: str = "batchmean",
+    ):
         super().__init__()
         self.student = student
         self.teacher = teacher
@@ -111,8 +117,13 @@ class StudentKD(nn.Module):
                 h_t = self.teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, d_T]
             teacher = (h_t, self.teacher.lm_head.weight, self.teacher.lm_head.bias)
         loss, losses = head_losses(
-            h_s, self.student.lm_head.weight, labels, teacher, bias=self.student.lm_head.bias,
-            temperature=self.kl_temperature, reduction=self.kl_reduction,
+            h_s,
+            self.student.lm_head.weight,
+            labels,
+            teacher,
+            bias=self.student.lm_head.bias,
+            temperature=self.kl_temperature,
+            reduction=self.kl_reduction,
         )
         if self.teacher is None:
             del losses["kl"]
@@ -143,8 +154,14 @@ class StudentKD(nn.Module):
 class TinyBERTStyle(StudentKD):
     """Random student + hidden-state MSE through learned d_S -> d_T maps + attention-map MSE + KL + LM."""
 
-    def __init__(self, student: PreTrainedModel, teacher: PreTrainedModel, hidden_weight: float = 1.0,
-                 attn_weight: float = 1.0, **kw):
+    def __init__(
+        self,
+        student: PreTrainedModel,
+        teacher: PreTrainedModel,
+        hidden_weight: float = 1.0,
+        attn_weight: float = 1.0,
+        **kw,
+    ):
         super().__init__(student, teacher, **kw)
         for m in (student, teacher):  # attention probabilities need the eager kernel
             m.config._attn_implementation = "eager"
@@ -158,8 +175,10 @@ class TinyBERTStyle(StudentKD):
     compilable = False  # train.compile=auto runs it eagerly
 
     def compile_layers(self, **options) -> None:
-        raise ValueError("tinybert cannot be compiled: transformers' capture of every layer's hidden states and "
-                         "attention maps breaks torch.compile's graph in each layer; train it without --compile")
+        raise ValueError(
+            "tinybert cannot be compiled: transformers' capture of every layer's hidden states and "
+            "attention maps breaks torch.compile's graph in each layer; train it without --compile"
+        )
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> MethodOutput:
         labels = input_ids if labels is None else labels

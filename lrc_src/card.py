@@ -98,12 +98,22 @@ def _fmt(value) -> str:
 
 def _settings(cfg: dict) -> list[tuple[str, object]]:
     t, lrc = cfg["train"], cfg.get("lrc", {})
-    rows = [("method", cfg["method"]), ("teacher", cfg["teacher"]), ("sequence length", cfg["data"]["seq_len"]),
-            ("learning rate", t["lr"]), ("batch", f"{t['batch_size']} x {t['grad_accum']} micro-batches"),
-            ("warmup ratio", t["warmup_ratio"]), ("seed", t["seed"])]
+    rows = [
+        ("method", cfg["method"]),
+        ("teacher", cfg["teacher"]),
+        ("sequence length", cfg["data"]["seq_len"]),
+        ("learning rate", t["lr"]),
+        ("batch", f"{t['batch_size']} x {t['grad_accum']} micro-batches"),
+        ("warmup ratio", t["warmup_ratio"]),
+        ("seed", t["seed"]),
+    ]
     if cfg["method"] == "lrc":
-        rows += [("student hidden size", lrc.get("student_hidden_size")), ("alpha (clone weight)", lrc.get("alpha")),
-                 ("KL temperature", lrc.get("kl_temperature")), ("projection init", lrc.get("init"))]
+        rows += [
+            ("student hidden size", lrc.get("student_hidden_size")),
+            ("alpha (clone weight)", lrc.get("alpha")),
+            ("KL temperature", lrc.get("kl_temperature")),
+            ("projection init", lrc.get("init")),
+        ]
     else:
         rows += [("KL temperature", cfg.get("baseline", {}).get("kl_temperature"))]
     return rows
@@ -130,25 +140,50 @@ def model_card(run_dir: str | Path) -> str:
         "datasets": _datasets(cfg["data"]),
     }
     heldout = _final_heldout_loss(run / "metrics.csv")
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-             f"# {run.name}: a student of {base_model}", "",
-             f"Distilled with {METHOD_NAMES.get(cfg['method'], cfg['method'])} by `lrc train` "
-             "(lrc-replication). This card was written from the run folder's own files.", "",
-             "| | |", "|---|---|",
-             f"| tokens trained | {info.get('tokens', '')} ({info.get('steps', '')} optimizer steps) |",
-             f"| trainable parameters | {info.get('trainable_parameters', '')} |",
-             f"| held-out loss (nats/token, end of training) | {_fmt(heldout) if heldout is not None else 'n/a'} |"]
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {run.name}: a student of {base_model}",
+        "",
+        f"Distilled with {METHOD_NAMES.get(cfg['method'], cfg['method'])} by `lrc train` "
+        "(lrc-replication). This card was written from the run folder's own files.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| tokens trained | {info.get('tokens', '')} ({info.get('steps', '')} optimizer steps) |",
+        f"| trainable parameters | {info.get('trainable_parameters', '')} |",
+        f"| held-out loss (nats/token, end of training) | {_fmt(heldout) if heldout is not None else 'n/a'} |",
+    ]
     lines += [f"| {k} | {v} |" for k, v in _settings(cfg)]
     evals = _eval_rows(student)
     if evals:
-        lines += ["", "## Evaluation (`lrc eval`)", "", "| suite | task | metric | value | stderr |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r.get('suite', '')} | {r.get('task', '')} | {r.get('metric', '')} | {_fmt(r.get('value'))} "
-                  f"| {_fmt(r.get('stderr'))} |" for r in evals]
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "model = AutoModelForCausalLM.from_pretrained(\"path/to/student\")",
-              "tokenizer = AutoTokenizer.from_pretrained(\"path/to/student\")", "```", "",
-              "A plain `transformers` model: no custom code is needed to load or run it.", ""]
+        lines += [
+            "",
+            "## Evaluation (`lrc eval`)",
+            "",
+            "| suite | task | metric | value | stderr |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r.get('suite', '')} | {r.get('task', '')} | {r.get('metric', '')} | {_fmt(r.get('value'))} "
+            f"| {_fmt(r.get('stderr'))} |"
+            for r in evals
+        ]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/student")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/student")',
+        "```",
+        "",
+        "A plain `transformers` model: no custom code is needed to load or run it.",
+        "",
+    ]
     return "\n".join(lines)
 
 

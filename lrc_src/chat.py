@@ -18,7 +18,9 @@ def read_hub_chats(dataset_id: str, split: str = "train_sft") -> list[list[dict]
 
     reason = hub_offline_reason()
     if reason:
-        raise FileNotFoundError(f"chat dataset {dataset_id!r} needs the Hugging Face hub, which is unavailable ({reason})")
+        raise FileNotFoundError(
+            f"chat dataset {dataset_id!r} needs the Hugging Face hub, which is unavailable ({reason})"
+        )
     import datasets
 
     return [row["messages"] for row in datasets.load_dataset(dataset_id, split=split)]

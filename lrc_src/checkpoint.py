@@ -79,8 +79,10 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], saved: dict, optimiz
     for index, per_param in saved["state"].items():
         state.setdefault(int(index), {}).update(per_param)
     live = optimizer.param_groups
-    groups = [{k: tuple(v) if i < len(live) and isinstance(live[i].get(k), tuple) else v for k, v in group.items()}
-              for i, group in enumerate(saved["param_groups"])]
+    groups = [
+        {k: tuple(v) if i < len(live) and isinstance(live[i].get(k), tuple) else v for k, v in group.items()}
+        for i, group in enumerate(saved["param_groups"])
+    ]
     return {"state": dict(sorted(state.items())), "param_groups": groups}
 
 
@@ -88,9 +90,11 @@ def _rng_state() -> dict:
     """Every RNG the loop draws from, as JSON (byte states as lists of ints)."""
     name, key, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    rng = {"torch": torch.get_rng_state().tolist(),
-           "numpy": [name, key.tolist(), int(pos), int(has_gauss), float(cached)],
-           "python": [version, list(internal), gauss_next]}
+    rng = {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": [name, key.tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss_next],
+    }
     if torch.cuda.is_available():
         rng["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return rng
@@ -126,8 +130,14 @@ def save_checkpoint(path: Path, method, optimizer, scheduler, step: int) -> None
         save_file(tensors, tmp / name)
         _fsync(tmp / name)
         files[name] = _file_record(tmp / name)
-    state = {"format": FORMAT, "step": step, "files": files, "optimizer": optimizer_rest,
-             "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+    state = {
+        "format": FORMAT,
+        "step": step,
+        "files": files,
+        "optimizer": optimizer_rest,
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+    }
     atomic_write_text(tmp / STATE, json.dumps(state))  # last: the folder is complete from here on
     _fsync(tmp)
 
@@ -177,8 +187,10 @@ def read_state(path: Path) -> dict:
         raise ValueError(f"{file} is damaged ({e}); {restart}") from None
     if not isinstance(state, dict) or "format" not in state:
         legacy = ", ".join(n for n in LEGACY_FILES if (path / n).exists()) or "pickle files"
-        raise ValueError(f"{path} was written by an earlier version of lrc ({legacy}: pickles, never loaded "
-                         f"because they can run code); finish the run with that version, or {restart}")
+        raise ValueError(
+            f"{path} was written by an earlier version of lrc ({legacy}: pickles, never loaded "
+            f"because they can run code); finish the run with that version, or {restart}"
+        )
     if state["format"] != FORMAT:
         raise ValueError(f"{file}: checkpoint format {state['format']!r}, this version reads {FORMAT}")
     return state
@@ -190,8 +202,9 @@ def _load_tensors(path: Path, name: str, record: dict) -> dict[str, torch.Tensor
     if not file.is_file():
         raise ValueError(f"{file} is missing; delete {path} to start the run over")
     if file.stat().st_size != record["bytes"] or sha256_file(file) != record["sha256"]:
-        raise ValueError(f"{file} is damaged (size or sha256 differs from {STATE}'s); "
-                         f"delete {path} to start the run over")
+        raise ValueError(
+            f"{file} is damaged (size or sha256 differs from {STATE}'s); delete {path} to start the run over"
+        )
     try:
         return load_file(file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -205,11 +218,14 @@ def load_checkpoint(path: Path, method, optimizer, scheduler) -> int:
     try:
         files, step = state["files"], int(state["step"])
         if OPTIMIZER not in files:
-            raise ValueError(f"{path} holds no optimizer state (a finished run's, train.keep_optimizer_state="
-                             "false): it can be exported, not resumed")
+            raise ValueError(
+                f"{path} holds no optimizer state (a finished run's, train.keep_optimizer_state="
+                "false): it can be exported, not resumed"
+            )
         trainable = _load_tensors(path, TRAINABLE, files[TRAINABLE])
-        optimizer_state = _join_optimizer_state(_load_tensors(path, OPTIMIZER, files[OPTIMIZER]),
-                                                state["optimizer"], optimizer)
+        optimizer_state = _join_optimizer_state(
+            _load_tensors(path, OPTIMIZER, files[OPTIMIZER]), state["optimizer"], optimizer
+        )
         scheduler_state, rng = state["scheduler"], state["rng"]
     except (KeyError, TypeError, IndexError, AttributeError) as e:
         raise ValueError(f"{path / STATE} lacks or garbles {e}; delete {path} to start the run over") from None

@@ -23,9 +23,15 @@ def _train(args: argparse.Namespace) -> int:
     from lrc_src.train import train
 
     cfg = load_config(args.config, args.set)
-    out = train(cfg, args.output_dir, progress=not args.no_progress, threads=args.threads,
-                restart_on_config_change=args.restart_on_config_change, keep_memory=not args.return_freed_memory,
-                compile_layers=True if args.compile else None)
+    out = train(
+        cfg,
+        args.output_dir,
+        progress=not args.no_progress,
+        threads=args.threads,
+        restart_on_config_change=args.restart_on_config_change,
+        keep_memory=not args.return_freed_memory,
+        compile_layers=True if args.compile else None,
+    )
     print(f"run complete: {out}")
     return 0
 
@@ -83,8 +89,9 @@ def _samples(args: argparse.Namespace) -> int:
         models[name] = folder
     if args.instructions > len(INSTRUCTIONS):
         raise ValueError(f"--instructions {args.instructions}: there are {len(INSTRUCTIONS)}")
-    prompts = sample_prompts(args.heldout, n_heldout=args.heldout_prompts, seed=args.seed,
-                             instructions=INSTRUCTIONS[: args.instructions])
+    prompts = sample_prompts(
+        args.heldout, n_heldout=args.heldout_prompts, seed=args.seed, instructions=INSTRUCTIONS[: args.instructions]
+    )
     frame = samples_frame(models, prompts, max_new_tokens=args.max_new_tokens)
     write_csv_atomic(frame, args.output)
     print(f"{len(frame)} samples from {len(models)} model(s): {args.output}")
@@ -100,9 +107,13 @@ def _eval(args: argparse.Namespace) -> int:
 def _add_config_arguments(parser: argparse.ArgumentParser, output_help: str) -> None:
     """--config, --set, --output-dir, --threads: shared by `train` and `prepare`."""
     parser.add_argument("--config", required=True, help="YAML profile, e.g. config/tiny.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.max_steps=20 --set lrc.alpha=0.5 "
-                             "(repeatable; values are YAML)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.max_steps=20 --set lrc.alpha=0.5 (repeatable; values are YAML)",
+    )
     parser.add_argument("--output-dir", required=True, help=output_help)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -111,59 +122,92 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lrc", description="Low-Rank Clone distillation: train, export, evaluate.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train LRC or a baseline (resumes if --output-dir has a checkpoint)",
-                       description="Train the method named in the config (lrc, scratch, kd, tinybert, prune_kd, "
-                                   "sft). Re-running the same command on the same --output-dir resumes from its "
-                                   "last checkpoint. Multi-GPU: accelerate launch -m lrc_src.cli train ...")
+    t = sub.add_parser(
+        "train",
+        help="train LRC or a baseline (resumes if --output-dir has a checkpoint)",
+        description="Train the method named in the config (lrc, scratch, kd, tinybert, prune_kd, "
+        "sft). Re-running the same command on the same --output-dir resumes from its "
+        "last checkpoint. Multi-GPU: accelerate launch -m lrc_src.cli train ...",
+    )
     _add_config_arguments(t, "run folder (metrics.csv, checkpoint/, student/)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    t.add_argument("--restart-on-config-change", action="store_true",
-                   help="if --output-dir holds a run of a different config, delete it and start again "
-                        "(default: refuse); the Snakemake workflow passes it")
-    t.add_argument("--return-freed-memory", action="store_true",
-                   help="on the CPU, let freed memory go back to the OS as glibc does by default (lower "
-                        "resident memory between steps); by default it is kept for the next step, so that "
-                        "steps do not page-fault their working set in again (lrc_src.runtime.keep_freed_memory)")
-    t.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoder layers (teacher and student side by side for LRC; one graph "
-                        "for all layers): fused elementwise kernels, less Python per layer; the first step "
-                        "compiles (seconds to minutes). Same as --set train.compile=on (default auto: on with CUDA); "
-                        "a run resumes with or without it")
+    t.add_argument(
+        "--restart-on-config-change",
+        action="store_true",
+        help="if --output-dir holds a run of a different config, delete it and start again "
+        "(default: refuse); the Snakemake workflow passes it",
+    )
+    t.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="on the CPU, let freed memory go back to the OS as glibc does by default (lower "
+        "resident memory between steps); by default it is kept for the next step, so that "
+        "steps do not page-fault their working set in again (lrc_src.runtime.keep_freed_memory)",
+    )
+    t.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decoder layers (teacher and student side by side for LRC; one graph "
+        "for all layers): fused elementwise kernels, less Python per layer; the first step "
+        "compiles (seconds to minutes). Same as --set train.compile=on (default auto: on with CUDA); "
+        "a run resumes with or without it",
+    )
     t.set_defaults(func=_train)
 
-    pr = sub.add_parser("prepare", help="fetch the teacher and tokenise the data of a config once",
-                        description="Convert/fetch the teacher, build and tokenise the corpus (cached), and "
-                                    "write OUTPUT_DIR/assets.json (teacher folder, held-out documents, the "
-                                    "teacher's held-out loss) and OUTPUT_DIR/heldout.jsonl.")
+    pr = sub.add_parser(
+        "prepare",
+        help="fetch the teacher and tokenise the data of a config once",
+        description="Convert/fetch the teacher, build and tokenise the corpus (cached), and "
+        "write OUTPUT_DIR/assets.json (teacher folder, held-out documents, the "
+        "teacher's held-out loss) and OUTPUT_DIR/heldout.jsonl.",
+    )
     _add_config_arguments(pr, "folder for assets.json and heldout.jsonl")
     pr.set_defaults(func=_prepare)
 
-    e = sub.add_parser("export", help="export the student of a run's checkpoint as a plain HF folder",
-                       description="Materialise the student from a run folder's last checkpoint into a plain "
-                                   "Hugging Face folder (safetensors, config, tokenizer) that loads with "
-                                   "AutoModelForCausalLM.from_pretrained and no custom code.")
+    e = sub.add_parser(
+        "export",
+        help="export the student of a run's checkpoint as a plain HF folder",
+        description="Materialise the student from a run folder's last checkpoint into a plain "
+        "Hugging Face folder (safetensors, config, tokenizer) that loads with "
+        "AutoModelForCausalLM.from_pretrained and no custom code.",
+    )
     e.add_argument("--run", required=True, help="run folder written by `lrc train`")
     e.add_argument("--output", required=True, help="folder to write the student to")
     e.set_defaults(func=_export)
 
-    s = sub.add_parser("tiny-suite", help="build the offline tiny eval suite from a held-out file",
-                       description="Write the tiny suite's task data, lm-eval task YAMLs and manifest.json into "
-                                   "OUTPUT, sampled from the held-out documents (and the MMLU test set) with SEED. "
-                                   "The same inputs and seed give the same bytes; a built suite is reused as is. "
-                                   "Pass OUTPUT to `lrc eval --suite tiny --data-dir`.")
-    s.add_argument("--heldout", required=True, metavar="FILE.jsonl",
-                   help='held-out documents, {"text": ...} per line (lrc prepare writes OUTPUT_DIR/heldout.jsonl)')
+    s = sub.add_parser(
+        "tiny-suite",
+        help="build the offline tiny eval suite from a held-out file",
+        description="Write the tiny suite's task data, lm-eval task YAMLs and manifest.json into "
+        "OUTPUT, sampled from the held-out documents (and the MMLU test set) with SEED. "
+        "The same inputs and seed give the same bytes; a built suite is reused as is. "
+        "Pass OUTPUT to `lrc eval --suite tiny --data-dir`.",
+    )
+    s.add_argument(
+        "--heldout",
+        required=True,
+        metavar="FILE.jsonl",
+        help='held-out documents, {"text": ...} per line (lrc prepare writes OUTPUT_DIR/heldout.jsonl)',
+    )
     s.add_argument("--output", required=True, metavar="DIR", help="folder to write the suite to (created)")
     s.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default: 0)")
     s.set_defaults(func=_tiny_suite)
 
-    g = sub.add_parser("samples", help="greedy continuations of a fixed prompt set by several models, as a CSV",
-                       description="For each model (an HF folder: a run's student/ or a teacher), the greedy "
-                                   "continuation of the same prompts: the openings of held-out documents chosen "
-                                   "by SEED, then a few plain instructions (through the chat template when the "
-                                   "tokenizer has one). Writes OUTPUT with columns model, kind, prompt, output.")
-    g.add_argument("--model", action="append", required=True, metavar="NAME=FOLDER",
-                   help="a model to sample (repeatable), e.g. --model lrc=runs/lrc/student")
+    g = sub.add_parser(
+        "samples",
+        help="greedy continuations of a fixed prompt set by several models, as a CSV",
+        description="For each model (an HF folder: a run's student/ or a teacher), the greedy "
+        "continuation of the same prompts: the openings of held-out documents chosen "
+        "by SEED, then a few plain instructions (through the chat template when the "
+        "tokenizer has one). Writes OUTPUT with columns model, kind, prompt, output.",
+    )
+    g.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=FOLDER",
+        help="a model to sample (repeatable), e.g. --model lrc=runs/lrc/student",
+    )
     g.add_argument("--heldout", required=True, metavar="FILE.jsonl", help='held-out documents, {"text": ...} per line')
     g.add_argument("--heldout-prompts", type=int, default=2, metavar="N", help="prompts from held-out documents")
     g.add_argument("--instructions", type=int, default=2, metavar="N", help="plain instructions to add")
@@ -174,9 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lrc_src.harness import add_eval_arguments
 
-    v = sub.add_parser("eval", help="evaluate an HF model folder with lm-eval on a task suite",
-                       description="Evaluate a model folder with lm-eval (hf backend) on a suite: tiny (offline), "
-                                   "paper, paper-5shot, safety (hub). Writes a tidy CSV.")
+    v = sub.add_parser(
+        "eval",
+        help="evaluate an HF model folder with lm-eval on a task suite",
+        description="Evaluate a model folder with lm-eval (hf backend) on a suite: tiny (offline), "
+        "paper, paper-5shot, safety (hub). Writes a tidy CSV.",
+    )
     add_eval_arguments(v)
     v.set_defaults(func=_eval)
     return p

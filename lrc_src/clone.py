@@ -62,8 +62,15 @@ from lrc_src.losses import KL_REDUCTIONS, clone_mse, head_losses
 
 ATTN_TERMS = {"all": ("q", "k", "v", "o"), "io": ("attn_in", "o")}
 FFN_TERMS = {"all": ("gate", "up", "down"), "io": ("ffn_in", "down")}
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 NORMS = ("input_layernorm", "post_attention_layernorm")
 # torch.compile options under every compile_layers(): training shapes are fixed, and a new shape
 # (or a teacher's and a student's layers sharing one code object) gets its own static graph
@@ -258,8 +265,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              hd: int) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hd: int
+) -> torch.Tensor:
     """q: [B, T, nH*hd], k/v: [B, T, nKV*hd] (pre-RoPE) -> causal attention output [B, T, nH*hd]."""
     B, T, _ = q.shape
     q = apply_rope(q.view(B, T, -1, hd).transpose(1, 2), cos, sin)  # [B, nH, T, hd]
@@ -276,8 +284,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tens
 LayerTensors = dict[str, Any]
 
 
-def self_attention_block(x: torch.Tensor, w: LayerTensors, rope: tuple[torch.Tensor, torch.Tensor],
-                         eps: float, hd: int) -> dict[str, torch.Tensor]:
+def self_attention_block(
+    x: torch.Tensor, w: LayerTensors, rope: tuple[torch.Tensor, torch.Tensor], eps: float, hd: int
+) -> dict[str, torch.Tensor]:
     """The pre-norm attention block of one side; x: [B, T, d] residual stream. Returns its
     activations: in (normed input) [B, T, d], q [B, T, nH*hd], k, v [B, T, nKV*hd] (raw linear
     outputs, before RoPE), attn [B, T, nH*hd] (o_proj's input), o [B, T, d] (o_proj's output)."""
@@ -399,6 +408,7 @@ class TeacherSpaceAttentionOutput(CloneTerm):
 
 def clone_terms(config: LRCConfig) -> tuple[tuple[CloneTerm, ...], tuple[CloneTerm, ...]]:
     """The enabled clone terms of the attention and of the FFN block, in the order they are taken."""
+
     def output(name: str) -> CloneTerm:
         return AlignedOutput(name) if config.alignment == "extra" else ProjectedOutput(name, config.detach_targets)
 
@@ -531,14 +541,18 @@ class LowRankClone(nn.Module):
         """
         device = self.norm.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        TW = {n: p if dtype is None or not p.is_floating_point() else p.to(dtype)
-              for n, p in self.teacher.named_parameters() if p.ndim == 2}
+        TW = {
+            n: p if dtype is None or not p.is_floating_point() else p.to(dtype)
+            for n, p in self.teacher.named_parameters()
+            if p.ndim == 2
+        }
         if self.tied:
             TW["lm_head.weight"] = TW["model.embed_tokens.weight"]
         return TW
 
-    def student_weights(self, teacher_weights: dict[str, torch.Tensor] | None = None,
-                        device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    def student_weights(
+        self, teacher_weights: dict[str, torch.Tensor] | None = None, device: torch.device | None = None
+    ) -> dict[str, torch.Tensor]:
         """Generate every student weight from the teacher's, keyed by HF state-dict names.
 
         teacher_weights: `self.teacher_weights()` when the caller already has them.
@@ -555,13 +569,22 @@ class LowRankClone(nn.Module):
         W["model.norm.weight"] = on(self.norm)
         for i, (layer, tl) in enumerate(zip(self.layers, tm.layers)):
             pre = f"model.layers.{i}."
-            for block, m in (("self_attn", "q"), ("self_attn", "k"), ("self_attn", "v"), ("mlp", "gate"), ("mlp", "up")):
+            for block, m in (
+                ("self_attn", "q"),
+                ("self_attn", "k"),
+                ("self_attn", "v"),
+                ("mlp", "gate"),
+                ("mlp", "up"),
+            ):
                 key = f"{block}.{m}_proj"
                 W_T = on(TW[pre + key + ".weight"])  # [out, d_T]
                 W[pre + key + ".weight"] = _matmul(W_T, on(layer.get_submodule(block)[m]))  # [out, d_S]
                 if (bias := tl.get_submodule(key).bias) is not None:
                     W[pre + key + ".bias"] = on(bias)  # kept: size is not d_T
-            for key, P in (("self_attn.o_proj", on(layer.self_attn.o_proj)), ("mlp.down_proj", on(layer.mlp.down_proj))):
+            for key, P in (
+                ("self_attn.o_proj", on(layer.self_attn.o_proj)),
+                ("mlp.down_proj", on(layer.mlp.down_proj)),
+            ):
                 W[pre + key + ".weight"] = _matmul(on(TW[pre + key + ".weight"]).T, P).T  # P^T W: [d_S, in]
                 if (bias := tl.get_submodule(key).bias) is not None:
                     W[pre + key + ".bias"] = _matmul(on(bias)[None], P)[0]  # b P: [d_S]
@@ -617,13 +640,27 @@ class LowRankClone(nn.Module):
         student = {n: (W[pre + n + ".weight"], W.get(pre + n + ".bias")) for n in LINEARS}
         for n in NORMS:
             teacher[n], student[n] = tl.get_submodule(n).weight, W[pre + n + ".weight"]
-        P = {"q": layer.self_attn["q"], "gate": layer.mlp["gate"], "o": layer.self_attn["o"], "down": layer.mlp["down"],
-             "o_align": getattr(layer.self_attn, "o_align", None), "down_align": getattr(layer.mlp, "down_align", None)}
+        P = {
+            "q": layer.self_attn["q"],
+            "gate": layer.mlp["gate"],
+            "o": layer.self_attn["o"],
+            "down": layer.mlp["down"],
+            "o_align": getattr(layer.self_attn, "o_align", None),
+            "down_align": getattr(layer.mlp, "down_align", None),
+        }
         return teacher, student, P
 
-    def _layer(self, terms: tuple[tuple[CloneTerm, ...], tuple[CloneTerm, ...]], x_t: torch.Tensor,
-               x_s: torch.Tensor, rope_t, rope_s, teacher: LayerTensors, student: LayerTensors,
-               P: dict[str, torch.Tensor | None]):
+    def _layer(
+        self,
+        terms: tuple[tuple[CloneTerm, ...], tuple[CloneTerm, ...]],
+        x_t: torch.Tensor,
+        x_s: torch.Tensor,
+        rope_t,
+        rope_s,
+        teacher: LayerTensors,
+        student: LayerTensors,
+        P: dict[str, torch.Tensor | None],
+    ):
         """One decoder layer of the teacher (no grad) and the student side by side.
 
         x_t: [B, T, d_T], x_s: [B, T, d_S] residual streams; rope_t/rope_s: (cos, sin) [B, T, hd] in
@@ -646,8 +683,9 @@ class LowRankClone(nn.Module):
         mses.update(self._clone_mses(ffn_terms, s, t, teacher, P))
         return x_t + t["down"], x_s + s["down"], mses
 
-    def _clone_mses(self, terms: tuple[CloneTerm, ...], s: dict, t: dict, teacher: LayerTensors,
-                    P: dict) -> dict[str, torch.Tensor]:
+    def _clone_mses(
+        self, terms: tuple[CloneTerm, ...], s: dict, t: dict, teacher: LayerTensors, P: dict
+    ) -> dict[str, torch.Tensor]:
         """{term: E(student, target)} of one block (scalars; relative: LRCConfig.clone_normalize)."""
         return {term.name: clone_mse(*term.pair(s, t, teacher, P), self.relative_mse) for term in terms}
 
@@ -665,9 +703,7 @@ class LowRankClone(nn.Module):
         if labels is None:
             labels = input_ids
         elif labels.shape != input_ids.shape:
-            raise ValueError(
-                f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
-            )
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
         cfg, tm = self.config, self.teacher.model
         TW, W = self.generated_weights()
         B, T = input_ids.shape
@@ -697,9 +733,14 @@ class LowRankClone(nn.Module):
         # logits = h_s head^T and teacher_logits = h_t lm_head^T are never formed at [B, T, V]:
         # head_losses takes the KL and LM loss chunk by chunk (CloneOutput.logits forms them on demand)
         head_loss, losses = head_losses(
-            h_s, head, labels, (h_t, TW["lm_head.weight"], self.teacher.lm_head.bias),
-            temperature=cfg.kl_temperature, reduction=cfg.kl_reduction,
-            kl_weight=float(cfg.use_kl), lm_weight=float(cfg.use_lm),
+            h_s,
+            head,
+            labels,
+            (h_t, TW["lm_head.weight"], self.teacher.lm_head.bias),
+            temperature=cfg.kl_temperature,
+            reduction=cfg.kl_reduction,
+            kl_weight=float(cfg.use_kl),
+            lm_weight=float(cfg.use_lm),
         )
 
         # ---- L_clone, summed over layers per term; L = L_KL + L_LM + alpha * L_clone
@@ -712,8 +753,14 @@ class LowRankClone(nn.Module):
             clone = clone / n_terms
         losses["clone"] = clone
         loss = cfg.alpha * clone + head_loss  # + KL and LM as switched on (use_kl, use_lm)
-        return CloneOutput(loss=loss, losses=losses, hidden=h_s, head=head, teacher_hidden=h_t,
-                           teacher_head=(TW["lm_head.weight"], self.teacher.lm_head.bias))
+        return CloneOutput(
+            loss=loss,
+            losses=losses,
+            hidden=h_s,
+            head=head,
+            teacher_hidden=h_t,
+            teacher_head=(TW["lm_head.weight"], self.teacher.lm_head.bias),
+        )
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> CloneOutput:
         return self.clone(input_ids, labels)

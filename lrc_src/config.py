@@ -206,8 +206,9 @@ def _build(cls: type, d: dict, prefix: str = "") -> Any:
     unknown = sorted(set(d) - set(names))
     if unknown:
         where = f" in {prefix}" if prefix else ""
-        raise ValueError(f"unknown config key(s) {[f'{prefix}.{k}'.lstrip('.') for k in unknown]}{where}; "
-                         f"allowed: {names}")
+        raise ValueError(
+            f"unknown config key(s) {[f'{prefix}.{k}'.lstrip('.') for k in unknown]}{where}; allowed: {names}"
+        )
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}".lstrip(".")) for k, v in d.items()}
     return cls(**kwargs)
 

@@ -211,9 +211,7 @@ def load_document_parts(corpus: str | Sequence[str]) -> list[tuple[str, list[dic
         elif part.startswith("local:"):
             part_docs = _local_documents(part)
         else:
-            raise ValueError(
-                f"unknown corpus {part!r}; use one of {', '.join(BUILTIN_CORPORA)} or 'local:<glob>'"
-            )
+            raise ValueError(f"unknown corpus {part!r}; use one of {', '.join(BUILTIN_CORPORA)} or 'local:<glob>'")
         if not part_docs:
             raise ValueError(f"corpus {part!r} has no documents")
         parts.append((part, part_docs))
@@ -229,7 +227,7 @@ def spec_parts(corpus: str | Sequence[str]) -> list[str]:
 
 
 def _local_documents(spec: str) -> list[dict]:
-    pattern = os.path.expanduser(spec[len("local:"):])
+    pattern = os.path.expanduser(spec[len("local:") :])
     files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not files:
         raise FileNotFoundError(f"corpus {spec!r}: no file matches {pattern!r}")

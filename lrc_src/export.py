@@ -68,8 +68,15 @@ def student_config(teacher_config: PretrainedConfig, d_S: int, untie_lm_head: bo
     check_student_size(teacher_config, d_S)
     tied = bool(getattr(teacher_config, "tie_word_embeddings", False)) and not untie_lm_head
     d = teacher_config.to_dict()
-    for k in ("_name_or_path", "quantization_config", "architectures", "transformers_version",
-              "_attn_implementation_autoset", "dtype", "torch_dtype"):
+    for k in (
+        "_name_or_path",
+        "quantization_config",
+        "architectures",
+        "transformers_version",
+        "_attn_implementation_autoset",
+        "dtype",
+        "torch_dtype",
+    ):
         d.pop(k, None)
     d.update(hidden_size=d_S, head_dim=head_dim(teacher_config), tie_word_embeddings=tied)
     return type(teacher_config)(**d)

@@ -31,6 +31,7 @@ def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray) -> to
     def calibration() -> torch.Tensor:  # the first calibration_batches training batches: [N, T]
         n = b.calibration_batches * cfg.train.batch_size
         return torch.from_numpy(np.asarray(train_blocks[:n], dtype=np.int64))
+
     if cfg.method == "lrc":
         torch.manual_seed(seed)
         clone = LowRankClone(teacher, cfg.lrc)
@@ -71,8 +72,9 @@ def make_optimizer(named_params: list[tuple[str, torch.Tensor]], tc, kernel: str
         {"params": [p for n, p in named_params if p.ndim >= 2], "lr": tc.lr},
         {"params": [p for n, p in named_params if p.ndim < 2], "lr": norm_lr},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], betas=tuple(tc.betas),
-                             weight_decay=tc.weight_decay, **ADAMW_KERNELS[kernel])
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], betas=tuple(tc.betas), weight_decay=tc.weight_decay, **ADAMW_KERNELS[kernel]
+    )
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float):

@@ -45,7 +45,15 @@ log = logging.getLogger(__name__)
 
 #: Columns of the results CSV, in order.
 COLUMNS: tuple[str, ...] = (
-    "model", "suite", "task", "metric", "value", "stderr", "num_fewshot", "limit", "n",
+    "model",
+    "suite",
+    "task",
+    "metric",
+    "value",
+    "stderr",
+    "num_fewshot",
+    "limit",
+    "n",
 )
 
 
@@ -77,9 +85,7 @@ def check_model_dir(model_dir: str | Path) -> Path:
     path = path.resolve()
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(
-            f"{path} is not a Hugging Face model folder: it has no config.json"
-        )
+        raise FileNotFoundError(f"{path} is not a Hugging Face model folder: it has no config.json")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
@@ -89,13 +95,10 @@ def check_model_dir(model_dir: str | Path) -> Path:
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    is_causal = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.get(
-        "is_encoder_decoder", False
-    )
+    is_causal = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.get("is_encoder_decoder", False)
     if is_causal and architectures:
         is_causal = any(
-            arch in causal_classes or arch.endswith(("ForCausalLM", "LMHeadModel"))
-            for arch in architectures
+            arch in causal_classes or arch.endswith(("ForCausalLM", "LMHeadModel")) for arch in architectures
         )
     elif is_causal and model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         # encoder families (bert, roberta, ...) only act as causal LMs when built as decoders
@@ -107,18 +110,17 @@ def check_model_dir(model_dir: str | Path) -> Path:
             "lm-eval's hf backend needs an AutoModelForCausalLM folder"
         )
     weight_files = (
-        "model.safetensors", "model.safetensors.index.json",
-        "pytorch_model.bin", "pytorch_model.bin.index.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
     )
     if not any((path / name).is_file() for name in weight_files):
-        raise FileNotFoundError(
-            f"{path} has no model weights (model.safetensors or pytorch_model.bin)"
-        )
+        raise FileNotFoundError(f"{path} has no model weights (model.safetensors or pytorch_model.bin)")
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     if not any((path / name).is_file() for name in tokenizer_files):
         raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json)")
     return path
-
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -145,7 +147,7 @@ def results_to_frame(
     suite: str | SuiteSpec,
     model: str,
     limit: int | float | None = None,
-) -> "pd.DataFrame":
+) -> pd.DataFrame:
     """Turn ``lm_eval.simple_evaluate``'s results into the tidy table (columns :data:`COLUMNS`).
 
     One row per reported (task, metric) of the suite, plus the ``average`` row when the suite
@@ -170,19 +172,29 @@ def results_to_frame(
             key = f"{metric},none"
             if key not in scores[task]:
                 raise RuntimeError(f"lm-eval returned no {metric!r} for task {task!r}")
-            rows.append({
-                "task": task, "metric": metric, "value": _float(scores[task][key]),
-                "stderr": _float(scores[task].get(f"{metric}_stderr,none")),
-                "num_fewshot": int(shots), "n": n,
-            })
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "value": _float(scores[task][key]),
+                    "stderr": _float(scores[task].get(f"{metric}_stderr,none")),
+                    "num_fewshot": int(shots),
+                    "n": n,
+                }
+            )
     if spec.average and rows:
         values = [row["value"] for row in rows]
         errors = [row["stderr"] for row in rows]
-        rows.append({
-            "task": "average", "metric": "mean", "value": sum(values) / len(values),
-            "stderr": math.sqrt(sum(e * e for e in errors)) / len(errors),
-            "num_fewshot": spec.num_fewshot, "n": sum(row["n"] for row in rows),
-        })
+        rows.append(
+            {
+                "task": "average",
+                "metric": "mean",
+                "value": sum(values) / len(values),
+                "stderr": math.sqrt(sum(e * e for e in errors)) / len(errors),
+                "num_fewshot": spec.num_fewshot,
+                "n": sum(row["n"] for row in rows),
+            }
+        )
     frame = pd.DataFrame(rows)
     frame.insert(0, "model", model)
     frame.insert(1, "suite", spec.name)
@@ -201,8 +213,7 @@ def _check_limit(limit: int | float | None) -> None:
     if limit is None:
         return
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
-        raise ValueError(f"limit must be a positive number of documents (or a fraction < 1), "
-                         f"got {limit!r}")
+        raise ValueError(f"limit must be a positive number of documents (or a fraction < 1), got {limit!r}")
     if isinstance(limit, float) and limit >= 1 and not limit.is_integer():
         raise ValueError(f"limit >= 1 must be a whole number of documents, got {limit!r}")
 
@@ -218,7 +229,7 @@ def evaluate(
     model_name: str | None = None,
     *,
     heldout: str | Path | None = None,
-) -> "pd.DataFrame":
+) -> pd.DataFrame:
     """Evaluate the saved causal LM in ``model_dir`` on ``suite`` with lm-eval.
 
     Args:
@@ -271,11 +282,7 @@ def evaluate(
         import lm_eval
         from lm_eval.tasks import TaskManager
 
-        task_manager = (
-            TaskManager(include_path=str(data_dir), include_defaults=False)
-            if spec.local
-            else TaskManager()
-        )
+        task_manager = TaskManager(include_path=str(data_dir), include_defaults=False) if spec.local else TaskManager()
         results = lm_eval.simple_evaluate(
             model="hf",
             model_args={"pretrained": str(model_path), "dtype": "float32"},
@@ -313,28 +320,45 @@ def _limit_arg(text: str) -> int | float:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``lrc eval`` options to ``parser`` (returned for chaining)."""
     suites = "; ".join(f"{s.name}: {s.description}" for s in SUITES.values())
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="Hugging Face causal-LM folder (config.json, weights, tokenizer)")
-    parser.add_argument("--suite", required=True, metavar="NAME", choices=list(SUITES),
-                        help=f"benchmark suite. {suites}")
-    parser.add_argument("--limit", type=_limit_arg, default=None, metavar="N",
-                        help="score only the first N documents per task (smoke tests; a value "
-                             "< 1 is a fraction). Default: all")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="B",
-                        help="lm-eval batch size (default: 8)")
-    parser.add_argument("--output", required=True, metavar="FILE.csv",
-                        help="tidy CSV to write: one row per (model, suite, task, metric) with "
-                             f"columns {', '.join(COLUMNS)}")
-    parser.add_argument("--heldout", default=None, metavar="FILE.jsonl",
-                        help='tiny suite: held-out documents ({"text": ...} per line) to build '
-                             "the suite's data from (reused when already built)")
-    parser.add_argument("--data-dir", default=None, metavar="DIR",
-                        help="tiny suite: folder of the built suite data (default with "
-                             "--heldout: <heldout folder>/tiny_suite)")
-    parser.add_argument("--device", default=None, metavar="DEVICE",
-                        help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
-    parser.add_argument("--model-name", default=None, metavar="NAME",
-                        help="value of the CSV's model column (default: the folder name)")
+    parser.add_argument(
+        "--model", required=True, metavar="DIR", help="Hugging Face causal-LM folder (config.json, weights, tokenizer)"
+    )
+    parser.add_argument(
+        "--suite", required=True, metavar="NAME", choices=list(SUITES), help=f"benchmark suite. {suites}"
+    )
+    parser.add_argument(
+        "--limit",
+        type=_limit_arg,
+        default=None,
+        metavar="N",
+        help="score only the first N documents per task (smoke tests; a value < 1 is a fraction). Default: all",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="lm-eval batch size (default: 8)")
+    parser.add_argument(
+        "--output",
+        required=True,
+        metavar="FILE.csv",
+        help=f"tidy CSV to write: one row per (model, suite, task, metric) with columns {', '.join(COLUMNS)}",
+    )
+    parser.add_argument(
+        "--heldout",
+        default=None,
+        metavar="FILE.jsonl",
+        help='tiny suite: held-out documents ({"text": ...} per line) to build '
+        "the suite's data from (reused when already built)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="tiny suite: folder of the built suite data (default with --heldout: <heldout folder>/tiny_suite)",
+    )
+    parser.add_argument(
+        "--device", default=None, metavar="DEVICE", help="torch device, e.g. cpu or cuda:0 (default: cuda if available)"
+    )
+    parser.add_argument(
+        "--model-name", default=None, metavar="NAME", help="value of the CSV's model column (default: the folder name)"
+    )
     return parser
 
 

@@ -68,16 +68,12 @@ def dataset_cached(repo_id: str) -> bool:
     ``HUGGINGFACE_HUB_CACHE``, ``HF_DATASETS_CACHE``, ``HF_HOME``, ``XDG_CACHE_HOME``).
     """
     hub_cache = Path(
-        os.environ.get("HF_HUB_CACHE")
-        or os.environ.get("HUGGINGFACE_HUB_CACHE")
-        or _hf_home() / "hub"
+        os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or _hf_home() / "hub"
     ).expanduser()
     snapshots = hub_cache / f"datasets--{repo_id.replace('/', '--')}" / "snapshots"
     if snapshots.is_dir() and any(snapshots.iterdir()):
         return True
-    datasets_cache = Path(
-        os.environ.get("HF_DATASETS_CACHE") or _hf_home() / "datasets"
-    ).expanduser()
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or _hf_home() / "datasets").expanduser()
     built = datasets_cache / repo_id.replace("/", "___")
     return built.is_dir() and any(built.iterdir())
 

@@ -164,8 +164,19 @@ def head_losses(
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     loss, kl, lm = _FusedHeadLosses.apply(
-        hidden, weight, bias, targets.reshape(-1), t_hidden, t_weight, t_bias, dtype, float(temperature),
-        B if reduction == "batchmean" else B * T, float(kl_weight), float(lm_weight), ignore_index,
+        hidden,
+        weight,
+        bias,
+        targets.reshape(-1),
+        t_hidden,
+        t_weight,
+        t_bias,
+        dtype,
+        float(temperature),
+        B if reduction == "batchmean" else B * T,
+        float(kl_weight),
+        float(lm_weight),
+        ignore_index,
     )
     return loss, {"kl": kl, "lm": lm}
 
@@ -197,8 +208,7 @@ def head_losses_reference(
     V = logits.shape[-1]
     targets = labels[:, 1:].reshape(-1)  # [B*(T-1)]: position t predicts labels[t+1]
     n_targets = int((targets != ignore_index).sum())
-    ce_sum = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), targets, ignore_index=ignore_index,
-                             reduction="sum")
+    ce_sum = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), targets, ignore_index=ignore_index, reduction="sum")
     lm = ce_sum / max(n_targets, 1)
     if teacher is None:
         kl = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -239,8 +249,22 @@ class _FusedHeadLosses(torch.autograd.Function):
     """See `head_losses`. Outputs (loss, kl, lm); only loss is differentiable."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, t_hidden, t_weight, t_bias, dtype, tau, kl_den,
-                kl_weight, lm_weight, ignore_index):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        targets,
+        t_hidden,
+        t_weight,
+        t_bias,
+        dtype,
+        tau,
+        kl_den,
+        kl_weight,
+        lm_weight,
+        ignore_index,
+    ):
         dev = hidden.device
         with torch.autocast(dev.type, enabled=False):
             V = weight.shape[0]

@@ -86,14 +86,10 @@ def paper_mix_documents(
     if not weights:
         raise ValueError(f"mix {dict(mix)!r} has no positive weight")
     if "openhermes" in weights and getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            "mix source 'openhermes' needs a tokenizer with a chat template to render conversations"
-        )
+        raise ValueError("mix source 'openhermes' needs a tokenizer with a chat template to render conversations")
 
     names = list(weights)
-    streams = [
-        _source_records(name, data_files.get(name), tokenizer, seed, shuffle_buffer) for name in names
-    ]
+    streams = [_source_records(name, data_files.get(name), tokenizer, seed, shuffle_buffer) for name in names]
     p = np.array([weights[n] for n in names]) / sum(weights.values())
     return _interleave(names, streams, p, seed)
 
@@ -168,9 +164,7 @@ def render_conversation(conversation: Sequence[Mapping[str, str]], tokenizer) ->
     for turn in conversation:
         role = OPENHERMES_ROLES.get(turn["from"])
         if role is None:
-            raise ValueError(
-                f"OpenHermes turn has unknown role {turn['from']!r}; known: {sorted(OPENHERMES_ROLES)}"
-            )
+            raise ValueError(f"OpenHermes turn has unknown role {turn['from']!r}; known: {sorted(OPENHERMES_ROLES)}")
         messages.append({"role": role, "content": turn["value"]})
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
@@ -187,8 +181,7 @@ def mix_source_key(corpus: Mapping[str, Any], max_train_tokens: int | None) -> d
     extra = set(corpus) - {"mix", "data_files", "shuffle_buffer"}
     if "mix" not in corpus or extra:
         raise ValueError(
-            "a mix corpus needs a 'mix' key and may have 'data_files', 'shuffle_buffer'; "
-            f"got keys {sorted(corpus)}"
+            f"a mix corpus needs a 'mix' key and may have 'data_files', 'shuffle_buffer'; got keys {sorted(corpus)}"
         )
     mix = {k: float(v) for k, v in dict(corpus["mix"]).items()}
     files = dict(corpus.get("data_files") or {})
@@ -210,6 +203,9 @@ def mix_source_key(corpus: Mapping[str, Any], max_train_tokens: int | None) -> d
 def open_mix(corpus: Mapping[str, Any], tokenizer, seed: int) -> Iterator[dict]:
     """The document stream of a mix corpus ``{"mix": ..., "data_files": ..., "shuffle_buffer": ...}``."""
     return paper_mix_documents(
-        corpus["mix"], tokenizer, seed=seed, data_files=corpus.get("data_files"),
+        corpus["mix"],
+        tokenizer,
+        seed=seed,
+        data_files=corpus.get("data_files"),
         shuffle_buffer=int(corpus.get("shuffle_buffer", 10_000)),
     )

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -52,7 +52,7 @@ from lrc_src.fileio import atomic_write_bytes, atomic_write_text, rename_into_pl
 from lrc_src.mix import mix_source_key, open_mix
 from lrc_src.teachers import cache_dir
 
-CorpusSpec = Union[str, Sequence[str], Mapping[str, Any]]
+CorpusSpec = str | Sequence[str] | Mapping[str, Any]
 
 # Part of every cache key: bump it whenever the bytes of a packed block or the split could change.
 FORMAT_VERSION = 2
@@ -122,9 +122,7 @@ def prepare_data(
     if max_train_tokens is not None and (
         not isinstance(max_train_tokens, (int, np.integer)) or max_train_tokens < seq_len
     ):
-        raise ValueError(
-            f"max_train_tokens must be an integer >= seq_len ({seq_len}), got {max_train_tokens!r}"
-        )
+        raise ValueError(f"max_train_tokens must be an integer >= seq_len ({seq_len}), got {max_train_tokens!r}")
     seq_len, seed = int(seq_len), int(seed)
     num_proc = tokenise_procs(num_proc)
 
@@ -161,10 +159,15 @@ def prepare_data(
                     items, n_docs = split_documents(parts, heldout_frac, seed), len(docs)
                 else:
                     items, n_docs = _split_stream(open_mix(corpus, tokenizer, seed), heldout_frac, seed), None
-                meta = _tokenise_and_pack(tokenizer, items, n_docs, seq_len, seed, max_train_tokens, tmp,
-                                          shards, num_proc)
-                meta.update(key=key, key_material=key_material, tokenizer=tok_info,
-                            corpus=corpus if isinstance(corpus, (str, Mapping)) else list(corpus))
+                meta = _tokenise_and_pack(
+                    tokenizer, items, n_docs, seq_len, seed, max_train_tokens, tmp, shards, num_proc
+                )
+                meta.update(
+                    key=key,
+                    key_material=key_material,
+                    tokenizer=tok_info,
+                    corpus=corpus if isinstance(corpus, (str, Mapping)) else list(corpus),
+                )
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
                 tmp.chmod(0o755)
                 rename_into_place(tmp, final, marker="meta.json")
@@ -247,7 +250,7 @@ def _split_stream(docs: Iterable[dict], frac: float, seed: int) -> Iterator[tupl
     """Hold out each streamed document whose seeded sha256 falls below ``frac``."""
     threshold = int(frac * 2**64)
     for d in docs:
-        h = hashlib.sha256(f"{seed}\x00{d['text']}".encode("utf-8")).digest()
+        h = hashlib.sha256(f"{seed}\x00{d['text']}".encode()).digest()
         yield d, int.from_bytes(h[:8], "little") < threshold
 
 
@@ -277,7 +280,6 @@ def document_affixes(tokenizer) -> tuple[list[int], list[int]]:
     bos = tokenizer.bos_token_id
     prefix = [bos] if bos is not None and with_special and with_special[0] == bos else []
     return prefix, [tokenizer.eos_token_id]
-
 
 
 # ============================================================================================
@@ -331,8 +333,9 @@ def _finished_shard(folder: Path, chunk: _Chunk) -> dict | None:
     return record if record.get("documents_sha256") == chunk.sha256 else None
 
 
-def _tokenise_chunk(tokenizer, prefix: list[int], suffix: list[int], texts: list[str], held: list[bool],
-                    shard: Path, sha256: str) -> dict:
+def _tokenise_chunk(
+    tokenizer, prefix: list[int], suffix: list[int], texts: list[str], held: list[bool], shard: Path, sha256: str
+) -> dict:
     """Tokenise one chunk and write its shard: the training documents' tokens, then the held-out
     documents' (each as prefix + ids + suffix, in stream order), and a record of the counts,
     written last so that it marks a finished shard."""
@@ -347,8 +350,12 @@ def _tokenise_chunk(tokenizer, prefix: list[int], suffix: list[int], texts: list
     buffer = io.BytesIO()
     np.save(buffer, np.array(train + heldout, dtype=np.uint32))
     atomic_write_bytes(shard, buffer.getvalue())
-    record = {"documents_sha256": sha256, "documents": len(texts),
-              "train_tokens": len(train), "heldout_tokens": len(heldout)}
+    record = {
+        "documents_sha256": sha256,
+        "documents": len(texts),
+        "train_tokens": len(train),
+        "heldout_tokens": len(heldout),
+    }
     atomic_write_text(shard.with_suffix(".json"), json.dumps(record) + "\n")
     return record
 
@@ -375,12 +382,14 @@ def _pool_context():
     return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
 
 
-def _tokenised_chunks(tokenizer, chunks: Iterator[_Chunk], folder: Path, num_proc: int,
-                      prefix: list[int], suffix: list[int]) -> Iterator[tuple[_Chunk, dict]]:
+def _tokenised_chunks(
+    tokenizer, chunks: Iterator[_Chunk], folder: Path, num_proc: int, prefix: list[int], suffix: list[int]
+) -> Iterator[tuple[_Chunk, dict]]:
     """``(chunk, shard record)`` in stream order. A shard finished by an earlier run is reused;
     the others are tokenised in this process (``num_proc == 1``) or by ``num_proc`` workers, at
     most ``num_proc + 1`` chunks ahead of the consumer (a capped stream wastes little past its
     cap). Closing the generator cancels the chunks not started and waits for the others."""
+
     def args(chunk: _Chunk) -> tuple:
         texts = [d["text"] for d in chunk.docs]
         return prefix, suffix, texts, chunk.held, _shard_path(folder, chunk.index), chunk.sha256
@@ -395,8 +404,9 @@ def _tokenised_chunks(tokenizer, chunks: Iterator[_Chunk], folder: Path, num_pro
             record = _finished_shard(folder, chunk)
             if record is None:
                 if pool is None:
-                    pool = ProcessPoolExecutor(num_proc, mp_context=_pool_context(),
-                                               initializer=_init_worker, initargs=(tokenizer,))
+                    pool = ProcessPoolExecutor(
+                        num_proc, mp_context=_pool_context(), initializer=_init_worker, initargs=(tokenizer,)
+                    )
                 future = pool.submit(_worker_tokenise_chunk, *args(chunk))
             else:
                 future = Future()
@@ -439,8 +449,9 @@ def _tokenise_and_pack(
     docs_hash = hashlib.sha256()
     train_tokens = held_tokens = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=n_docs, unit="doc", desc=f"tokenising ({num_proc} process{'es' * (num_proc > 1)})",
-               mininterval=1.0)
+    bar = tqdm(
+        total=n_docs, unit="doc", desc=f"tokenising ({num_proc} process{'es' * (num_proc > 1)})", mininterval=1.0
+    )
     chunks = _chunks(items, CHUNK_CHARS if chunk_chars is None else chunk_chars)
     with contextlib.closing(_tokenised_chunks(tokenizer, chunks, shards, num_proc, prefix, suffix)) as done:
         for chunk, record in done:
@@ -448,8 +459,11 @@ def _tokenise_and_pack(
             docs_hash.update(chunk.text_bytes)
             counts["heldout_documents"] += sum(chunk.held)
             counts["train_documents"] += len(chunk.held) - sum(chunk.held)
-            held_docs += [{"text": d["text"], "source": d.get("source", "")}
-                          for d, is_held in zip(chunk.docs, chunk.held) if is_held]
+            held_docs += [
+                {"text": d["text"], "source": d.get("source", "")}
+                for d, is_held in zip(chunk.docs, chunk.held)
+                if is_held
+            ]
             train_tokens += record["train_tokens"]
             held_tokens += record["heldout_tokens"]
             bar.update(len(chunk.docs))
@@ -461,8 +475,7 @@ def _tokenise_and_pack(
     n_train_blocks = train_tokens // seq_len if max_blocks is None else min(max_blocks, train_tokens // seq_len)
     if n_train_blocks == 0:
         raise ValueError(
-            f"only {train_tokens} training tokens after the held-out split: fewer than one "
-            f"block of seq_len={seq_len}"
+            f"only {train_tokens} training tokens after the held-out split: fewer than one block of seq_len={seq_len}"
         )
     heldout = _pack_shards(shards, records, seq_len, seed, n_train_blocks, out / "train.npy")
     np.save(out / "heldout.npy", heldout)
@@ -483,8 +496,9 @@ def _tokenise_and_pack(
     }
 
 
-def _pack_shards(folder: Path, records: list[tuple[int, dict]], seq_len: int, seed: int, n_blocks: int,
-                 train_path: Path) -> np.ndarray:
+def _pack_shards(
+    folder: Path, records: list[tuple[int, dict]], seq_len: int, seed: int, n_blocks: int, train_path: Path
+) -> np.ndarray:
     """Cut the shards' training tokens, concatenated in stream order, into ``n_blocks`` blocks
     and write them shuffled by seed to ``train_path``; return the held-out blocks (tails dropped).
 
@@ -503,12 +517,12 @@ def _pack_shards(folder: Path, records: list[tuple[int, dict]], seq_len: int, se
         if done < n_blocks:
             stream = np.concatenate([carry, tokens[:n_train]])
             n = min(len(stream) // seq_len, n_blocks - done)
-            train[row_of[done:done + n]] = stream[:n * seq_len].reshape(n, seq_len)
-            carry, done = stream[n * seq_len:], done + n
+            train[row_of[done : done + n]] = stream[: n * seq_len].reshape(n, seq_len)
+            carry, done = stream[n * seq_len :], done + n
         del tokens
     assert done == n_blocks
     train.flush()
     del train
     held = np.concatenate(held_parts) if held_parts else np.zeros(0, dtype=np.uint32)
     n_held = len(held) // seq_len
-    return held[:n_held * seq_len].reshape(n_held, seq_len)
+    return held[: n_held * seq_len].reshape(n_held, seq_len)

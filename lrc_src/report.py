@@ -86,8 +86,13 @@ def tokens_to_reach(curves: pd.DataFrame, threshold: float, metric: str = "lm", 
         g = g.sort_values("tokens")
         s = g["value"].rolling(smooth, min_periods=1).mean()
         hit = g["tokens"][s <= threshold]
-        rows.append({"run": run, "metric": f"tokens_to_{metric}_{threshold:g}",
-                     "value": float(hit.iloc[0]) if len(hit) else np.nan})
+        rows.append(
+            {
+                "run": run,
+                "metric": f"tokens_to_{metric}_{threshold:g}",
+                "value": float(hit.iloc[0]) if len(hit) else np.nan,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -110,8 +115,17 @@ def main_table(evals: pd.DataFrame, finals: pd.DataFrame, teacher_heldout_loss: 
     bench = evals[["model", "task", "metric", "value", "stderr"]].copy()
     held = finals[finals.metric == "heldout_loss"].rename(columns={"run": "model"})
     held = held.assign(task="heldout_lm", metric="loss_nats", stderr=np.nan)[bench.columns]
-    teacher = pd.DataFrame([{"model": "teacher", "task": "heldout_lm", "metric": "loss_nats",
-                             "value": teacher_heldout_loss, "stderr": np.nan}])
+    teacher = pd.DataFrame(
+        [
+            {
+                "model": "teacher",
+                "task": "heldout_lm",
+                "metric": "loss_nats",
+                "value": teacher_heldout_loss,
+                "stderr": np.nan,
+            }
+        ]
+    )
     return pd.concat([bench, held, teacher], ignore_index=True)
 
 
@@ -161,11 +175,17 @@ def sweep_margins(sweep: pd.DataFrame, method: str, others: list[str], metric: s
             if (o, t) not in s.index:
                 continue
             ot = s.loc[(o, t)]
-            rows.append({"tokens": int(t), "method": method, "versus": o,
-                         "mean_difference": float(ot["mean"] - me["mean"]),
-                         "margin_worst_case": float(ot["min"] - me["max"]),
-                         "seed_spread": float(max(me["spread"], ot["spread"])),
-                         "n_seeds": int(min(me["n"], ot["n"]))})
+            rows.append(
+                {
+                    "tokens": int(t),
+                    "method": method,
+                    "versus": o,
+                    "mean_difference": float(ot["mean"] - me["mean"]),
+                    "margin_worst_case": float(ot["min"] - me["max"]),
+                    "seed_spread": float(max(me["spread"], ot["spread"])),
+                    "n_seeds": int(min(me["n"], ot["n"])),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -174,8 +194,10 @@ def sweep_markdown(sweep: pd.DataFrame, metric: str = "heldout_loss") -> str:
     summ = sweep_summary(sweep, metric)
     budgets = sorted(summ.tokens.unique())
     methods = list(dict.fromkeys(sweep.method))
-    cell = {(r.method, r.tokens): (f"{r.mean:.3f} ({r.min:.3f}-{r.max:.3f})" if r.n > 1 else f"{r.mean:.3f}")
-            for r in summ.itertuples()}
+    cell = {
+        (r.method, r.tokens): (f"{r.mean:.3f} ({r.min:.3f}-{r.max:.3f})" if r.n > 1 else f"{r.mean:.3f}")
+        for r in summ.itertuples()
+    }
     rows = [{"method": m, **{f"{int(t):,} tokens": cell.get((m, t), "") for t in budgets}} for m in methods]
     return markdown_table(pd.DataFrame(rows))
 
@@ -203,8 +225,14 @@ def claim_row(claim: str, paper_evidence: str, measured: str, margin: float, tol
         verdict = "does not hold"
     else:
         verdict = "inconclusive"
-    return {"claim": claim, "paper_evidence": paper_evidence, "measured_here": measured,
-            "margin": margin, "tolerance": tol, "verdict": verdict}
+    return {
+        "claim": claim,
+        "paper_evidence": paper_evidence,
+        "measured_here": measured,
+        "margin": margin,
+        "tolerance": tol,
+        "verdict": verdict,
+    }
 
 
 def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
@@ -212,8 +240,10 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
-        cells = [floatfmt.format(v) if isinstance(v, float) and np.isfinite(v) else ("" if isinstance(v, float) else str(v))
-                 for v in r.values]
+        cells = [
+            floatfmt.format(v) if isinstance(v, float) and np.isfinite(v) else ("" if isinstance(v, float) else str(v))
+            for v in r.values
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -44,8 +44,13 @@ def heldout_openings(heldout_path: str | Path, n: int, words: int, seed: int) ->
     return [" ".join(long_enough[i][:words]) for i in chosen]
 
 
-def sample_prompts(heldout_path: str | Path, n_heldout: int = 4, words: int = 24, seed: int = 0,
-                   instructions: Sequence[str] = INSTRUCTIONS) -> list[dict]:
+def sample_prompts(
+    heldout_path: str | Path,
+    n_heldout: int = 4,
+    words: int = 24,
+    seed: int = 0,
+    instructions: Sequence[str] = INSTRUCTIONS,
+) -> list[dict]:
     """[{"kind": "heldout" | "instruction", "prompt": text}, ...] in a fixed order."""
     prompts = [{"kind": "heldout", "prompt": p} for p in heldout_openings(heldout_path, n_heldout, words, seed)]
     return prompts + [{"kind": "instruction", "prompt": p} for p in instructions]
@@ -54,8 +59,9 @@ def sample_prompts(heldout_path: str | Path, n_heldout: int = 4, words: int = 24
 def _input_ids(tokenizer, kind: str, prompt: str) -> torch.Tensor:
     """[1, T] ids: instructions through the chat template when the tokenizer has one."""
     if kind == "instruction" and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         return torch.tensor([list(ids)])
     return tokenizer(prompt, return_tensors="pt").input_ids
 
@@ -68,14 +74,16 @@ def greedy_continuations(model, tokenizer, prompts: Sequence[Mapping[str, str]],
     outputs = []
     for p in prompts:
         ids = _input_ids(tokenizer, p["kind"], p["prompt"])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
-        outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+        )
+        outputs.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return outputs
 
 
-def samples_frame(models: Mapping[str, str | Path], prompts: Sequence[Mapping[str, str]],
-                  max_new_tokens: int = 32) -> pd.DataFrame:
+def samples_frame(
+    models: Mapping[str, str | Path], prompts: Sequence[Mapping[str, str]], max_new_tokens: int = 32
+) -> pd.DataFrame:
     """One row per (model, prompt): the model's greedy continuation. `models` maps a name to an HF
     folder holding the model and its tokenizer (a run's student/ or the profile's teacher)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

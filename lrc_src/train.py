@@ -39,11 +39,11 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from lrc_src import trackers
 from lrc_src.analysis import heldout_loss
 from lrc_src.assets import load_inputs
-from lrc_src.checkpoint import drop_optimizer_state, find_checkpoint, load_checkpoint, save_checkpoint
-from lrc_src import trackers
 from lrc_src.card import write_model_card
+from lrc_src.checkpoint import drop_optimizer_state, find_checkpoint, load_checkpoint, save_checkpoint
 from lrc_src.config import ExperimentConfig, dump_config, same_experiment
 from lrc_src.factory import build_method, lr_lambda, make_optimizer
 from lrc_src.fileio import atomic_write_text
@@ -161,8 +161,10 @@ def _is_complete(out: Path, cfg: ExperimentConfig, saved: str | None) -> bool:
         return False
     if same_experiment(saved, cfg):
         return True
-    raise ValueError(f"{out} holds a completed run of a different config; choose another --output-dir "
-                     "(or pass --restart-on-config-change)")
+    raise ValueError(
+        f"{out} holds a completed run of a different config; choose another --output-dir "
+        "(or pass --restart-on-config-change)"
+    )
 
 
 def _accelerator(mixed_precision: str, **trackers) -> Accelerator:
@@ -171,17 +173,26 @@ def _accelerator(mixed_precision: str, **trackers) -> Accelerator:
     only turns on when asked: accelerate launch --cpu sets ACCELERATE_USE_CPU, plain torchrun
     would not)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision),
-                              cpu=world > 1 and not _has_accelerator(), **trackers)
+    accelerator = Accelerator(
+        mixed_precision=resolve_mixed_precision(mixed_precision), cpu=world > 1 and not _has_accelerator(), **trackers
+    )
     if accelerator.num_processes != world:
-        raise ValueError(f"WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es): "
-                         "launch with `accelerate launch` or torchrun on a supported backend")
+        raise ValueError(
+            f"WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es): "
+            "launch with `accelerate launch` or torchrun on a supported backend"
+        )
     return accelerator
 
 
-def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, threads: int | None = None,
-          restart_on_config_change: bool = False, keep_memory: bool = True,
-          compile_layers: bool | None = None) -> Path:
+def train(
+    cfg: ExperimentConfig,
+    output_dir: str | Path,
+    progress: bool = True,
+    threads: int | None = None,
+    restart_on_config_change: bool = False,
+    keep_memory: bool = True,
+    compile_layers: bool | None = None,
+) -> Path:
     """Train cfg.method; resume if output_dir holds a checkpoint of the same config. Returns output_dir.
 
     A folder holding a run of a different config is an error, unless restart_on_config_change:
@@ -211,8 +222,9 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len * accelerator.num_processes
     total_steps = math.ceil(tc.max_tokens / tokens_per_step) if tc.max_tokens else tc.max_steps
     if compile_layers is None:
-        compile_layers = resolve_compile(tc.compile, accelerator.device.type, total_steps,
-                                         compilable=getattr(method, "compilable", True))
+        compile_layers = resolve_compile(
+            tc.compile, accelerator.device.type, total_steps, compilable=getattr(method, "compilable", True)
+        )
     if compile_layers:
         method.compile_layers()
 
@@ -232,8 +244,10 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     found = find_checkpoint(out)  # checkpoint/, or checkpoint.old/ if a save was cut off mid-swap
     if found is not None:  # `saved`: the folder's config.yaml, read (or cleared by a restart) above
         if saved is not None and not same_experiment(saved, cfg):
-            raise ValueError(f"{out} holds a checkpoint of a different config; choose another --output-dir "
-                             "(or pass --restart-on-config-change)")
+            raise ValueError(
+                f"{out} holds a checkpoint of a different config; choose another --output-dir "
+                "(or pass --restart-on-config-change)"
+            )
         start = load_checkpoint(found, unwrapped, optimizer, scheduler)
     if accelerator.is_main_process:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
@@ -247,34 +261,60 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     window = accumulation_window(unwrapped, tc.grad_accum, unsharded)
     manual_sync = window is not None and accelerator.num_processes > 1
     trainable = [p for _, p in params]
-    bar = tqdm(total=total_steps, initial=start, desc=f"{cfg.method}", unit="step",
-               disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=start,
+        desc=f"{cfg.method}",
+        unit="step",
+        disable=not (progress and accelerator.is_main_process),
+        dynamic_ncols=True,
+    )
     t_last, tokens_last, t0 = time.perf_counter(), start * tokens_per_step, time.perf_counter()
     for step in range(start, total_steps):
         lr_now = optimizer.param_groups[0]["lr"]
         try:
-            sums, grad_norm = train_step(method, batches.step(step, tc.grad_accum, accelerator), optimizer,
-                                         trainable, tc.grad_clip, accelerator, window, manual_sync, scheduler)
+            sums, grad_norm = train_step(
+                method,
+                batches.step(step, tc.grad_accum, accelerator),
+                optimizer,
+                trainable,
+                tc.grad_clip,
+                accelerator,
+                window,
+                manual_sync,
+                scheduler,
+            )
         except NonFiniteLossError as e:
             bar.close()
             last_good = ckpt if ckpt.is_dir() else "none"
-            raise NonFiniteLossError(f"{e} at step {step + 1}; last good checkpoint: {last_good} "
-                                     "(lower train.lr or check the data)") from None
+            raise NonFiniteLossError(
+                f"{e} at step {step + 1}; last good checkpoint: {last_good} (lower train.lr or check the data)"
+            ) from None
         done = step + 1
         tokens = done * tokens_per_step
         bar.update(1)
-        bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{(tokens - tokens_last) / max(time.perf_counter() - t_last, 1e-9):.0f}")
+        bar.set_postfix(
+            loss=f"{sums['loss']:.3f}", tok_s=f"{(tokens - tokens_last) / max(time.perf_counter() - t_last, 1e-9):.0f}"
+        )
 
         is_last = done == total_steps
         evaluate_now = is_last or (tc.eval_every and done % tc.eval_every == 0)
         if accelerator.is_main_process and (done % tc.log_every == 0 or evaluate_now):
             now = time.perf_counter()
-            row = {"step": done, "tokens": tokens, "lr": lr_now, **sums,
-                   "grad_norm": float(grad_norm), "tokens_per_s": (tokens - tokens_last) / max(now - t_last, 1e-9),
-                   "elapsed_s": now - t0, "heldout_loss": ""}
+            row = {
+                "step": done,
+                "tokens": tokens,
+                "lr": lr_now,
+                **sums,
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": (tokens - tokens_last) / max(now - t_last, 1e-9),
+                "elapsed_s": now - t0,
+                "heldout_loss": "",
+            }
             if evaluate_now:
-                row["heldout_loss"] = heldout_loss(unwrapped.eval_model(), heldout[:tc.eval_batches * tc.batch_size],
-                                                   tc.batch_size, accelerator)
+                row["heldout_loss"] = heldout_loss(
+                    unwrapped.eval_model(), heldout[: tc.eval_batches * tc.batch_size], tc.batch_size, accelerator
+                )
             log.write({k: _fmt(v) for k, v in row.items()})
             trackers.log_row(accelerator, row, done)
             t_last, tokens_last = time.perf_counter(), tokens
@@ -288,11 +328,16 @@ def train(cfg: ExperimentConfig, output_dir: str | Path, progress: bool = True, 
     # ---- save
     if accelerator.is_main_process:
         _export_atomic(unwrapped, out / "student", tokenizer)
-        info = {"status": "complete", "method": cfg.method, "steps": total_steps,
-                "tokens": total_steps * tokens_per_step, "trainable_parameters":
-                sum(p.numel() for _, p in params), "mixed_precision": accelerator.mixed_precision,
-                "num_processes": accelerator.num_processes,
-                "accumulation_window": window is not None}  # student weights generated once per optimizer step
+        info = {
+            "status": "complete",
+            "method": cfg.method,
+            "steps": total_steps,
+            "tokens": total_steps * tokens_per_step,
+            "trainable_parameters": sum(p.numel() for _, p in params),
+            "mixed_precision": accelerator.mixed_precision,
+            "num_processes": accelerator.num_processes,
+            "accumulation_window": window is not None,
+        }  # student weights generated once per optimizer step
         atomic_write_text(out / "run.json", json.dumps(info, indent=2))
         write_model_card(out)
         if not tc.keep_optimizer_state:  # a finished run needs only its trainable state (export, analysis)

@@ -1,8 +1,11 @@
 """Shared fixtures: tiny random teachers on CPU, seeded."""
+
+import os as _os
+from pathlib import Path as _Path
+
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 VOCAB = 101
 
@@ -10,8 +13,15 @@ VOCAB = 101
 def make_teacher(kind: str = "llama-gqa-tied", seed: int = 0):
     """A tiny random teacher (d_T 64, 2 layers, head_dim 16) of the named shape."""
     torch.manual_seed(seed)
-    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=VOCAB,
-                max_position_embeddings=128, num_attention_heads=4, num_key_value_heads=2)
+    base = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     if kind == "llama-gqa-tied":
         model = LlamaForCausalLM(LlamaConfig(**base, tie_word_embeddings=True))
     elif kind == "llama-mqa-untied":
@@ -21,8 +31,14 @@ def make_teacher(kind: str = "llama-gqa-tied", seed: int = 0):
     elif kind == "qwen2-bias":
         model = Qwen2ForCausalLM(Qwen2Config(**base, tie_word_embeddings=True))
     elif kind == "llama3-rope":
-        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
         model = LlamaForCausalLM(LlamaConfig(**base, rope_parameters=rope, tie_word_embeddings=True))
     elif kind == "mistral":
         model = MistralForCausalLM(MistralConfig(**base, sliding_window=None, tie_word_embeddings=False))
@@ -44,8 +60,6 @@ def ids():
 
 # One asset cache for the whole test session (teacher conversions, corpora, token caches), kept
 # in the repo's gitignored .lrc_cache unless the caller set LRC_CACHE.
-import os as _os
-from pathlib import Path as _Path
 
 _os.environ.setdefault("LRC_CACHE", str(_Path(__file__).resolve().parents[1] / ".lrc_cache"))
 _os.environ.setdefault("HF_HUB_OFFLINE", "1")

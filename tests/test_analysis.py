@@ -1,12 +1,13 @@
 """lrc_src.analysis against naive references on tiny random models (seeded, CPU)."""
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import VOCAB, make_teacher
 
 from lrc_src import analysis
 from lrc_src.clone import LowRankClone, LRCConfig
-from conftest import VOCAB, make_teacher
 
 
 @pytest.fixture
@@ -24,9 +25,11 @@ def _naive_intermediate(model, blocks):
     acts = {i: [] for i in range(len(model.model.layers))}
     hooks = []
     for i, layer in enumerate(model.model.layers):
+
         def f(mlp, inp, _out, i=i):
             x = inp[0]
             acts[i].append((mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).reshape(-1, mlp.up_proj.out_features))
+
         hooks.append(layer.mlp.register_forward_hook(f))
     with torch.no_grad():
         model(input_ids=torch.as_tensor(blocks))
@@ -75,6 +78,7 @@ def test_masking_zeroes_exactly_the_chosen_neurons(model, blocks):
         def f(mlp, inp, _out, keep=keep):
             x = inp[0]
             return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x) * keep)
+
         hooks.append(layer.mlp.register_forward_hook(f))
     with torch.no_grad():
         ref = model(input_ids=ids).logits

@@ -1,4 +1,5 @@
 """benchmarks/throughput.py: the ci profile end to end (a few seconds), the FLOP model and the errors."""
+
 import csv
 import importlib.util
 import os
@@ -12,8 +13,20 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
-REQUIRED = ["profile", "device", "device_name", "method", "batch_size", "seq_len", "tokens_per_step",
-            "median_step_s", "tokens_per_s", "peak_mem_mb", "threads", "dtype"]
+REQUIRED = [
+    "profile",
+    "device",
+    "device_name",
+    "method",
+    "batch_size",
+    "seq_len",
+    "tokens_per_step",
+    "median_step_s",
+    "tokens_per_s",
+    "peak_mem_mb",
+    "threads",
+    "dtype",
+]
 METHODS = ["lrc", "lrc_io", "scratch", "kd", "tinybert", "prune_kd", "bound"]
 LAST_LINE = re.compile(r"^lrc_over_bound=(\S+) lrc_over_ordinary=(\S+) lrc_tokens_per_s=(\S+) mfu=(\S+)$")
 
@@ -27,14 +40,27 @@ def _module():
 
 
 def run(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
 def test_ci_profile_writes_every_method(tmp_path):
     out = tmp_path / "t8.csv"
-    p = run("--profile", "ci", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--seq-len", "16",
-            "--threads", "2", "--output", str(out))
+    p = run(
+        "--profile",
+        "ci",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--threads",
+        "2",
+        "--output",
+        str(out),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     last = p.stdout.strip().splitlines()[-1]
     m = LAST_LINE.match(last)
@@ -66,16 +92,23 @@ def test_ci_profile_writes_every_method(tmp_path):
             assert (lo, med, hi) == (1.0, 1.0, 1.0), r
     assert all(r["grad_accum"] == "1" for r in rows)
     by = {r["method"]: r for r in rows}
-    assert float(m.group(1)) == pytest.approx(float(by["lrc"]["median_step_s"]) / float(by["bound"]["median_step_s"]), rel=1e-3)
-    assert float(m.group(2)) == pytest.approx(float(by["lrc"]["tokens_per_s"]) / float(by["scratch"]["tokens_per_s"]), rel=1e-3)
+    assert float(m.group(1)) == pytest.approx(
+        float(by["lrc"]["median_step_s"]) / float(by["bound"]["median_step_s"]), rel=1e-3
+    )
+    assert float(m.group(2)) == pytest.approx(
+        float(by["lrc"]["tokens_per_s"]) / float(by["scratch"]["tokens_per_s"]), rel=1e-3
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--profile", "nope"], "unknown profile 'nope'"),
-    (["--profile", "ci", "--methods", "lrc,foo"], "unknown method"),
-    (["--profile", "paper-1.5b"], "--device cuda"),
-    (["--profile", "ci", "--compile", "--warmup", "0"], "--compile needs --warmup >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--profile", "nope"], "unknown profile 'nope'"),
+        (["--profile", "ci", "--methods", "lrc,foo"], "unknown method"),
+        (["--profile", "paper-1.5b"], "--device cuda"),
+        (["--profile", "ci", "--compile", "--warmup", "0"], "--compile needs --warmup >= 1"),
+    ],
+)
 def test_one_line_errors(args, message):
     p = run(*args)
     assert p.returncode != 0
@@ -94,8 +127,19 @@ def test_cuda_without_cuda_fails_cleanly():
 def test_help_explains_profiles():
     p = run("--help")
     assert p.returncode == 0
-    for word in ("ci", "tiny", "paper-1.5b", "--device", "--steps", "--warmup", "--batch-size", "--seq-len",
-                 "--threads", "--output", "lrc_over_bound"):
+    for word in (
+        "ci",
+        "tiny",
+        "paper-1.5b",
+        "--device",
+        "--steps",
+        "--warmup",
+        "--batch-size",
+        "--seq-len",
+        "--threads",
+        "--output",
+        "lrc_over_bound",
+    ):
         assert word in p.stdout
 
 
@@ -143,8 +187,26 @@ def test_grad_accum_times_micro_batches_and_lrc_regen(tmp_path):
     """--grad-accum K: tokens per step = B*T*K for every method, and lrc_regen (weights generated
     per micro-batch) is timed beside lrc (generated once per step)."""
     out = tmp_path / "t8.csv"
-    p = run("--profile", "ci", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--seq-len", "16",
-            "--threads", "1", "--grad-accum", "3", "--methods", "lrc,lrc_regen,scratch,bound", "--output", str(out))
+    p = run(
+        "--profile",
+        "ci",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--threads",
+        "1",
+        "--grad-accum",
+        "3",
+        "--methods",
+        "lrc,lrc_regen,scratch,bound",
+        "--output",
+        str(out),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     with out.open() as f:
         rows = list(csv.DictReader(f))
@@ -159,9 +221,28 @@ def test_torch_profiler_writes_each_wanted_methods_operators(tmp_path):
     table in DIR/<method>.txt (scratch is built for the bound but not wanted: no table); the CSV
     still holds only the timed steps. --adamw fused is recorded (the trainer's CPU choice is default)."""
     out, prof = tmp_path / "t8.csv", tmp_path / "prof"
-    p = run("--profile", "ci", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "16",
-            "--threads", "1", "--methods", "lrc,bound", "--torch-profiler", str(prof), "--adamw", "fused",
-            "--output", str(out))
+    p = run(
+        "--profile",
+        "ci",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--threads",
+        "1",
+        "--methods",
+        "lrc,bound",
+        "--torch-profiler",
+        str(prof),
+        "--adamw",
+        "fused",
+        "--output",
+        str(out),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(f.name for f in prof.iterdir()) == ["bound.txt", "lrc.txt"]
     for name in ("lrc", "bound"):
@@ -174,12 +255,32 @@ def test_torch_profiler_writes_each_wanted_methods_operators(tmp_path):
 
 def test_init_starts_scores_every_start(tmp_path):
     out = tmp_path / "starts.csv"
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "init_starts.py"), "--config", "config/ci.yaml",
-                        "--threads", "1", "--output", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "init_starts.py"),
+            "--config",
+            "config/ci.yaml",
+            "--threads",
+            "1",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     rows = list(csv.DictReader(out.open()))
     assert [(r["init"], r["untie_lm_head"]) for r in rows] == [
-        ("teacher", ""), ("normal", "False"), ("prune", "False"), ("prune_scaled", "False"), ("pca", "False"), ("pca", "True")]
+        ("teacher", ""),
+        ("normal", "False"),
+        ("prune", "False"),
+        ("prune_scaled", "False"),
+        ("pca", "False"),
+        ("pca", "True"),
+    ]
     assert all(float(r["value"]) > 0 for r in rows)
 
 
@@ -187,8 +288,25 @@ def test_compiled_layers_are_timed_and_recorded(tmp_path):
     """--compile: every method's decoder layers (and the bound's teacher) through torch.compile,
     compiled in the warm-up step; the CSV says so."""
     out = tmp_path / "t8c.csv"
-    p = run("--profile", "ci", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--seq-len", "16",
-            "--threads", "2", "--methods", "lrc,kd,tinybert,bound", "--compile", "--output", str(out))
+    p = run(
+        "--profile",
+        "ci",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--threads",
+        "2",
+        "--methods",
+        "lrc,kd,tinybert,bound",
+        "--compile",
+        "--output",
+        str(out),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert LAST_LINE.match(p.stdout.strip().splitlines()[-1])
     with out.open() as f:
@@ -207,8 +325,26 @@ def test_compile_both_pairs_eager_and_compiled_steps(tmp_path):
     eager twin under force_eager), each paired with the bound of its own mode; the last line reports
     the compiled rows."""
     out = tmp_path / "t8b.csv"
-    p = run("--profile", "ci", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--seq-len", "16",
-            "--threads", "2", "--methods", "lrc,scratch,tinybert,bound", "--compile", "both", "--output", str(out))
+    p = run(
+        "--profile",
+        "ci",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--threads",
+        "2",
+        "--methods",
+        "lrc,scratch,tinybert,bound",
+        "--compile",
+        "both",
+        "--output",
+        str(out),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     m = LAST_LINE.match(p.stdout.strip().splitlines()[-1])
     assert m, p.stdout[-2000:]
@@ -216,8 +352,14 @@ def test_compile_both_pairs_eager_and_compiled_steps(tmp_path):
         rows = list(csv.DictReader(f))
     # tinybert refuses to compile: timed once, eagerly
     assert [(r["method"], r["compiled"]) for r in rows] == [
-        ("lrc", "False"), ("lrc", "True"), ("scratch", "False"), ("scratch", "True"), ("tinybert", "False"),
-        ("bound", "False"), ("bound", "True")], rows
+        ("lrc", "False"),
+        ("lrc", "True"),
+        ("scratch", "False"),
+        ("scratch", "True"),
+        ("tinybert", "False"),
+        ("bound", "False"),
+        ("bound", "True"),
+    ], rows
     assert all(r["status"] == "ok" and int(r["timed_steps"]) == 2 for r in rows), rows
     by = {(r["method"], r["compiled"] == "True"): r for r in rows}
     # the eager twins never compile: their first step is milliseconds, the compiled ones' seconds
@@ -235,7 +377,8 @@ def test_compile_both_pairs_eager_and_compiled_steps(tmp_path):
         else:
             assert all(x != x for x in before), r  # NaN: nothing to compare an eager step with
     assert float(m.group(1)) == pytest.approx(
-        float(by["lrc", True]["median_step_s"]) / float(by["bound", True]["median_step_s"]), rel=1e-3)
+        float(by["lrc", True]["median_step_s"]) / float(by["bound", True]["median_step_s"]), rel=1e-3
+    )
     # the last line prints tokens/s to one decimal: at a slow step that is more than rel 1e-3
     assert float(m.group(3)) == pytest.approx(float(by["lrc", True]["tokens_per_s"]), rel=1e-3, abs=0.05)
     assert "lrc compiled step / eager step of the same round" in p.stdout
@@ -256,21 +399,57 @@ def test_a_method_that_does_not_fit_is_reported_not_fatal(tmp_path):
         "        raise torch.OutOfMemoryError('faked')\n"
         "    return build(name, *a, **k)\n"
         "tp.build_unit = fake\n"
-        "sys.exit(tp.main(sys.argv[1:]))\n")
-    p = subprocess.run([sys.executable, "-c", code, "--profile", "ci", "--steps", "1", "--warmup", "1",
-                        "--batch-size", "2", "--seq-len", "16", "--threads", "2", "--methods", "lrc,scratch,bound",
-                        "--compile", "both", "--output", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        "sys.exit(tp.main(sys.argv[1:]))\n"
+    )
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--profile",
+            "ci",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--threads",
+            "2",
+            "--methods",
+            "lrc,scratch,bound",
+            "--compile",
+            "both",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     with out.open() as f:
         rows = [(r["method"], r["compiled"], r["status"]) for r in csv.DictReader(f)]
-    assert rows == [("lrc", "False", "ok"), ("lrc", "True", "ok"), ("scratch", "True", "oom (build)"),
-                    ("bound", "True", "oom (build)")], rows
+    assert rows == [
+        ("lrc", "False", "ok"),
+        ("lrc", "True", "ok"),
+        ("scratch", "True", "oom (build)"),
+        ("bound", "True", "oom (build)"),
+    ], rows
 
 
 def test_gpu_script_rejects_an_unknown_run(tmp_path):
     """benchmarks/gpu_table8.sh NAME...: an unknown run name is reported and fails the script
     (without a GPU nothing else runs here)."""
-    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_table8.sh"), "nope"], capture_output=True, text=True,
-                       env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}, timeout=120)
+    p = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_table8.sh"), "nope"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable},
+        timeout=120,
+    )
     assert p.returncode == 1 and "unknown run nope" in p.stderr, (p.stdout, p.stderr)
     assert "b3x8_paired" in p.stderr

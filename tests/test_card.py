@@ -1,12 +1,13 @@
 """The exported student's model card: written from the run's files, loadable by huggingface_hub."""
+
 import json
 
 import pytest
+from conftest import make_teacher
 from huggingface_hub import ModelCard
 
 from lrc_src.card import model_card, run_of_student, write_model_card
 from lrc_src.config import ExperimentConfig, dump_config
-from conftest import make_teacher
 
 
 def _run_folder(tmp_path, method="lrc", evals=None):
@@ -14,8 +15,9 @@ def _run_folder(tmp_path, method="lrc", evals=None):
     make_teacher().save_pretrained(run / "student")
     cfg = ExperimentConfig(method=method)
     (run / "config.yaml").write_text(dump_config(cfg))
-    (run / "run.json").write_text(json.dumps({"status": "complete", "method": method, "steps": 30,
-                                              "tokens": 30720, "trainable_parameters": 1234}))
+    (run / "run.json").write_text(
+        json.dumps({"status": "complete", "method": method, "steps": 30, "tokens": 30720, "trainable_parameters": 1234})
+    )
     (run / "metrics.csv").write_text("step,tokens,loss,heldout_loss\n10,10240,9.0,8.5\n30,30720,7.0,6.25\n")
     if evals:
         (run / "student" / "evals").mkdir()
@@ -37,8 +39,7 @@ def test_card_front_matter_and_numbers_come_from_the_run(tmp_path):
 
 
 def test_card_shows_the_evaluation_once_there_is_one(tmp_path):
-    evals = ("model,suite,task,metric,value,stderr,num_fewshot,limit,n\n"
-             "lrc,tiny,tiny_mmlu,acc,0.25,0.0433,0,,100\n")
+    evals = "model,suite,task,metric,value,stderr,num_fewshot,limit,n\nlrc,tiny,tiny_mmlu,acc,0.25,0.0433,0,,100\n"
     card = model_card(_run_folder(tmp_path, evals=evals))
     assert "| tiny | tiny_mmlu | acc | 0.2500 | 0.0433 |" in card
 
@@ -66,8 +67,21 @@ def test_lrc_eval_keeps_its_table_beside_the_student_and_updates_the_card(tmp_pa
     from lrc_src.harness import update_student_card
 
     run = _run_folder(tmp_path)
-    frame = pd.DataFrame([{"model": "lrc", "suite": "tiny", "task": "tiny_mmlu", "metric": "acc", "value": 0.3,
-                           "stderr": 0.05, "num_fewshot": 0, "limit": float("nan"), "n": 100}])
+    frame = pd.DataFrame(
+        [
+            {
+                "model": "lrc",
+                "suite": "tiny",
+                "task": "tiny_mmlu",
+                "metric": "acc",
+                "value": 0.3,
+                "stderr": 0.05,
+                "num_fewshot": 0,
+                "limit": float("nan"),
+                "n": 100,
+            }
+        ]
+    )
     card = update_student_card(run / "student", frame)
     assert card == run / "student" / "README.md"
     assert (run / "student" / "evals" / "tiny.csv").is_file()

@@ -1,6 +1,7 @@
 """Checkpoints: nothing in one is unpickled, a hostile or damaged one is refused in one line that
 names the file, and no crash (a save cut off anywhere, kill -9 mid-run) loses the previous state or
 changes the run's numbers."""
+
 import csv
 import errno
 import json
@@ -98,10 +99,12 @@ def read_metrics(run: Path) -> list[dict]:
 def assert_same_numbers(a: Path, b: Path) -> None:
     """metrics.csv equal but for the timing columns, and the same final student."""
     from safetensors.torch import load_file
+
     ra, rb = read_metrics(a), read_metrics(b)
     assert len(ra) == len(rb) == 6
-    assert [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in ra] == \
-           [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rb]
+    assert [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in ra] == [
+        {k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rb
+    ]
     sa, sb = load_file(a / "student" / "model.safetensors"), load_file(b / "student" / "model.safetensors")
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -181,8 +184,11 @@ def test_round_trip_is_exact_and_unpickles_nothing(tmp_path, monkeypatch):
     take_steps(fresh, fresh_opt, fresh_sched, 3)
     got = snapshot(fresh)
     assert all(torch.equal(got[n], expected[n]) for n in expected) and fresh_sched.get_last_lr() == lr
-    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == \
-           ["optimizer.safetensors", "state.json", "trainable.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
+        "optimizer.safetensors",
+        "state.json",
+        "trainable.safetensors",
+    ]
 
 
 def test_finished_checkpoint_without_optimizer_is_exportable_not_resumable(tmp_path):
@@ -256,8 +262,17 @@ def _no_state(ckpt: Path, target: Path) -> str:
     return "incomplete checkpoint (no state.json"
 
 
-BAD_CHECKPOINTS = [_legacy_pickles, _pickle_as_optimizer, _pickle_as_optimizer_listed, _pickle_as_state,
-                   _truncated_trainable, _flipped_byte_in_optimizer, _truncated_state, _missing_optimizer, _no_state]
+BAD_CHECKPOINTS = [
+    _legacy_pickles,
+    _pickle_as_optimizer,
+    _pickle_as_optimizer_listed,
+    _pickle_as_state,
+    _truncated_trainable,
+    _flipped_byte_in_optimizer,
+    _truncated_state,
+    _missing_optimizer,
+    _no_state,
+]
 
 
 @pytest.mark.parametrize("spoil", BAD_CHECKPOINTS, ids=lambda f: f.__name__.strip("_"))
@@ -276,8 +291,11 @@ def test_bad_checkpoint_is_refused_in_one_line(spoil, tmp_path):
     assert not target.exists() and folder_listing(tmp_path) == before
 
 
-@pytest.mark.parametrize("spoil", [_legacy_pickles, _pickle_as_optimizer_listed, _flipped_byte_in_optimizer],
-                         ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "spoil",
+    [_legacy_pickles, _pickle_as_optimizer_listed, _flipped_byte_in_optimizer],
+    ids=lambda f: f.__name__.strip("_"),
+)
 def test_lrc_train_refuses_bad_checkpoint(spoil, interrupted, tmp_path, capsys):
     """`lrc train` on a run folder with a hostile or damaged checkpoint: `lrc: error: ...` naming
     the file, exit 2, no file created, the run folder unchanged."""
@@ -306,8 +324,12 @@ def test_save_cut_off_anywhere_keeps_a_complete_checkpoint(tmp_path, monkeypatch
     take_steps(method, optimizer, scheduler, 1)
     new = snapshot(method)
 
-    real_save, real_write, real_rename, real_rmtree = (ckpt_module.save_file, ckpt_module.atomic_write_text,
-                                                       Path.rename, shutil.rmtree)
+    real_save, real_write, real_rename, real_rmtree = (
+        ckpt_module.save_file,
+        ckpt_module.atomic_write_text,
+        Path.rename,
+        shutil.rmtree,
+    )
     calls = {"n": 0, "fail_at": 0}
 
     def fault(do, half_written: bool = False):
@@ -320,6 +342,7 @@ def test_save_cut_off_anywhere_keeps_a_complete_checkpoint(tmp_path, monkeypatch
                 file = Path(args[1])
                 file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
+
         return op
 
     monkeypatch.setattr(ckpt_module, "save_file", fault(real_save, half_written=True))

@@ -1,5 +1,6 @@
 """The core module: parameter counts, frozen teacher, loss terms against naive references,
 variants, the accumulation window, compiled layers, bad input."""
+
 import pytest
 import torch
 from conftest import VOCAB, make_teacher
@@ -30,14 +31,21 @@ def test_student_weights_on_a_named_device_are_the_same(kind):
 @pytest.mark.parametrize("kind", ["llama-gqa-tied", "llama-mqa-untied"])
 @pytest.mark.parametrize("variant", ["default", "attn_io", "ffn_io", "both_io", "extra"])
 def test_trainable_parameter_counts(kind, variant):
-    kw = {"default": {}, "attn_io": dict(attn_projection="io"), "ffn_io": dict(ffn_projection="io"),
-          "both_io": dict(attn_projection="io", ffn_projection="io"), "extra": dict(alignment="extra")}[variant]
+    kw = {
+        "default": {},
+        "attn_io": dict(attn_projection="io"),
+        "ffn_io": dict(ffn_projection="io"),
+        "both_io": dict(attn_projection="io", ffn_projection="io"),
+        "extra": dict(alignment="extra"),
+    }[variant]
     lrc = make_clone(kind, **kw)
     L, dT, dS = 2, 64, 32
     tied = kind.endswith("-tied")
     if tied:  # untie_lm_head adds exactly one P_lm
-        assert make_clone(kind, untie_lm_head=True, **kw).num_trainable_parameters() == \
-            lrc.num_trainable_parameters() + dT * dS
+        assert (
+            make_clone(kind, untie_lm_head=True, **kw).num_trainable_parameters()
+            == lrc.num_trainable_parameters() + dT * dS
+        )
     per_layer = {"default": 7, "attn_io": 5, "ffn_io": 6, "both_io": 4, "extra": 9}[variant]
     expected = L * per_layer * dT * dS + dT * dS * (1 if tied else 2) + (2 * L + 1) * dS
     assert lrc.num_trainable_parameters() == expected
@@ -64,10 +72,15 @@ def _capture(model, ids):
     acts = {}
     hooks = []
     for i, layer in enumerate(model.model.layers):
-        for name, mod in [("q", layer.self_attn.q_proj), ("k", layer.self_attn.k_proj),
-                          ("v", layer.self_attn.v_proj), ("o", layer.self_attn.o_proj),
-                          ("gate", layer.mlp.gate_proj), ("up", layer.mlp.up_proj),
-                          ("down", layer.mlp.down_proj)]:
+        for name, mod in [
+            ("q", layer.self_attn.q_proj),
+            ("k", layer.self_attn.k_proj),
+            ("v", layer.self_attn.v_proj),
+            ("o", layer.self_attn.o_proj),
+            ("gate", layer.mlp.gate_proj),
+            ("up", layer.mlp.up_proj),
+            ("down", layer.mlp.down_proj),
+        ]:
             hooks.append(mod.register_forward_hook(lambda m, a, o, key=(i, name): acts.__setitem__(key, o.detach())))
     with torch.no_grad():
         logits = model(ids).logits
@@ -108,17 +121,29 @@ def test_attention_output_in_teacher_space(ids):
     out = lrc.clone(ids)
     # naive: student attention (pre-o_proj) through the teacher's o_proj vs the teacher's o output
     t_in, s_in = {}, {}
+
     def grab(store, i):
         return lambda m, a, o: store.__setitem__(i, a[0].detach())
+
     student = lrc.export_student()
-    hs = [l.self_attn.o_proj.register_forward_hook(grab(t_in, i)) for i, l in enumerate(lrc.teacher.model.layers)]
-    hs += [l.self_attn.o_proj.register_forward_hook(grab(s_in, i)) for i, l in enumerate(student.model.layers)]
+    hs = [m.self_attn.o_proj.register_forward_hook(grab(t_in, i)) for i, m in enumerate(lrc.teacher.model.layers)]
+    hs += [m.self_attn.o_proj.register_forward_hook(grab(s_in, i)) for i, m in enumerate(student.model.layers)]
     with torch.no_grad():
         lrc.teacher(ids), student(ids)
     for h in hs:
         h.remove()
-    ref = sum(((lrc.teacher.model.layers[i].self_attn.o_proj(s_in[i]) -
-                lrc.teacher.model.layers[i].self_attn.o_proj(t_in[i])) ** 2).mean().item() for i in range(2))
+    ref = sum(
+        (
+            (
+                lrc.teacher.model.layers[i].self_attn.o_proj(s_in[i])
+                - lrc.teacher.model.layers[i].self_attn.o_proj(t_in[i])
+            )
+            ** 2
+        )
+        .mean()
+        .item()
+        for i in range(2)
+    )
     assert out.losses["clone/o"].item() == pytest.approx(ref, rel=1e-4)
 
 
@@ -147,7 +172,12 @@ def test_switches_and_layer_subsets(ids):
 
 def test_io_variant_terms(ids):
     out = make_clone(attn_projection="io", ffn_projection="io").clone(ids)
-    assert {k for k in out.losses if k.startswith("clone/")} == {"clone/attn_in", "clone/o", "clone/ffn_in", "clone/down"}
+    assert {k for k in out.losses if k.startswith("clone/")} == {
+        "clone/attn_in",
+        "clone/o",
+        "clone/ffn_in",
+        "clone/down",
+    }
 
 
 def _capture_io(model, ids):
@@ -173,8 +203,12 @@ def test_io_and_extra_alignment_terms_match_naive_reference(kind, ids):
     lrc = make_clone(kind, attn_projection="io", ffn_projection="io", alignment="extra")
     out = lrc.clone(ids)
     t_acts, s_acts = _capture_io(lrc.teacher, ids), _capture_io(lrc.export_student(), ids)
-    for term, block, P in (("attn_in", "self_attn", "in_proj"), ("ffn_in", "mlp", "in_proj"),
-                           ("o", "self_attn", "o_align"), ("down", "mlp", "down_align")):
+    for term, block, P in (
+        ("attn_in", "self_attn", "in_proj"),
+        ("ffn_in", "mlp", "in_proj"),
+        ("o", "self_attn", "o_align"),
+        ("down", "mlp", "down_align"),
+    ):
         ref = 0.0
         for i in range(2):
             M = getattr(lrc.layers[i].get_submodule(block), P).detach()
@@ -183,19 +217,22 @@ def test_io_and_extra_alignment_terms_match_naive_reference(kind, ids):
         assert out.losses[f"clone/{term}"].item() == pytest.approx(ref, rel=1e-4), term
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(student_hidden_size=64), "student_hidden_size=64 must be smaller"),
-    (dict(student_hidden_size=80), "student_hidden_size=80 must be smaller"),
-    (dict(student_hidden_size=0), "student_hidden_size=0 must be > 0"),
-    (dict(student_hidden_size=30), "student_hidden_size=30 is not a multiple of the teacher's 4"),
-    (dict(student_hidden_size=32, attn_projection="shared"), "attn_projection='shared'"),
-    (dict(student_hidden_size=32, clone_terms=("q", "attn_in")), "clone term 'attn_in'"),
-    (dict(student_hidden_size=32, kl_reduction="mean"), "kl_reduction='mean'"),
-    (dict(student_hidden_size=32, init="svd"), "init='svd'"),
-    (dict(student_hidden_size=32, alignment="extra", attn_out_space="teacher"), "alignment='extra'"),
-    (dict(student_hidden_size=32, clone_layers=1.5), "clone_layers=1.5"),
-    (dict(student_hidden_size=32, clone_layers=[0, 5]), r"clone_layers \[5\]"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(student_hidden_size=64), "student_hidden_size=64 must be smaller"),
+        (dict(student_hidden_size=80), "student_hidden_size=80 must be smaller"),
+        (dict(student_hidden_size=0), "student_hidden_size=0 must be > 0"),
+        (dict(student_hidden_size=30), "student_hidden_size=30 is not a multiple of the teacher's 4"),
+        (dict(student_hidden_size=32, attn_projection="shared"), "attn_projection='shared'"),
+        (dict(student_hidden_size=32, clone_terms=("q", "attn_in")), "clone term 'attn_in'"),
+        (dict(student_hidden_size=32, kl_reduction="mean"), "kl_reduction='mean'"),
+        (dict(student_hidden_size=32, init="svd"), "init='svd'"),
+        (dict(student_hidden_size=32, alignment="extra", attn_out_space="teacher"), "alignment='extra'"),
+        (dict(student_hidden_size=32, clone_layers=1.5), "clone_layers=1.5"),
+        (dict(student_hidden_size=32, clone_layers=[0, 5]), r"clone_layers \[5\]"),
+    ],
+)
 def test_bad_settings(bad, match):
     with pytest.raises(ValueError, match=match):
         LowRankClone(make_teacher(), LRCConfig(**bad))
@@ -215,8 +252,15 @@ def test_bad_labels(ids):
         lrc.clone(ids, labels=ids[:, :-1])
 
 
-@pytest.mark.parametrize("variant", [{}, dict(attn_projection="io", ffn_projection="io"), dict(alignment="extra"),
-                                     dict(untie_lm_head=True, clone_normalize="relative")])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        dict(attn_projection="io", ffn_projection="io"),
+        dict(alignment="extra"),
+        dict(untie_lm_head=True, clone_normalize="relative"),
+    ],
+)
 def test_accumulation_window_gradients_equal_per_micro_batch_generation(variant):
     """Generating the weights once per optimizer step (LowRankClone.accumulation_window, opened
     through LRCMethod as the trainer does) gives the same gradients as generating them for every
@@ -277,12 +321,15 @@ def test_clone_output_logits_outside_autocast(ids):
         assert (got.float() - want).abs().max() <= 0.05 * want.abs().max()
 
 
-@pytest.mark.parametrize("kind, kw", [
-    ("llama-mqa-untied", {}),
-    ("llama-bias", dict(attn_projection="io", ffn_projection="io", detach_targets=True)),
-    ("qwen2-bias", dict(alignment="extra", clone_layers=0.5)),
-    ("llama-gqa-tied", dict(attn_out_space="teacher", clone_normalize="relative")),
-])
+@pytest.mark.parametrize(
+    "kind, kw",
+    [
+        ("llama-mqa-untied", {}),
+        ("llama-bias", dict(attn_projection="io", ffn_projection="io", detach_targets=True)),
+        ("qwen2-bias", dict(alignment="extra", clone_layers=0.5)),
+        ("llama-gqa-tied", dict(attn_out_space="teacher", clone_normalize="relative")),
+    ],
+)
 def test_compiled_layers_match_eager(kind, kw, ids):
     """compile_layers(): the same losses and gradients as eager (fp32), and one compiled graph per
     distinct set of clone terms, not one per layer (the layer step takes no layer index)."""
@@ -297,8 +344,14 @@ def test_compiled_layers_match_eager(kind, kw, ids):
             lrc.compile_layers()
         out = lrc.clone(ids)
         out.loss.backward()
-        runs.append((out.losses, {n: p.grad for n, p in lrc.trainable_named_parameters() if p.grad is not None},
-                     out.hidden.detach(), out.teacher_hidden))
+        runs.append(
+            (
+                out.losses,
+                {n: p.grad for n, p in lrc.trainable_named_parameters() if p.grad is not None},
+                out.hidden.detach(),
+                out.teacher_hidden,
+            )
+        )
     distinct_terms = len({i in lrc.clone_layer_ids for i in range(lrc.num_layers)})
     assert counters["stats"]["unique_graphs"] == distinct_terms, dict(counters["stats"])
     (eager_losses, eager_grads, *eager_h), (comp_losses, comp_grads, *comp_h) = runs

@@ -57,10 +57,13 @@ def _markers(blocks: np.ndarray, tok) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,packages,lo,hi", [
-    ("python-docs", ["python3.11-doc"], 4000, 7000),
-    ("kjv", ["bible-kjv-text", "bible-kjv"], 1189, 1189),
-])
+@pytest.mark.parametrize(
+    "name,packages,lo,hi",
+    [
+        ("python-docs", ["python3.11-doc"], 4000, 7000),
+        ("kjv", ["bible-kjv-text", "bible-kjv"], 1189, 1189),
+    ],
+)
 def test_debian_corpus_built_with_manifest_and_reused(cache, monkeypatch, name, packages, lo, hi):
     docs = load_documents(name)
     assert lo <= len(docs) <= hi
@@ -143,14 +146,17 @@ def test_split_is_by_document_and_deterministic(cache, tok, tmp_path, monkeypatc
 
     # another seed: another held-out set and another block order
     c = prepare_data(tok, spec, seq_len=32, heldout_frac=0.25, seed=4)
-    held_c = {re.search(r"mark\d{3}x", json.loads(line)["text"]).group()
-              for line in c.heldout_path.read_text().splitlines()}
+    held_c = {
+        re.search(r"mark\d{3}x", json.loads(line)["text"]).group() for line in c.heldout_path.read_text().splitlines()
+    }
     assert held_c != held and _markers(c.train, tok).isdisjoint(held_c)
 
 
 def _held_markers(packed) -> set[str]:
-    return {re.search(r"mark\d{3}x", json.loads(line)["text"]).group()
-            for line in packed.heldout_path.read_text().splitlines()}
+    return {
+        re.search(r"mark\d{3}x", json.loads(line)["text"]).group()
+        for line in packed.heldout_path.read_text().splitlines()
+    }
 
 
 def test_list_spec_holds_out_what_each_part_holds_out_alone(cache, tok, tmp_path):
@@ -216,12 +222,14 @@ TOKENISE_CHUNK = packing._tokenise_chunk
 
 def _same_bytes(a, b) -> bool:
     return a.directory.name == b.directory.name and all(
-        (a.directory / f).read_bytes() == (b.directory / f).read_bytes() for f in PACKED_FILES)
+        (a.directory / f).read_bytes() == (b.directory / f).read_bytes() for f in PACKED_FILES
+    )
 
 
 def _log_chunks(monkeypatch, log, fail_at: int | None = None):
     """Make every tokenised chunk append ``<shard index> <pid>`` to ``log`` (from any worker
     process: they are forked with the patch), and raise on shard ``fail_at``."""
+
     def logged(tokenizer, prefix, suffix, texts, held, shard, sha256):
         index = int(shard.stem.split("_")[1])
         with open(log, "a") as f:
@@ -270,8 +278,9 @@ def test_workers_stop_a_capped_mix_where_one_process_does(tok, stand_ins, tmp_pa
     for num_proc in (1, 3):
         monkeypatch.setenv("LRC_CACHE", str(tmp_path / str(num_proc)))
         _log_chunks(monkeypatch, tmp_path / f"{num_proc}.log")
-        packed[num_proc] = prepare_data(tok, spec, seq_len=64, heldout_frac=0.1, seed=0,
-                                        max_train_tokens=64 * 40, num_proc=num_proc)
+        packed[num_proc] = prepare_data(
+            tok, spec, seq_len=64, heldout_frac=0.1, seed=0, max_train_tokens=64 * 40, num_proc=num_proc
+        )
     meta = packed[1].meta
     assert packed[1].train.shape == (40, 64) and meta["heldout_documents"] >= 1
     assert meta["train_documents"] + meta["heldout_documents"] < streamed  # stopped at the cap ...
@@ -384,23 +393,32 @@ def stand_ins(tmp_path_factory):
     with open(d / "fineweb.jsonl", "w") as f:
         for i in range(300):
             meta = {"url": f"https://example.org/{i}", "int_score": i % 6, "score": i % 6 + 0.3}
-            f.write(json.dumps({"text": f"fineweb {i} score{i % 6} " + "lesson " * 20, "id": str(i), "metadata": meta}) + "\n")
+            f.write(
+                json.dumps({"text": f"fineweb {i} score{i % 6} " + "lesson " * 20, "id": str(i), "metadata": meta})
+                + "\n"
+            )
     with open(d / "dclm.jsonl", "w") as f:
         for i in range(300):
             f.write(json.dumps({"text": f"dclm {i} " + "web page " * 20, "url": "u"}) + "\n")
-    pd.DataFrame({
-        "prompt": ["write"] * 300,
-        "text": [f"cosmopedia {i} " + "textbook " * 20 for i in range(300)],
-        "audience": ["students"] * 300,
-    }).to_parquet(d / "cosmopedia.parquet")
+    pd.DataFrame(
+        {
+            "prompt": ["write"] * 300,
+            "text": [f"cosmopedia {i} " + "textbook " * 20 for i in range(300)],
+            "audience": ["students"] * 300,
+        }
+    ).to_parquet(d / "cosmopedia.parquet")
     with open(d / "openhermes.jsonl", "w") as f:
         for i in range(300):
             conv = [{"from": "human", "value": f"question {i}?"}, {"from": "gpt", "value": f"answer {i}."}]
             if i % 2:
                 conv.insert(0, {"from": "system", "value": "You are terse."})
             f.write(json.dumps({"conversations": conv, "source": "x"}) + "\n")
-    return {"fineweb_edu": d / "fineweb.jsonl", "dclm": d / "dclm.jsonl",
-            "cosmopedia_v2": d / "cosmopedia.parquet", "openhermes": d / "openhermes.jsonl"}
+    return {
+        "fineweb_edu": d / "fineweb.jsonl",
+        "dclm": d / "dclm.jsonl",
+        "cosmopedia_v2": d / "cosmopedia.parquet",
+        "openhermes": d / "openhermes.jsonl",
+    }
 
 
 def _doc_ids(text: str) -> set[str]:

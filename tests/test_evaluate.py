@@ -61,16 +61,27 @@ def tiny_model(tmp_path_factory, heldout) -> Path:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<s>", "</s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    ))
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=["<s>", "</s>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
     folder = tmp_path_factory.mktemp("models") / "tiny-llama"
@@ -88,32 +99,56 @@ def mmlu_file(tmp_path_factory) -> Path:
         rng = random.Random(1)
         path = tmp_path_factory.mktemp("mmlu") / "mmlu.jsonl"
         with open(path, "w") as handle:
-            handle.write(json.dumps({"question": "question", "answer_a": "answer_a",
-                                     "answer_b": "answer_b", "answer_c": "answer_c",
-                                     "answer_d": "answer_d", "correct_answer": "answer",
-                                     "topic": "algebra"}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "question": "question",
+                        "answer_a": "answer_a",
+                        "answer_b": "answer_b",
+                        "answer_c": "answer_c",
+                        "answer_d": "answer_d",
+                        "correct_answer": "answer",
+                        "topic": "algebra",
+                    }
+                )
+                + "\n"
+            )
             for topic in ("algebra", "biology", "law"):
                 for i in range(6):
-                    handle.write(json.dumps({
-                        "question": f"{topic} question {i}?", "answer_a": "w", "answer_b": "x",
-                        "answer_c": "y", "answer_d": "z", "correct_answer": rng.choice("ABCD"),
-                        "topic": topic}) + "\n")
+                    handle.write(
+                        json.dumps(
+                            {
+                                "question": f"{topic} question {i}?",
+                                "answer_a": "w",
+                                "answer_b": "x",
+                                "answer_c": "y",
+                                "answer_d": "z",
+                                "correct_answer": rng.choice("ABCD"),
+                                "topic": topic,
+                            }
+                        )
+                        + "\n"
+                    )
         return path
 
 
-SMALL = {"ppl_docs": 6, "ppl_max_chars": 600, "cont_items": 10, "cont_context_words": 20,
-         "cont_words": 6, "mmlu_per_subject": 2}
+SMALL = {
+    "ppl_docs": 6,
+    "ppl_max_chars": 600,
+    "cont_items": 10,
+    "cont_context_words": 20,
+    "cont_words": 6,
+    "mmlu_per_subject": 2,
+}
 
 
 @pytest.fixture(scope="module")
 def suite_dir(tmp_path_factory, heldout, mmlu_file) -> Path:
-    return tiny_suite.build_tiny_suite(heldout, tmp_path_factory.mktemp("suite") / "tiny",
-                               mmlu_path=mmlu_file, **SMALL)
+    return tiny_suite.build_tiny_suite(heldout, tmp_path_factory.mktemp("suite") / "tiny", mmlu_path=mmlu_file, **SMALL)
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.iterdir()) if p.is_file()}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 # --------------------------------------------------------------------------- data builder
@@ -222,16 +257,33 @@ def test_tampered_suite_is_refused(suite_dir, tmp_path):
 def test_tiny_suite_end_to_end(tiny_model, suite_dir, tmp_path):
     hub_env = {v: os.environ.get(v) for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     out1, out2 = tmp_path / "a.csv", tmp_path / "b.csv"
-    frame = harness.evaluate(tiny_model, "tiny", limit=5, batch_size=4, output=out1, device="cpu",
-                        data_dir=suite_dir, model_name="tiny-llama")
-    harness.evaluate(tiny_model, "tiny", limit=5, batch_size=4, output=out2, device="cpu",
-                data_dir=suite_dir, model_name="tiny-llama")
+    frame = harness.evaluate(
+        tiny_model,
+        "tiny",
+        limit=5,
+        batch_size=4,
+        output=out1,
+        device="cpu",
+        data_dir=suite_dir,
+        model_name="tiny-llama",
+    )
+    harness.evaluate(
+        tiny_model,
+        "tiny",
+        limit=5,
+        batch_size=4,
+        output=out2,
+        device="cpu",
+        data_dir=suite_dir,
+        model_name="tiny-llama",
+    )
     assert out1.read_bytes() == out2.read_bytes()  # deterministic
     csv = pd.read_csv(out1)
     assert tuple(csv.columns) == harness.COLUMNS
     assert len(csv) == 6  # 3 perplexity metrics + acc/acc_norm + acc
     assert [tuple(r) for r in csv[["task", "metric"]].values] == sorted(
-        (task, metric) for task, metrics in suites.SUITES["tiny"].tasks for metric in metrics)
+        (task, metric) for task, metrics in suites.SUITES["tiny"].tasks for metric in metrics
+    )
     assert (csv["model"] == "tiny-llama").all() and (csv["suite"] == "tiny").all()
     assert (csv["limit"] == 5).all() and (csv["n"] == 5).all() and (csv["num_fewshot"] == 0).all()
     assert len(frame) == len(csv)
@@ -242,8 +294,9 @@ def test_tiny_suite_end_to_end(tiny_model, suite_dir, tmp_path):
     assert values["tiny_heldout_ppl/word_perplexity"] > 1.0
     # untrained model with a 320-token vocab: about log2(320) / bytes-per-token bits per byte
     assert 0.5 < values["tiny_heldout_ppl/bits_per_byte"] < 9.0
-    assert math.isclose(2 ** values["tiny_heldout_ppl/bits_per_byte"],
-                        values["tiny_heldout_ppl/byte_perplexity"], rel_tol=1e-6)
+    assert math.isclose(
+        2 ** values["tiny_heldout_ppl/bits_per_byte"], values["tiny_heldout_ppl/byte_perplexity"], rel_tol=1e-6
+    )
     stderr = dict(zip(csv["task"] + "/" + csv["metric"], csv["stderr"]))
     assert stderr["tiny_mmlu/acc"] >= 0 and math.isnan(stderr["tiny_heldout_ppl/bits_per_byte"])
     # the suite turns the hub off only while it runs
@@ -253,18 +306,32 @@ def test_tiny_suite_end_to_end(tiny_model, suite_dir, tmp_path):
 def test_cli_helpers(tiny_model, heldout, mmlu_file, tmp_path, monkeypatch, capsys):
     parser = harness.add_eval_arguments(argparse.ArgumentParser(prog="lrc eval"))
     help_text = parser.format_help()
-    for option in ("--model", "--suite", "--limit", "--batch-size", "--output", "--heldout",
-                   "--data-dir", "--device"):
+    for option in ("--model", "--suite", "--limit", "--batch-size", "--output", "--heldout", "--data-dir", "--device"):
         assert option in help_text
     # --heldout builds the suite into --data-dir, then evaluates
     monkeypatch.setattr(tiny_suite, "default_mmlu_path", lambda: mmlu_file)
     monkeypatch.setattr(tiny_suite, "TINY_DEFAULTS", {**tiny_suite.TINY_DEFAULTS, **SMALL})
     out = tmp_path / "res.csv"
-    args = parser.parse_args([
-        "--model", str(tiny_model), "--suite", "tiny", "--limit", "2", "--output", str(out),
-        "--heldout", str(heldout), "--data-dir", str(tmp_path / "suite"), "--device", "cpu",
-        "--batch-size", "4",
-    ])
+    args = parser.parse_args(
+        [
+            "--model",
+            str(tiny_model),
+            "--suite",
+            "tiny",
+            "--limit",
+            "2",
+            "--output",
+            str(out),
+            "--heldout",
+            str(heldout),
+            "--data-dir",
+            str(tmp_path / "suite"),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "4",
+        ]
+    )
     assert harness.run_eval_from_args(args) == 0
     assert (tmp_path / "suite" / "manifest.json").is_file()
     assert pd.read_csv(out)["n"].tolist() == [2] * 6
@@ -288,18 +355,15 @@ def test_bad_model_folders(tmp_path, suite_dir):
     bert.mkdir()
     from transformers import BertConfig
 
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-               intermediate_size=64).save_pretrained(bert)
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(bert)
     with pytest.raises(ValueError, match="bert.*not a causal language model"):
         harness.evaluate(bert, "tiny", data_dir=suite_dir)
-    (bert / "config.json").write_text(json.dumps(
-        {"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
     with pytest.raises(ValueError, match="BertForMaskedLM"):
         harness.evaluate(bert, "tiny", data_dir=suite_dir)
     weightless = tmp_path / "weightless"
     weightless.mkdir()
-    (weightless / "config.json").write_text(json.dumps(
-        {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    (weightless / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(FileNotFoundError, match="no model weights"):
         harness.evaluate(weightless, "tiny", data_dir=suite_dir)
 
@@ -350,8 +414,7 @@ def test_cached_hub_datasets_pass_the_check(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
     for repo in suites.SUITES["safety"].hub_datasets:
-        (tmp_path / "hub" / f"datasets--{repo.replace('/', '--')}" / "snapshots" / "abc").mkdir(
-            parents=True)
+        (tmp_path / "hub" / f"datasets--{repo.replace('/', '--')}" / "snapshots" / "abc").mkdir(parents=True)
     suites.check_hub_datasets("safety")
     with pytest.raises(suites.HubDatasetsUnavailable, match="allenai/ai2_arc"):
         suites.check_hub_datasets("paper")
@@ -368,11 +431,9 @@ def test_hub_dataset_table_matches_installed_harness():
         cfg = entry.cfg or {}
         if entry.kind.name == "GROUP":
             members = cfg.get("task", [])
-            return set().union(*(datasets_of(m if isinstance(m, str) else m["task"])
-                                 for m in members))
+            return set().union(*(datasets_of(m if isinstance(m, str) else m["task"]) for m in members))
         if entry.kind.name == "TAG":
-            return set().union(*(datasets_of(n) for n, e in index.items()
-                                 if name in e.tags))
+            return set().union(*(datasets_of(n) for n, e in index.items() if name in e.tags))
         return {cfg["dataset_path"]}
 
     for task, repo in suites.HUB_DATASETS.items():
@@ -389,9 +450,13 @@ def test_results_to_frame_groups_and_average():
         },
         "group_subtasks": {"mmlu": ["mmlu_stem"], "mmlu_stem": ["mmlu_a", "mmlu_b"]},
         "n-shot": {"winogrande": 5, "arc_challenge": 5, "boolq": 5, "mmlu_a": 5, "mmlu_b": 5},
-        "n-samples": {"mmlu_a": {"effective": 3}, "mmlu_b": {"effective": 4},
-                      "winogrande": {"effective": 10}, "arc_challenge": {"effective": 10},
-                      "boolq": {"effective": 10}},
+        "n-samples": {
+            "mmlu_a": {"effective": 3},
+            "mmlu_b": {"effective": 4},
+            "winogrande": {"effective": 10},
+            "arc_challenge": {"effective": 10},
+            "boolq": {"effective": 10},
+        },
     }
     frame = harness.results_to_frame(results, "paper-5shot", model="m")
     assert tuple(frame.columns) == harness.COLUMNS

@@ -1,5 +1,6 @@
 """lrc_src.export: the exported student equals the clone (logits), for every teacher kind and
 variant; student_config is the student's shape for LRC and the random-init baselines."""
+
 import pytest
 import torch
 from conftest import make_teacher
@@ -28,6 +29,7 @@ def test_export_logits_equal_clone_logits(kind, ids, tmp_path):
 def test_saved_student_does_not_depend_on_the_device(tmp_path):
     """save_student generates on the CPU: the same file from a clone on the GPU as on the CPU."""
     from safetensors.torch import load_file
+
     lrc = make_clone("llama-mqa-untied")
     lrc.save_student(tmp_path / "cpu")
     lrc.cuda().save_student(tmp_path / "cuda")
@@ -51,10 +53,16 @@ def test_odd_student_size_qwen2(ids):
         assert (lrc.export_student()(ids).logits - out.logits).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("variant", [
-    dict(attn_projection="io"), dict(ffn_projection="io"), dict(alignment="extra"),
-    dict(attn_out_space="teacher"), dict(clone_terms=()),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(attn_projection="io"),
+        dict(ffn_projection="io"),
+        dict(alignment="extra"),
+        dict(attn_out_space="teacher"),
+        dict(clone_terms=()),
+    ],
+)
 def test_export_exact_for_variants(variant, ids):
     lrc = make_clone("llama-mqa-untied", **variant)
     out = lrc.clone(ids)
@@ -80,8 +88,13 @@ def test_student_config_is_the_exported_config(kind, untie):
     assert type(like) is type(lrc.teacher) and like.config.to_dict() == student_config(lrc.teacher.config, 32).to_dict()
 
 
-@pytest.mark.parametrize("d_S,match", [(64, "student_hidden_size=64 must be smaller"),
-                                       (30, "student_hidden_size=30 is not a multiple of the teacher's 4")])
+@pytest.mark.parametrize(
+    "d_S,match",
+    [
+        (64, "student_hidden_size=64 must be smaller"),
+        (30, "student_hidden_size=30 is not a multiple of the teacher's 4"),
+    ],
+)
 def test_student_config_rejects_bad_sizes(d_S, match):
     """The same checks as LowRankClone's, for the baselines that only need the student's shape."""
     from lrc_src.baselines import student_like

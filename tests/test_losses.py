@@ -1,6 +1,7 @@
 """The loss functions: each plain reference (the definition) against a naive loop written
 independently of lrc_src.losses, and each fused / chunked implementation against its reference
 (values and gradients, across chunk boundaries, both KL reductions, temperatures, ignored labels)."""
+
 import math
 
 import pytest
@@ -44,7 +45,9 @@ def test_kl_matches_naive(tau, reduction):
 def test_kl_batchmean_scales_with_sequence_length():
     s, t = torch.randn(1, 4, 5), torch.randn(1, 4, 5)
     s2, t2 = s.repeat(1, 2, 1), t.repeat(1, 2, 1)
-    assert kl_loss(s2, t2, 1.0, "batchmean").item() == pytest.approx(2 * kl_loss(s, t, 1.0, "batchmean").item(), rel=1e-5)
+    assert kl_loss(s2, t2, 1.0, "batchmean").item() == pytest.approx(
+        2 * kl_loss(s, t, 1.0, "batchmean").item(), rel=1e-5
+    )
     assert kl_loss(s2, t2, 1.0, "token_mean").item() == pytest.approx(kl_loss(s, t, 1.0, "token_mean").item(), rel=1e-5)
 
 
@@ -78,11 +81,24 @@ def test_head_losses_reference_matches_naive(with_teacher):
     labels = torch.randint(0, 7, (2, 4), generator=g)
     labels[1, 2] = -100
     z, zt = F.linear(h, w, b).double(), F.linear(ht, wt).double()
-    terms = [torch.logsumexp(z[i, t], -1).item() - z[i, t, labels[i, t + 1]].item()
-             for i in range(2) for t in range(3) if labels[i, t + 1] != -100]
+    terms = [
+        torch.logsumexp(z[i, t], -1).item() - z[i, t, labels[i, t + 1]].item()
+        for i in range(2)
+        for t in range(3)
+        if labels[i, t + 1] != -100
+    ]
     kl = naive_kl(z, zt, 3.0, True) if with_teacher else 0.0
-    loss, parts = head_losses_reference(h, w, labels, (ht, wt, None) if with_teacher else None, bias=b,
-                                        temperature=3.0, reduction="token_mean", kl_weight=0.5, lm_weight=2.0)
+    loss, parts = head_losses_reference(
+        h,
+        w,
+        labels,
+        (ht, wt, None) if with_teacher else None,
+        bias=b,
+        temperature=3.0,
+        reduction="token_mean",
+        kl_weight=0.5,
+        lm_weight=2.0,
+    )
     assert parts["lm"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
     assert parts["kl"].item() == pytest.approx(kl, rel=1e-4, abs=1e-7)
     assert loss.item() == pytest.approx(0.5 * kl + 2.0 * sum(terms) / len(terms), rel=1e-5)
@@ -129,14 +145,17 @@ def test_kl_gradient_matches_autograd_reference(dtype, reduction, monkeypatch):
     assert value.item() == pytest.approx(ref.item(), rel=1e-5)
     assert s.grad.dtype == dtype
     tol = 1e-6 if dtype == torch.float32 else 1e-2
-    assert torch.allclose(s.grad.float(), s_ref.grad, rtol=tol, atol=tol * 1e-2), (s.grad.float() - s_ref.grad).abs().max()
+    assert torch.allclose(s.grad.float(), s_ref.grad, rtol=tol, atol=tol * 1e-2), (
+        (s.grad.float() - s_ref.grad).abs().max()
+    )
 
 
 def _head_reference(h, w, b, labels, ht, wt, bt, tau, reduction, kl_weight, lm_weight):
     """kl_weight * F.kl_div + lm_weight * F.cross_entropy on whole fp32 logits (autograd)."""
     teacher = None if ht is None else (ht, wt, bt)
-    return head_losses_reference(h, w, labels, teacher, bias=b, temperature=tau, reduction=reduction,
-                                 kl_weight=kl_weight, lm_weight=lm_weight)[0]
+    return head_losses_reference(
+        h, w, labels, teacher, bias=b, temperature=tau, reduction=reduction, kl_weight=kl_weight, lm_weight=lm_weight
+    )[0]
 
 
 @pytest.mark.parametrize("tau", [1.0, 3.0])
@@ -160,8 +179,9 @@ def test_head_losses_match_autograd_reference(tau, reduction, with_teacher, with
     ht, wt = torch.randn(2, 9, 24, generator=g), torch.randn(V, 24, generator=g)
     bt = torch.randn(V, generator=g) if with_bias else None
     teacher = (ht, wt, bt) if with_teacher else None
-    loss, parts = losses.head_losses(h, w, labels, teacher, bias=b, temperature=tau, reduction=reduction,
-                                     kl_weight=0.7, lm_weight=1.3)
+    loss, parts = losses.head_losses(
+        h, w, labels, teacher, bias=b, temperature=tau, reduction=reduction, kl_weight=0.7, lm_weight=1.3
+    )
     (loss * 2.5).backward()
     grads = [h.grad, w.grad] + ([b.grad] if with_bias else [])
     for x in [h, w] + ([b] if with_bias else []):
@@ -232,14 +252,16 @@ def test_head_losses_under_bf16_autocast_and_no_grad():
     assert torch.allclose(gh, h.grad, rtol=2e-2, atol=1e-3) and torch.allclose(gw, w.grad, rtol=2e-2, atol=1e-3)
     with torch.no_grad():
         loss2, _ = losses.head_losses(h, w, labels, (ht, wt, None), temperature=2.0)
-    assert loss2.item() == pytest.approx(_head_reference(h, w, None, labels, ht, wt, None, 2.0, "batchmean",
-                                                         1.0, 1.0).item(), rel=1e-5)
+    assert loss2.item() == pytest.approx(
+        _head_reference(h, w, None, labels, ht, wt, None, 2.0, "batchmean", 1.0, 1.0).item(), rel=1e-5
+    )
 
 
 def test_head_losses_bad_input():
     h, w = torch.zeros(1, 3, 4), torch.zeros(5, 4)
     with pytest.raises(ValueError, match="labels shape"):
         from lrc_src.losses import head_losses
+
         head_losses(h, w, torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="kl_reduction"):
         head_losses(h, w, torch.zeros(1, 3, dtype=torch.long), reduction="sum")
@@ -310,8 +332,9 @@ def test_kl_loss_matches_reference(shape, chunk_rows, reduction, tau, monkeypatc
 
 @pytest.mark.parametrize("B,T", [(1, 2), (2, 9), (3, 7)])
 @pytest.mark.parametrize("rows,sub_rows", [(1, 1), (4, 3), (5, 5), (6, 2), (1 << 20, 1 << 20)])
-@pytest.mark.parametrize("tau,reduction", [(1.0, "batchmean"), (2.5, "token_mean"), (40.0, "batchmean"),
-                                           (40.0, "token_mean")])
+@pytest.mark.parametrize(
+    "tau,reduction", [(1.0, "batchmean"), (2.5, "token_mean"), (40.0, "batchmean"), (40.0, "token_mean")]
+)
 def test_head_losses_match_reference_across_chunkings(B, T, rows, sub_rows, tau, reduction, monkeypatch):
     """`head_losses` (`_FusedHeadLosses`) = `head_losses_reference`: loss, both parts and the
     gradients to hidden, weight and bias, whatever the chunk and sub-chunk sizes (one row each,

@@ -1,4 +1,5 @@
 """lrc_src.report's budget-sweep helpers against hand-computed values."""
+
 import json
 
 import pandas as pd
@@ -36,12 +37,23 @@ def test_budget_sweep_frame_reads_runs_and_evals(tmp_path):
         d = tmp_path / name
         d.mkdir()
         (d / "run.json").write_text(json.dumps({"status": "complete", "trainable_parameters": 10}))
-        pd.DataFrame({"step": [1, 2], "tokens": [8, 16], "lm": [5.0, 4.5], "tokens_per_s": [1.0, 1.0],
-                      "heldout_loss": [float("nan"), loss]}).to_csv(d / "metrics.csv", index=False)
+        pd.DataFrame(
+            {
+                "step": [1, 2],
+                "tokens": [8, 16],
+                "lm": [5.0, 4.5],
+                "tokens_per_s": [1.0, 1.0],
+                "heldout_loss": [float("nan"), loss],
+            }
+        ).to_csv(d / "metrics.csv", index=False)
         runs[name] = {"dir": d, "method": "m", "seed": 0 if name == "a" else 1, "tokens": 16}
     ev = tmp_path / "b.csv"
-    pd.DataFrame([{"task": "tiny_continuation", "metric": "acc_norm", "value": 0.7},
-                  {"task": "tiny_continuation", "metric": "acc", "value": 0.6}]).to_csv(ev, index=False)
+    pd.DataFrame(
+        [
+            {"task": "tiny_continuation", "metric": "acc_norm", "value": 0.7},
+            {"task": "tiny_continuation", "metric": "acc", "value": 0.6},
+        ]
+    ).to_csv(ev, index=False)
     df = report.budget_sweep_frame(runs, {"b": ev})
     assert list(df.columns) == ["method", "seed", "tokens", "metric", "value"]
     held = df[df.metric == "heldout_loss"].set_index("seed")["value"]

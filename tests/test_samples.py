@@ -1,4 +1,5 @@
 """Sample generations: a fixed prompt set, greedy continuations, the same table on every run."""
+
 import json
 
 import pytest
@@ -22,8 +23,15 @@ def heldout(tmp_path):
 def model_dir(tmp_path):
     tok = smollm2_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=256)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tok),
+        max_position_embeddings=256,
+    )
     folder = tmp_path / "model"
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -31,7 +39,10 @@ def model_dir(tmp_path):
 
 
 def test_prompts_are_fixed_by_the_seed(heldout):
-    a, b = sample_prompts(heldout, n_heldout=3, words=10, seed=1), sample_prompts(heldout, n_heldout=3, words=10, seed=1)
+    a, b = (
+        sample_prompts(heldout, n_heldout=3, words=10, seed=1),
+        sample_prompts(heldout, n_heldout=3, words=10, seed=1),
+    )
     assert a == b and len(a) == 3 + len(INSTRUCTIONS)
     assert [p["kind"] for p in a] == ["heldout"] * 3 + ["instruction"] * len(INSTRUCTIONS)
     assert all(len(p["prompt"].split()) == 10 for p in a[:3])
@@ -46,8 +57,26 @@ def test_samples_table_is_deterministic(heldout, model_dir, tmp_path):
     assert list(one.columns) == ["model", "kind", "prompt", "output"] and len(one) == 4
     assert one.loc[one.model == "a", "output"].tolist() == one.loc[one.model == "b", "output"].tolist()
     assert samples_frame({"a": model_dir}, prompts, max_new_tokens=3).equals(one[one.model == "a"])
-    assert main(["samples", "--model", f"a={model_dir}", "--heldout", str(heldout), "--heldout-prompts", "1",
-                 "--instructions", "1", "--max-new-tokens", "3", "--output", str(tmp_path / "s.csv")]) == 0
+    assert (
+        main(
+            [
+                "samples",
+                "--model",
+                f"a={model_dir}",
+                "--heldout",
+                str(heldout),
+                "--heldout-prompts",
+                "1",
+                "--instructions",
+                "1",
+                "--max-new-tokens",
+                "3",
+                "--output",
+                str(tmp_path / "s.csv"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "s.csv").read_text().count("\n") >= 3
 
 

@@ -1,5 +1,6 @@
 """lrc_src.starts: the teacher-derived starts (prune, prune_scaled, pca) against naive
 constructions on tiny teachers."""
+
 import pytest
 import torch
 from conftest import make_teacher
@@ -16,13 +17,14 @@ def _sliced_teacher(lrc, keep, norm_scale=lambda name: 1.0):
     t = lrc.teacher
     sd = {}
     for k, v in t.state_dict().items():
-        if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")) \
-                or k in ("model.embed_tokens.weight", "lm_head.weight"):
+        if k.endswith(
+            ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
+        ) or k in ("model.embed_tokens.weight", "lm_head.weight"):
             v = v[:, keep]
         elif k.endswith(("o_proj.weight", "down_proj.weight")):
             v = v[keep, :]
         elif k.endswith("norm.weight"):
-            v = v[keep] * norm_scale(k[len("model."):-len(".weight")])
+            v = v[keep] * norm_scale(k[len("model.") : -len(".weight")])
         sd[k] = v
     pruned = type(t)(student_config(t.config, lrc.d_S))
     pruned.load_state_dict(sd)
@@ -44,11 +46,17 @@ def test_prune_init_is_hard_pruned_teacher(ids):
 def _norm_inputs(model, ids):
     """Inputs of every RMSNorm of an HF model, keyed like lrc_src.starts.teacher_norm_statistics."""
     xs, hooks = {}, []
-    names = ["norm"] + [f"layers.{i}.{n}" for i in range(len(model.model.layers))
-                        for n in ("input_layernorm", "post_attention_layernorm")]
+    names = ["norm"] + [
+        f"layers.{i}.{n}"
+        for i in range(len(model.model.layers))
+        for n in ("input_layernorm", "post_attention_layernorm")
+    ]
     for n in names:
-        hooks.append(model.model.get_submodule(n).register_forward_hook(
-            lambda m, a, o, key=n: xs.__setitem__(key, a[0].detach().reshape(-1, a[0].shape[-1]))))
+        hooks.append(
+            model.model.get_submodule(n).register_forward_hook(
+                lambda m, a, o, key=n: xs.__setitem__(key, a[0].detach().reshape(-1, a[0].shape[-1]))
+            )
+        )
     with torch.no_grad():
         model(ids)
     for h in hooks:
@@ -63,10 +71,12 @@ def test_prune_scaled_init_rescales_each_norm(ids):
     keep = lrc.init_from_teacher(ids)
     t = lrc.teacher
     xs = _norm_inputs(t, ids)
+
     def c(name):
         x = xs[name]
-        f = ((x[:, keep] ** 2).sum(-1) / (x ** 2).sum(-1)).mean().item()
+        f = ((x[:, keep] ** 2).sum(-1) / (x**2).sum(-1)).mean().item()
         return (f * 64 / 32) ** 0.5
+
     assert c("layers.1.input_layernorm") > 1.0  # the kept channels carry more than half the energy
     pruned = _sliced_teacher(lrc, keep, norm_scale=c)
     with torch.no_grad():
@@ -95,8 +105,9 @@ def _low_rank_residual_teacher(kind: str, r: int):
     return t
 
 
-@pytest.mark.parametrize("kind,untie", [("llama-gqa-tied", True), ("llama-mqa-untied", False),
-                                        ("llama-bias", False), ("qwen2-bias", True)])
+@pytest.mark.parametrize(
+    "kind,untie", [("llama-gqa-tied", True), ("llama-mqa-untied", False), ("llama-bias", False), ("qwen2-bias", True)]
+)
 @pytest.mark.parametrize("variant", [{}, dict(attn_projection="io", ffn_projection="io")])
 def test_pca_init_exact_when_residual_is_low_rank(kind, untie, variant, ids, tmp_path):
     """With the residual stream in <= d_S dims and an untied student head, the PCA start is the
@@ -126,8 +137,9 @@ def test_pca_init_tied_head_is_approximate_but_close(ids):
     kls = {}
     for init in ("normal", "pca"):
         torch.manual_seed(0)
-        lrc = LowRankClone(t, LRCConfig(student_hidden_size=32, init=init, kl_temperature=1.0,
-                                        kl_reduction="token_mean"))
+        lrc = LowRankClone(
+            t, LRCConfig(student_hidden_size=32, init=init, kl_temperature=1.0, kl_reduction="token_mean")
+        )
         lrc.init_from_teacher(ids)
         with torch.no_grad():
             out = lrc.clone(ids)

@@ -23,7 +23,6 @@ from lrc_src.teachers import (
     teacher_folder,
 )
 
-
 AMBIENT_CACHE = os.environ.get("LRC_CACHE")  # before any fixture points LRC_CACHE elsewhere
 
 
@@ -76,10 +75,7 @@ def test_smollm2_teacher_is_a_real_pretrained_model(smollm2_folder):
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     assert len(tok) == 49152 and tok.eos_token == "<|im_end|>"
 
-    text = (
-        "The quick brown fox jumps over the lazy dog. It was a sunny day, and the children "
-        "were playing in the park."
-    )
+    text = "The quick brown fox jumps over the lazy dog. It was a sunny day, and the children were playing in the park."
     ids = tok(text, return_tensors="pt").input_ids
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()
@@ -87,7 +83,7 @@ def test_smollm2_teacher_is_a_real_pretrained_model(smollm2_folder):
 
     prompt = tok("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(prompt, max_new_tokens=6, do_sample=False)
-    assert "Paris" in tok.decode(out[0, prompt.shape[1]:])
+    assert "Paris" in tok.decode(out[0, prompt.shape[1] :])
 
 
 @pytest.mark.slow
@@ -98,7 +94,9 @@ def test_smollm2_by_name_and_dtype(smollm2_folder, monkeypatch):
     assert teacher_folder("smollm2-135m-instruct") == smollm2_folder
 
 
-@pytest.mark.parametrize("name,cls", [("random-llama-micro", "LlamaForCausalLM"), ("random-qwen2-micro", "Qwen2ForCausalLM")])
+@pytest.mark.parametrize(
+    "name,cls", [("random-llama-micro", "LlamaForCausalLM"), ("random-qwen2-micro", "Qwen2ForCausalLM")]
+)
 def test_random_micro_teachers(tmp_cache, name, cls):
     model, tok = load_teacher(name)
     c = model.config
@@ -188,8 +186,14 @@ def _save_tiny_llama(folder, vocab_size: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, intermediate_size=32, tie_word_embeddings=True,
+        vocab_size=vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        intermediate_size=32,
+        tie_word_embeddings=True,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     smollm2_tokenizer().save_pretrained(folder)

@@ -1,4 +1,5 @@
 """Experiment trackers: train.log_with is checked up front; the run config becomes flat hyperparameters."""
+
 import pytest
 
 from lrc_src import trackers
@@ -22,10 +23,16 @@ def test_missing_tracker_package_names_the_extra(monkeypatch):
 
 
 def test_flat_hyperparameters():
-    flat = trackers.flat_hyperparameters({"method": "lrc", "train": {"lr": 1e-3, "betas": (0.9, 0.999),
-                                                                     "max_steps": None}, "x": {"y": {"z": 1}}})
-    assert flat == {"method": "lrc", "train.lr": 1e-3, "train.betas": "(0.9, 0.999)", "train.max_steps": "None",
-                    "x.y.z": 1}
+    flat = trackers.flat_hyperparameters(
+        {"method": "lrc", "train": {"lr": 1e-3, "betas": (0.9, 0.999), "max_steps": None}, "x": {"y": {"z": 1}}}
+    )
+    assert flat == {
+        "method": "lrc",
+        "train.lr": 1e-3,
+        "train.betas": "(0.9, 0.999)",
+        "train.max_steps": "None",
+        "x.y.z": 1,
+    }
 
 
 def _scalars(logdir):
@@ -46,8 +53,9 @@ def test_tensorboard_holds_what_metrics_csv_holds_and_resume_continues_it(tmp_pa
     from lrc_src.config import load_config
 
     ci = Path(__file__).resolve().parents[1] / "config" / "ci.yaml"
-    cfg = load_config(ci, ["train.max_steps=4", "train.save_every=2", "train.eval_every=2",
-                           "train.log_with=tensorboard"])
+    cfg = load_config(
+        ci, ["train.max_steps=4", "train.save_every=2", "train.eval_every=2", "train.log_with=tensorboard"]
+    )
     real, calls = trainer.train_step, []
 
     def stop_at_step_4(*args, **kwargs):
@@ -79,7 +87,16 @@ def test_unknown_tracker_is_one_line(tmp_path, capsys):
     from lrc_src.cli import main
 
     ci = Path(__file__).resolve().parents[1] / "config" / "ci.yaml"
-    code = main(["train", "--config", str(ci), "--set", "train.log_with=[tensorboard, nope]",
-                 "--output-dir", str(tmp_path / "out")])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(ci),
+            "--set",
+            "train.log_with=[tensorboard, nope]",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2 and "unknown tracker 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

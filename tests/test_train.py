@@ -1,4 +1,5 @@
 """The trainer on the ci teacher: every method learns, kill -9 + resume is exact, bad input fails cleanly."""
+
 import csv
 import json
 import os
@@ -32,8 +33,14 @@ def ci_cfg(*overrides):
 
 @pytest.mark.parametrize("method", ["lrc", "scratch", "kd", "tinybert", "prune_kd"])
 def test_each_method_learns(method, tmp_path):
-    cfg = ci_cfg(f"method={method}", "train.max_steps=12", "train.lr=1e-2", "train.eval_every=0",
-                 "train.save_every=100", "train.warmup_ratio=0")
+    cfg = ci_cfg(
+        f"method={method}",
+        "train.max_steps=12",
+        "train.lr=1e-2",
+        "train.eval_every=0",
+        "train.save_every=100",
+        "train.warmup_ratio=0",
+    )
     run = train(cfg, tmp_path / method, progress=False)
     rows = read_metrics(run)
     assert len(rows) == 12
@@ -51,15 +58,33 @@ def test_sft_masks_prompt_and_learns(tmp_path):
     chats = tmp_path / "chat.jsonl"
     with chats.open("w") as f:
         for i in range(20):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Say the number {i}."},
-                                             {"role": "assistant", "content": f"The number is {i}."}]}) + "\n")
-    cfg = ci_cfg("method=sft", f"sft.model={base / 'student'}", f"sft.chat_data={chats}", "train.max_steps=10",
-                 "train.lr=1e-2", "data.heldout_frac=0.1", "train.warmup_ratio=0")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"Say the number {i}."},
+                            {"role": "assistant", "content": f"The number is {i}."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    cfg = ci_cfg(
+        "method=sft",
+        f"sft.model={base / 'student'}",
+        f"sft.chat_data={chats}",
+        "train.max_steps=10",
+        "train.lr=1e-2",
+        "data.heldout_frac=0.1",
+        "train.warmup_ratio=0",
+    )
     rows = read_metrics(train(cfg, tmp_path / "sft", progress=False))
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
 
     from transformers import AutoTokenizer
+
     from lrc_src.chat import encode_conversation
+
     tok = AutoTokenizer.from_pretrained(base / "student")
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
     ids, labels = encode_conversation(tok, msgs, 64)
@@ -157,8 +182,16 @@ def test_cuda_run_steps_with_fused_adamw(tmp_path):
 
 def test_kill_and_resume_is_exact(tmp_path):
     """kill -9 mid-run, re-run the same command: metrics.csv equals an uninterrupted run's."""
-    args = ["--config", str(CI), "--set", "train.max_steps=10", "--set", "train.save_every=3",
-            "--set", "train.eval_every=5"]
+    args = [
+        "--config",
+        str(CI),
+        "--set",
+        "train.max_steps=10",
+        "--set",
+        "train.save_every=3",
+        "--set",
+        "train.eval_every=5",
+    ]
     ref = tmp_path / "ref"
     assert main(["train", *args, "--output-dir", str(ref), "--no-progress"]) == 0
 
@@ -184,6 +217,7 @@ def test_kill_and_resume_is_exact(tmp_path):
                 assert ra[col] == rb[col], (ra["step"], col)
     # the final students are identical too
     from safetensors.torch import load_file
+
     sa, sb = load_file(ref / "student" / "model.safetensors"), load_file(run / "student" / "model.safetensors")
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -213,9 +247,11 @@ print(applied, faults() - f0)
 def test_keep_freed_memory_reuses_freed_pages():
     """With keep_freed_memory a freed 64 MB block is reused; glibc's default unmaps it, so every new
     allocation page-faults it in again (counted as minor faults of a fresh process)."""
+
     def faults(mode):
         applied, n = _run_snippet(FAULTS_AFTER_FREE, mode).split()
         return applied, int(n)
+
     (applied, kept), (_, default) = faults("keep"), faults("default")
     assert applied == "True"
     # glibc's default faults each of the five blocks in afresh (5 x 16384 faults with 4 KB pages;
@@ -255,8 +291,12 @@ def test_freed_memory_setting_changes_nothing_but_speed(tmp_path):
     runs = {}
     for flag in ([], ["--return-freed-memory"]):
         runs[bool(flag)] = tmp_path / f"r{len(flag)}"
-        p = subprocess.run([sys.executable, "-m", "lrc_src.cli", "train", *args, *flag,
-                            "--output-dir", str(runs[bool(flag)])], capture_output=True, text=True, timeout=300)
+        p = subprocess.run(
+            [sys.executable, "-m", "lrc_src.cli", "train", *args, *flag, "--output-dir", str(runs[bool(flag)])],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert p.returncode == 0, p.stderr[-2000:]
     a, b = read_metrics(runs[False]), read_metrics(runs[True])
     assert len(a) == len(b) == 4
@@ -297,8 +337,15 @@ def test_teacher_derived_starts_train(init, tmp_path):
     """lrc and prune_kd from the same teacher-derived start: same held-out loss before training."""
     runs = {}
     for method in ("lrc", "prune_kd"):
-        cfg = ci_cfg(f"method={method}", f"lrc.init={init}", "lrc.untie_lm_head=true", "train.max_steps=2",
-                     "train.lr=1.0e-12", "train.eval_every=1", "train.mixed_precision='no'")
+        cfg = ci_cfg(
+            f"method={method}",
+            f"lrc.init={init}",
+            "lrc.untie_lm_head=true",
+            "train.max_steps=2",
+            "train.lr=1.0e-12",
+            "train.eval_every=1",
+            "train.mixed_precision='no'",
+        )
         runs[method] = read_metrics(train(cfg, tmp_path / method, progress=False))
     a, b = (float(runs[m][0]["heldout_loss"]) for m in ("lrc", "prune_kd"))
     assert a == pytest.approx(b, abs=1e-3)
@@ -338,11 +385,21 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
 
 def test_vocab_mismatch_fails(tmp_path, capsys):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
     from lrc_src.teachers import teacher_folder
+
     tok = AutoTokenizer.from_pretrained(teacher_folder("random-llama-micro"))
     folder = tmp_path / "small-vocab"
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=1000)).save_pretrained(folder)
+    LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1000,
+        )
+    ).save_pretrained(folder)
     tok.save_pretrained(folder)
     assert "1000" in _bad(tmp_path, capsys, "--set", f"teacher={folder}")
 
@@ -381,6 +438,7 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
 
 def test_export_from_checkpoint_matches_final_student(tmp_path, capsys):
     from safetensors.torch import load_file
+
     run = train(ci_cfg("train.max_steps=3", "train.save_every=3"), tmp_path / "run", progress=False)
     assert main(["export", "--run", str(run), "--output", str(tmp_path / "exported")]) == 0
     a = load_file(run / "student" / "model.safetensors")
@@ -395,8 +453,12 @@ def test_intermediate_exports_keep_the_trainable_state(tmp_path):
     """train.export_at writes exports/step_N/ with the student and projections.safetensors (the
     trainable state after step N, keyed as in checkpoint/): Tables 21-22 read it."""
     from safetensors.torch import load_file
-    run = train(ci_cfg("train.max_steps=3", "train.save_every=3", "train.eval_every=0", "train.export_at=[1,3]"),
-                tmp_path / "run", progress=False)
+
+    run = train(
+        ci_cfg("train.max_steps=3", "train.save_every=3", "train.eval_every=0", "train.export_at=[1,3]"),
+        tmp_path / "run",
+        progress=False,
+    )
     final = load_file(run / "checkpoint" / "trainable.safetensors")
     first = load_file(run / "exports" / "step_1" / "projections.safetensors")
     last = load_file(run / "exports" / "step_3" / "projections.safetensors")
@@ -407,8 +469,10 @@ def test_intermediate_exports_keep_the_trainable_state(tmp_path):
     assert (run / "exports" / "step_1" / "config.json").is_file()
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="needs torch.distributed with gloo")
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
 def test_ddp_accumulation_window_matches_one_process(tmp_path):
     """2 processes x 2 micro-batches under DDP (weights generated once per step, gradients averaged
     by hand after the window) train the same student as 1 process x 4 micro-batches: the same 4
@@ -416,14 +480,29 @@ def test_ddp_accumulation_window_matches_one_process(tmp_path):
     args = ["--config", str(CI), "--set", "train.max_steps=3", "--set", "train.eval_every=0", "--no-progress"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", *args, "--set", "train.grad_accum=4", "--output-dir", str(one)]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "lrc_src.cli", "train", *args, "--set", "train.grad_accum=2", "--output-dir", str(two)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "lrc_src.cli",
+        "train",
+        *args,
+        "--set",
+        "train.grad_accum=2",
+        "--output-dir",
+        str(two),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((two / "run.json").read_text())
     assert info["num_processes"] == 2 and info["accumulation_window"] is True
     assert json.loads((one / "run.json").read_text())["accumulation_window"] is True
     from safetensors.torch import load_file
+
     sa, sb = load_file(one / "student" / "model.safetensors"), load_file(two / "student" / "model.safetensors")
     assert sa.keys() == sb.keys()
     for k in sa:

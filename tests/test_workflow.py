@@ -1,5 +1,6 @@
 """The replication DAG: the ci profile end to end, dry runs of tiny and paper, profile validation,
 notebook hygiene, environment.yml agreeing with pyproject.toml."""
+
 import json
 import os
 import re
@@ -17,8 +18,9 @@ BIN = Path(sys.executable).parent
 
 def snakemake(*args, timeout=1800):
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    return subprocess.run([str(BIN / "snakemake"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "snakemake"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize("profile", ["tiny", "paper", "ci", "cpu-full"])
@@ -32,14 +34,32 @@ def test_paper_benchmark_times_the_authors_step():
     """The paper profile's Table 8 passes its micro-batch and accumulation to the benchmark; ci,
     which sets neither, keeps the benchmark profile's defaults."""
     # the target first: --forcerun and --config take several values and would swallow it
-    r = snakemake("-n", "-p", "--cores", "2", "results/paper/tables/table8_throughput.csv",
-                  "--forcerun", "table8_throughput", "--config", "profile=paper")
+    r = snakemake(
+        "-n",
+        "-p",
+        "--cores",
+        "2",
+        "results/paper/tables/table8_throughput.csv",
+        "--forcerun",
+        "table8_throughput",
+        "--config",
+        "profile=paper",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     commands = [line for line in r.stdout.splitlines() if "python benchmarks/throughput.py" in line]
     assert len(commands) == 1, r.stdout[-3000:]
     assert "--profile paper-1.5b --device cuda --steps 5 --warmup 2 --batch-size 3 --grad-accum 8 " in commands[0]
-    r = snakemake("-n", "-p", "--cores", "1", "results/ci/tables/table8_throughput.csv",
-                  "--forcerun", "table8_throughput", "--config", "profile=ci")
+    r = snakemake(
+        "-n",
+        "-p",
+        "--cores",
+        "1",
+        "results/ci/tables/table8_throughput.csv",
+        "--forcerun",
+        "table8_throughput",
+        "--config",
+        "profile=ci",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     commands = [line for line in r.stdout.splitlines() if "python benchmarks/throughput.py" in line]
     assert len(commands) == 1 and "--warmup 1  --threads 1" in commands[0], r.stdout[-3000:]
@@ -62,8 +82,13 @@ def test_tiny_notebook_parameters_are_the_profiles():
 
 def make_recipe(target, profile):
     """The commands `make TARGET PROFILE=profile` would run (make -n; the venv taken as built)."""
-    r = subprocess.run(["make", "-n", "-o", "venv", target, f"PROFILE={profile}", f"VENV={BIN.parent}"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        ["make", "-n", "-o", "venv", target, f"PROFILE={profile}", f"VENV={BIN.parent}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.replace("\\\n", " ")
 
@@ -101,15 +126,22 @@ def test_unknown_profile_is_a_clear_error():
     assert "unknown profile 'huge'" in r.stderr + r.stdout
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda P: P["tables"]["table7_io_sharing"]["speed"].update(lrc_small="lrc"),
-     "gives a speed for run(s) ['lrc_small'] that it does not list"),
-    (lambda P: P.pop("benchmark"), "takes speeds from the benchmark, but the profile has no benchmark section"),
-    (lambda P: P["budget_sweep"].update(small="lrc"),
-     "budget_sweep.small is 'lrc', which is not one of budget_sweep.runs ['lrc_small', 'prune_kd']"),
-    (lambda P: P["budget_sweep"].pop("small"), "'small' is a required property"),
-    (lambda P: P["benchmark"].update(profile="huge"), "benchmark.profile 'huge' is not one of"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda P: P["tables"]["table7_io_sharing"]["speed"].update(lrc_small="lrc"),
+            "gives a speed for run(s) ['lrc_small'] that it does not list",
+        ),
+        (lambda P: P.pop("benchmark"), "takes speeds from the benchmark, but the profile has no benchmark section"),
+        (
+            lambda P: P["budget_sweep"].update(small="lrc"),
+            "budget_sweep.small is 'lrc', which is not one of budget_sweep.runs ['lrc_small', 'prune_kd']",
+        ),
+        (lambda P: P["budget_sweep"].pop("small"), "'small' is a required property"),
+        (lambda P: P["benchmark"].update(profile="huge"), "benchmark.profile 'huge' is not one of"),
+    ],
+)
 def test_bad_profile_is_a_clear_error(change, message):
     prof = yaml.safe_load((ROOT / "config/workflow/ci.yaml").read_text())
     change(prof)
@@ -130,9 +162,9 @@ def _planned_jobs(stdout):
         if m := re.match(r"^(?:local)?rule (\w+):$", line):
             rule, inputs = m.group(1), []
         elif line.startswith("    input: "):
-            inputs = line[len("    input: "):].split(", ")
+            inputs = line[len("    input: ") :].split(", ")
         elif line.startswith("Shell command: ") and rule:
-            jobs.append((rule, set(inputs), line[len("Shell command: "):]))
+            jobs.append((rule, set(inputs), line[len("Shell command: ") :]))
     return jobs
 
 
@@ -152,8 +184,18 @@ def test_every_file_a_rule_reads_is_declared(profile):
     """Each papermill rule declares the notebook it executes and every file its parameters name
     (the paper's numbers, eval CSVs, the tiny suite, other tables, finished runs); lrc eval reads
     the tiny suite from a declared folder that rule tiny_suite builds, never as a side effect."""
-    r = snakemake("-n", "-p", "--forceall", "--cores", "2", "--config", f"profile={profile}", "--",
-                  "all", f"results/{profile}/tables/budget_sweep.csv")
+    r = snakemake(
+        "-n",
+        "-p",
+        "--forceall",
+        "--cores",
+        "2",
+        "--config",
+        f"profile={profile}",
+        "--",
+        "all",
+        f"results/{profile}/tables/budget_sweep.csv",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = _planned_jobs(r.stdout)
     suite = f"results/{profile}/assets/tiny_suite"
@@ -203,23 +245,36 @@ def test_lrc_tiny_suite_builds_the_suite_lrc_eval_reads(tmp_path):
     from lrc_src.tiny_suite import build_tiny_suite, load_tiny_manifest
 
     heldout = tmp_path / "heldout.jsonl"
-    heldout.write_text("".join(json.dumps({"text": " ".join(f"w{d}_{i}" for i in range(120))}) + "\n"
-                               for d in range(60)))
+    heldout.write_text(
+        "".join(json.dumps({"text": " ".join(f"w{d}_{i}" for i in range(120))}) + "\n" for d in range(60))
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cli = [sys.executable, "-m", "lrc_src.cli", "tiny-suite"]
-    r = subprocess.run([*cli, "--heldout", str(heldout), "--output", str(tmp_path / "suite")], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*cli, "--heldout", str(heldout), "--output", str(tmp_path / "suite")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     manifest = load_tiny_manifest(tmp_path / "suite")
     assert manifest["seed"] == 0
     other = build_tiny_suite(heldout, tmp_path / "other", seed=0)
     for name in manifest["tasks"]:
         assert (tmp_path / "suite" / f"{name}.jsonl").read_bytes() == (other / f"{name}.jsonl").read_bytes()
-    r = subprocess.run([*cli, "--heldout", str(heldout), "--output", str(tmp_path / "seed1"), "--seed", "1"],
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*cli, "--heldout", str(heldout), "--output", str(tmp_path / "seed1"), "--seed", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and load_tiny_manifest(tmp_path / "seed1")["seed"] == 1, r.stderr
-    for bad in (["--heldout", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "x")],
-                ["--heldout", str(heldout), "--output", str(heldout)]):
+    for bad in (
+        ["--heldout", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "x")],
+        ["--heldout", str(heldout), "--output", str(heldout)],
+    ):
         r = subprocess.run([*cli, *bad], env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("lrc: error: "), r.stderr
     assert not (tmp_path / "x").exists()
@@ -301,7 +356,7 @@ def _pip_pins():
     deps = re.search(r"dependencies = \[(.*?)\]", text, re.S).group(1)
     pins = {}
     for spec in re.findall(r'"([^"]+)"', deps):
-        name = re.split(r"[<>=!\[ ]", spec, 1)[0].lower()
+        name = re.split(r"[<>=!\[ ]", spec, maxsplit=1)[0].lower()
         pins[name] = spec.replace(" ", "")
     return pins
 
@@ -309,7 +364,7 @@ def _pip_pins():
 def test_environment_yml_agrees_with_pyproject():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_list = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
-    env_pins = {re.split(r"[<>=!\[ ]", s, 1)[0].lower(): s.replace(" ", "") for s in pip_list}
+    env_pins = {re.split(r"[<>=!\[ ]", s, maxsplit=1)[0].lower(): s.replace(" ", "") for s in pip_list}
     for name, spec in _pip_pins().items():
         assert name in env_pins, f"{name} missing from environment.yml"
         assert env_pins[name] == spec, (name, env_pins[name], spec)
