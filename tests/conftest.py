@@ -65,3 +65,15 @@ _os.environ.setdefault("LRC_CACHE", str(_Path(__file__).resolve().parents[1] / "
 _os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# `make test-fast` skips these: whole-program runs (the workflow, the benchmark script), subprocess
+# kills, multi-process training and torch.compile, which take most of `make test`'s time.
+INTEGRATION_MODULES = {"test_workflow.py", "test_benchmark.py"}
+INTEGRATION_WORDS = ("compile", "kill", "ddp", "freed_memory", "end_to_end")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in INTEGRATION_MODULES or any(w in item.name for w in INTEGRATION_WORDS):
+            item.add_marker(pytest.mark.integration)
