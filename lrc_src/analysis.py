@@ -44,20 +44,12 @@ def heldout_blocks(
     """
     from transformers import AutoTokenizer
 
+    from lrc_src.assets import packed_data
     from lrc_src.config import load_config
-    from lrc_src.packing import prepare_data
 
     cfg = load_config(config_path)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    spec = list(corpus) if corpus is not None else cfg.data.corpus
-    data = prepare_data(
-        tokenizer,
-        spec,
-        cfg.data.seq_len,
-        heldout_frac=cfg.data.heldout_frac,
-        seed=cfg.data.seed,
-        max_train_tokens=cfg.data.max_train_tokens,
-    )
+    data = packed_data(cfg, tokenizer, list(corpus) if corpus is not None else None)
     n = cfg.train.eval_batches * cfg.train.batch_size if n_blocks is None else n_blocks
     return np.asarray(data.heldout[:n], dtype=np.int64)  # [N, T]
 

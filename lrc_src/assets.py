@@ -38,15 +38,17 @@ def load_inputs(cfg: ExperimentConfig):
             raise ValueError(f"sft.chat_data {cfg.sft.chat_data!r} has too few conversations ({len(ids)})")
         return model, tokenizer, ids[n_held:], labels[n_held:], ids[:n_held]
     teacher, tokenizer = load_teacher(cfg.teacher)
-    data = _packed_data(cfg, tokenizer)
+    data = packed_data(cfg, tokenizer)
     return teacher, tokenizer, data.train, None, data.heldout
 
 
-def _packed_data(cfg: ExperimentConfig, tokenizer):
-    """The tokenised, packed corpus of cfg.data (cached on disk by lrc_src.packing)."""
+def packed_data(cfg: ExperimentConfig, tokenizer, corpus: list[str] | None = None):
+    """The tokenised, packed corpus of cfg.data (cached on disk by lrc_src.packing); `corpus`
+    replaces cfg.data's corpus or mix (same seq_len, held-out split and cap)."""
     from lrc_src.packing import prepare_data
 
-    corpus = {"mix": cfg.data.mix, "data_files": cfg.data.mix_files or {}} if cfg.data.mix else cfg.data.corpus
+    if corpus is None:
+        corpus = {"mix": cfg.data.mix, "data_files": cfg.data.mix_files or {}} if cfg.data.mix else cfg.data.corpus
     return prepare_data(
         tokenizer,
         corpus,
@@ -84,7 +86,7 @@ def prepare_assets(cfg: ExperimentConfig, output_dir: str | Path, threads: int |
         link.unlink()
     link.symlink_to(Path(info["teacher_folder"]).resolve(), target_is_directory=True)
     if cfg.method != "sft":
-        src = _packed_data(cfg, tokenizer).heldout_path  # cached: returns at once
+        src = packed_data(cfg, tokenizer).heldout_path  # cached: returns at once
         atomic_write_bytes(out / "heldout.jsonl", Path(src).read_bytes())
         info["heldout_path"] = str((out / "heldout.jsonl").resolve())
     atomic_write_text(out / "assets.json", json.dumps(info, indent=2))
