@@ -57,6 +57,11 @@ def _export(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{str(run)!r} is not a run folder (needs config.yaml and checkpoint/)")
     cfg = load_config(run / "config.yaml")
     export_run(cfg, run, args.output)
+    if (run / "run.json").is_file() and (run / "student" / "config.json").is_file():
+        from lrc_src.card import CARD_NAME, model_card
+        from lrc_src.fileio import atomic_write_text
+
+        atomic_write_text(Path(args.output) / CARD_NAME, model_card(run))  # the finished run's card
     print(f"exported student: {args.output}")
     return 0
 
