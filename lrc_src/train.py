@@ -342,8 +342,8 @@ def train(
         write_model_card(out)
         if not tc.keep_optimizer_state:  # a finished run needs only its trainable state (export, analysis)
             drop_optimizer_state(ckpt)
-    accelerator.end_training()  # closes the trackers, if any
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the trackers, if any (and the process group: last)
     return out
 
 
