@@ -201,9 +201,15 @@ def test_every_file_a_rule_reads_is_declared(profile):
     suite = f"results/{profile}/assets/tiny_suite"
     notebooks = 0
     for rule, inputs, cmd in jobs:
-        assert "--heldout" not in cmd or rule == "tiny_suite", cmd
+        heldout = f"results/{profile}/assets/heldout.jsonl"
+        assert "lrc eval" not in cmd or "--heldout" not in cmd, cmd  # the suite is never built on the side
+        if "--heldout " in cmd:  # the suite's builder, and the samples' prompts: a declared input
+            assert rule in ("tiny_suite", "samples") and heldout in inputs, (rule, cmd)
         if rule == "tiny_suite":
-            assert inputs == {f"results/{profile}/assets/heldout.jsonl"}, inputs
+            assert inputs == {heldout}, inputs
+        if rule == "samples":
+            for model in re.findall(r"--model \w+=(\S+)", cmd):
+                assert model.endswith("assets/teacher") or model.replace("/student", "/run.json") in inputs, cmd
         if " lrc eval " in cmd:  # these profiles evaluate on the tiny suite only
             assert f"--data-dir {suite} " in cmd and suite in inputs, (rule, cmd)
         if "papermill" not in cmd:
