@@ -44,11 +44,13 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/nbstripout --keep-id --verify notebooks/*.ipynb
 
-# JupyterLab in the project's venv, with the venv registered as a kernel ("Python (lrc)").
+# JupyterLab in the project's venv, with the venv registered as a kernel ("Python (lrc)"); LAB_ARGS
+# go to `jupyter lab` (e.g. LAB_ARGS="--no-browser --port 8899"; as root it needs --allow-root).
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: venv
 	$(PY) -m pip install -q -e '.[lab]'
 	$(PY) -m ipykernel install --user --name lrc --display-name "Python (lrc)"
-	cd notebooks && $(CURDIR)/$(VENV)/bin/jupyter lab
+	cd notebooks && $(CURDIR)/$(VENV)/bin/jupyter lab $(LAB_ARGS)
 
 # The default profile runs offline; the paper profile needs the hub (run snakemake directly).
 # A checkout carries the committed results/<profile>/ tables and evals, which snakemake would keep
