@@ -116,6 +116,11 @@ def _settings(cfg: dict) -> list[tuple[str, object]]:
         ]
     else:
         rows += [("KL temperature", cfg.get("baseline", {}).get("kl_temperature"))]
+    if cfg.get("baseline", {}).get("init_from"):  # the second phase of a hand-off
+        rows += [
+            ("started from", f"`{cfg['baseline']['init_from']}`"),
+            ("tokens of the earlier phase (batches skipped)", t.get("skip_tokens", 0)),
+        ]
     return rows
 
 

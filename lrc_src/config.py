@@ -21,6 +21,7 @@ import yaml
 from lrc_src.clone import LRCConfig
 
 METHODS = ("lrc", "scratch", "kd", "tinybert", "prune_kd", "sft")
+INIT_FROM_METHODS = ("scratch", "kd", "prune_kd")  # the methods baseline.init_from can start
 
 
 @dataclass
@@ -67,6 +68,10 @@ class TrainConfig:
     # the tiny profile's 48 runs would otherwise hold ~20 GB of optimizer state
     keep_optimizer_state: bool = False
     seed: int = 0
+    # training tokens an earlier phase already took from this seed's batch stream: this run's batches
+    # start after them (the LRC -> KD hand-off, baseline.init_from), so the two phases together see
+    # exactly the batches one run of their summed budget sees. A multiple of batch_size x seq_len.
+    skip_tokens: int = 0
     # torch.compile the decoder layers: auto | on | off. auto compiles with CUDA, where every method's
     # step is 27-29% faster compiled (results/paper-1.5b, H200), and on the CPU only for runs of at
     # least CPU_COMPILE_MIN_STEPS steps (lrc_src.runtime): there a cold compile costs ~13 s and saves
@@ -88,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"train.max_steps={self.max_steps} must be > 0")
         if self.lr <= 0:
             raise ValueError(f"train.lr={self.lr} must be > 0")
+        if self.skip_tokens < 0:
+            raise ValueError(f"train.skip_tokens={self.skip_tokens} must be >= 0")
         if self.mixed_precision not in ("auto", "bf16", "no"):
             raise ValueError(f"train.mixed_precision={self.mixed_precision!r} is not one of ('auto', 'bf16', 'no')")
         if self.compile not in (True, False, "auto", "on", "off"):
@@ -107,6 +114,9 @@ class BaselineConfig:
     hidden_weight: float = 1.0  # tinybert: hidden-state MSE weight
     attn_weight: float = 1.0  # tinybert: attention-map MSE weight
     calibration_batches: int = 4  # prune_kd: batches used to score channels
+    # scratch / kd / prune_kd: start the student from this HF folder (an exported student of the
+    # LRC student's shape) instead of the method's own start: the LRC -> KD hand-off
+    init_from: str | None = None
 
 
 @dataclass
@@ -132,6 +142,17 @@ class ExperimentConfig:
             raise ValueError(f"method={self.method!r} is not one of {METHODS}")
         if self.method == "sft" and not self.sft.model:
             raise ValueError("method=sft needs sft.model (an exported HF folder)")
+        if self.baseline.init_from is not None and self.method not in INIT_FROM_METHODS:
+            raise ValueError(
+                f"baseline.init_from is set but method={self.method!r} has its own start; "
+                f"it applies to {', '.join(INIT_FROM_METHODS)}"
+            )
+        step_tokens = self.train.batch_size * self.data.seq_len
+        if self.train.skip_tokens % step_tokens:
+            raise ValueError(
+                f"train.skip_tokens={self.train.skip_tokens} is not a whole number of micro-batches "
+                f"(train.batch_size x data.seq_len = {step_tokens} tokens)"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -256,7 +277,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 
 # Settings that change how a run executes, not what it computes: a run folder resumes (and counts as
-# the same experiment) when only these differ, and config.yaml written before they existed matches.
+# the same experiment) when only these differ. A config.yaml written before a setting existed
+# matches that setting's default.
 RUNTIME_KEYS = (("train", "compile"), ("train", "log_with"))
 
 
@@ -272,7 +294,11 @@ def same_experiment(saved: str | None, cfg: ExperimentConfig) -> bool:
                 d[section].pop(key, None)
         return d
 
-    return identity(yaml.safe_load(saved) or {}) == identity(yaml.safe_load(dump_config(cfg)))
+    try:  # the saved config through this version's defaults: a setting added since matches its default
+        then = config_from_dict(identity(yaml.safe_load(saved) or {}))
+    except (ValueError, TypeError):  # a key this version does not know, or a value it refuses
+        return False
+    return identity(yaml.safe_load(dump_config(then))) == identity(yaml.safe_load(dump_config(cfg)))
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -17,10 +17,12 @@ from lrc_src.baselines import (
     StudentKD,
     TinyBERTStyle,
     hard_prune,
+    load_causal_lm,
     student_like,
 )
 from lrc_src.clone import LowRankClone
 from lrc_src.config import ExperimentConfig
+from lrc_src.export import student_config
 
 
 def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray) -> torch.nn.Module:
@@ -32,6 +34,9 @@ def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray) -> to
         n = b.calibration_batches * cfg.train.batch_size
         return torch.from_numpy(np.asarray(train_blocks[:n], dtype=np.int64))
 
+    if b.init_from is not None:  # scratch, kd or prune_kd (the config refuses the others)
+        student = start_from(b.init_from, teacher, d_S)
+        return StudentKD(student, teacher if cfg.method != "scratch" and b.use_kl else None, **kd)
     if cfg.method == "lrc":
         torch.manual_seed(seed)
         clone = LowRankClone(teacher, cfg.lrc)
@@ -52,6 +57,21 @@ def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray) -> to
     if cfg.method == "sft":
         return StudentKD(teacher)  # for sft the "teacher" slot holds the model being fine-tuned
     raise AssertionError(cfg.method)
+
+
+def start_from(folder: str, teacher, d_S: int):
+    """The exported student in `folder` as the start of a plain student (baseline.init_from): loaded
+    in fp32 exactly as saved, after checking it has the LRC student's shape for this teacher."""
+    student = load_causal_lm(folder)
+    want = student_config(teacher.config, d_S)
+    got = student.config
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if getattr(got, key, None) != getattr(want, key, None):
+            raise ValueError(
+                f"baseline.init_from={folder!r} is not a student of this teacher at hidden size {d_S}: "
+                f"{key} {getattr(got, key, None)!r}, expected {getattr(want, key, None)!r}"
+            )
+    return student
 
 
 ADAMW_KERNELS = {"default": {}, "fused": {"fused": True}, "foreach": {"foreach": True}}

@@ -189,6 +189,26 @@ def sweep_margins(sweep: pd.DataFrame, method: str, others: list[str], metric: s
     return pd.DataFrame(rows)
 
 
+def endpoint_suite(evals: dict[str, dict]) -> pd.DataFrame:
+    """Every task score with its stderr for sweep runs. evals: run name -> {csv, method, seed,
+    tokens}; rows: method, seed, tokens, task, metric, value, stderr (lm-eval's, over items)."""
+    frames = []
+    for e in evals.values():
+        ev = pd.read_csv(e["csv"])
+        ev = ev.assign(method=e["method"], seed=int(e["seed"]), tokens=int(e["tokens"]))
+        frames.append(ev[["method", "seed", "tokens", "task", "metric", "value", "stderr"]])
+    cols = ["method", "seed", "tokens", "task", "metric", "value", "stderr"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+
+
+def suite_summary(suite: pd.DataFrame) -> pd.DataFrame:
+    """Per method, task and metric: mean over seeds, the seed standard deviation, the mean item
+    stderr of one run, and n seeds."""
+    g = suite.groupby(["method", "task", "metric"])
+    out = g.agg(mean=("value", "mean"), seed_sd=("value", "std"), item_stderr=("stderr", "mean"), n=("value", "count"))
+    return out.reset_index()
+
+
 def sweep_markdown(sweep: pd.DataFrame, metric: str = "heldout_loss") -> str:
     """Pipe table: one row per method, one column per budget, cells "mean (min-max)" over seeds."""
     summ = sweep_summary(sweep, metric)

@@ -61,17 +61,19 @@ class Batches:
     epoch, sharded by process. The batch is a pure function of (step, micro, process), so resuming
     needs only the step."""
 
-    def __init__(self, blocks: np.ndarray, batch_size: int, seed: int, labels: np.ndarray | None = None):
+    def __init__(self, blocks: np.ndarray, batch_size: int, seed: int, labels: np.ndarray | None = None, skip: int = 0):
         if len(blocks) == 0:
             raise ValueError("no training blocks: the corpus is smaller than one sequence")
         self.blocks, self.labels, self.B, self.seed = blocks, labels, batch_size, seed
+        self.skip = skip  # micro-batches an earlier phase took from this stream (train.skip_tokens)
         self._perm_epoch, self._perm = -1, None
 
     def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The index-th global micro-batch: input_ids [B, T] (and labels)."""
+        """The index-th global micro-batch after the skipped ones: input_ids [B, T] (and labels)."""
         N = len(self.blocks)
         rows = []
-        for j in range(index * self.B, (index + 1) * self.B):
+        first = (self.skip + index) * self.B
+        for j in range(first, first + self.B):
             epoch, pos = divmod(j, N)
             if epoch != self._perm_epoch:
                 self._perm = np.random.default_rng([self.seed, epoch]).permutation(N)
@@ -217,7 +219,8 @@ def train(
         keep_freed_memory()
     torch.manual_seed(tc.seed)
     teacher, tokenizer, train_blocks, train_labels, heldout = load_inputs(cfg)
-    batches = Batches(train_blocks, tc.batch_size, tc.seed, train_labels)
+    skip = tc.skip_tokens // (tc.batch_size * cfg.data.seq_len)  # whole micro-batches (checked by the config)
+    batches = Batches(train_blocks, tc.batch_size, tc.seed, train_labels, skip=skip)
     method = build_method(cfg, teacher, train_blocks).to(accelerator.device)
     tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len * accelerator.num_processes
     total_steps = math.ceil(tc.max_tokens / tokens_per_step) if tc.max_tokens else tc.max_steps

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from lrc_src.cli import main
 from lrc_src.config import config_from_dict, load_config
@@ -216,8 +217,6 @@ def test_kill_and_resume_is_exact(tmp_path):
             if col not in TIMING_COLUMNS:
                 assert ra[col] == rb[col], (ra["step"], col)
     # the final students are identical too
-    from safetensors.torch import load_file
-
     sa, sb = load_file(ref / "student" / "model.safetensors"), load_file(run / "student" / "model.safetensors")
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -547,3 +546,60 @@ def test_cli_compile_flag_reaches_train(monkeypatch, tmp_path):
     for argv, want in ((["--compile"], True), ([], None)):  # None: train.compile decides
         assert main(["train", "--config", str(CI), "--output-dir", str(tmp_path), *argv]) == 0
         assert seen["compile_layers"] is want
+
+
+def test_handoff_starts_from_the_exported_lrc_student_exactly(tmp_path):
+    """The LRC -> KD hand-off: a prune_kd run with baseline.init_from starts from the exported LRC
+    student bit for bit (its first logits equal the LRC method's own student's), and with
+    train.skip_tokens it trains on the batches after the first phase's."""
+    from lrc_src.assets import load_inputs
+    from lrc_src.factory import build_method
+    from lrc_src.train import Batches
+
+    lrc_cfg = ci_cfg("train.max_steps=3", "lrc.init=pca", "lrc.untie_lm_head=true", "train.save_every=100")
+    first = train(lrc_cfg, tmp_path / "lrc", progress=False)
+    teacher, _, blocks, _, _ = load_inputs(lrc_cfg)
+    lrc = build_method(lrc_cfg, teacher, blocks)  # the first phase's method, at its final trainable state
+    state = load_file(first / "checkpoint" / "trainable.safetensors")
+    with torch.no_grad():
+        for n, p in lrc.trainable_named_parameters():
+            p.copy_(state[n])
+    tokens = lrc_cfg.train.batch_size * lrc_cfg.data.seq_len * 3
+    kd_cfg = ci_cfg(
+        "method=prune_kd", f"baseline.init_from={first / 'student'}", f"train.skip_tokens={tokens}", "train.max_steps=2"
+    )
+    kd = build_method(kd_cfg, teacher, blocks)
+    ids = torch.from_numpy(blocks[:2].astype("int64"))
+    with torch.no_grad():
+        want = lrc.eval_model()(input_ids=ids).logits
+        got = kd.student(input_ids=ids).logits
+    assert torch.equal(want, got)
+
+    # the second phase's batches continue the first phase's stream
+    one = Batches(blocks, lrc_cfg.train.batch_size, lrc_cfg.train.seed)
+    two = Batches(blocks, lrc_cfg.train.batch_size, lrc_cfg.train.seed, skip=3)
+    assert torch.equal(one.get(3)[0], two.get(0)[0]) and torch.equal(one.get(4)[0], two.get(1)[0])
+    run = train(kd_cfg, tmp_path / "kd", progress=False)
+    assert len(read_metrics(run)) == 2
+
+
+def test_handoff_settings_refuse_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="has its own start"):
+        ci_cfg("method=lrc", "baseline.init_from=somewhere")
+    with pytest.raises(ValueError, match="whole number of micro-batches"):
+        ci_cfg("method=kd", "train.skip_tokens=3")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        train(ci_cfg("method=kd", f"baseline.init_from={tmp_path / 'none'}"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_config_written_before_a_setting_existed_is_the_same_experiment():
+    from lrc_src.config import dump_config, same_experiment
+
+    cfg = ci_cfg()
+    saved = yaml.safe_load(dump_config(cfg))
+    del saved["train"]["skip_tokens"], saved["baseline"]["init_from"]
+    assert same_experiment(yaml.safe_dump(saved), cfg)
+    assert not same_experiment(yaml.safe_dump(saved), ci_cfg("train.skip_tokens=1024"))
+    saved["train"]["unknown_key"] = 1
+    assert not same_experiment(yaml.safe_dump(saved), cfg)

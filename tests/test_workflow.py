@@ -136,10 +136,27 @@ def test_unknown_profile_is_a_clear_error():
         (lambda P: P.pop("benchmark"), "takes speeds from the benchmark, but the profile has no benchmark section"),
         (
             lambda P: P["budget_sweep"].update(small="lrc"),
-            "budget_sweep.small is 'lrc', which is not one of budget_sweep.runs ['lrc_small', 'prune_kd']",
+            "budget_sweep.small is 'lrc', which is not one of budget_sweep.runs "
+            "['lrc_small', 'prune_kd', 'lrc_then_kd']",
         ),
         (lambda P: P["budget_sweep"].pop("small"), "'small' is a required property"),
         (lambda P: P["benchmark"].update(profile="huge"), "benchmark.profile 'huge' is not one of"),
+        (
+            lambda P: P["runs"]["lrc_then_kd"].update(handoff={"run": "nope", "fraction": 0.5}),
+            "run lrc_then_kd: handoff must be {run: <a defined run>, fraction: 0 < f < 1}",
+        ),
+        (
+            lambda P: P["runs"]["lrc_then_kd"].update(handoff={"run": "lrc_small", "fraction": 0.01}),
+            "leaves a phase without a whole step of 256 tokens",
+        ),
+        (
+            lambda P: P["budget_trend"].update(compare=[["lrc", "prune_kd"]]),
+            "budget_trend.compare uses ['lrc'], not in budget_sweep.runs",
+        ),
+        (
+            lambda P: P["budget_trend"]["fractions"].update(runs=["prune_kd"]),
+            "budget_trend.fractions run 'prune_kd' is not a hand-off run",
+        ),
     ],
 )
 def test_bad_profile_is_a_clear_error(change, message):
@@ -318,13 +335,26 @@ def test_ci_dag_end_to_end():
     sweep = pd.read_csv(ROOT / "results/ci/tables/budget_sweep.csv")
     assert list(sweep.columns) == ["method", "seed", "tokens", "metric", "value"]
     held = sweep[sweep.metric == "heldout_loss"]
-    assert len(held) == 2 * 2 * 2 and held.value.notna().all()
-    assert set(held.method) == {"lrc_small", "prune_kd"} and set(held.tokens) == {1024, 2048}
+    assert len(held) == 3 * 2 * 2 and held.value.notna().all()
+    assert set(held.method) == {"lrc_small", "prune_kd", "lrc_then_kd"} and set(held.tokens) == {1024, 2048}
     assert set(sweep[sweep.metric != "heldout_loss"].tokens) == {2048}
     margins = pd.read_csv(ROOT / "results/ci/tables/budget_sweep_margins.csv")
-    assert set(margins.versus) == {"prune_kd"} and len(margins) == 2
+    assert set(margins.versus) == {"prune_kd", "lrc_then_kd"} and len(margins) == 4
+    # the hand-off: its LRC phase is the sweep's own lrc_small run where the budgets meet, and the
+    # second phase trains the rest of the tokens on the batches after it
+    handoff = yaml.safe_load((ROOT / "results/ci/runs/lrc_then_kd__t2048_s1/config.yaml").read_text())
+    assert handoff["baseline"]["init_from"] == "results/ci/runs/lrc_small__t1024_s1/student"
+    assert handoff["train"]["skip_tokens"] == 1024 and handoff["train"]["max_tokens"] == 1024
+    trend = pd.read_csv(ROOT / "results/ci/tables/budget_trend.csv")
+    assert list(trend.comparison) == ["lrc_small vs prune_kd", "lrc_then_kd vs prune_kd"]
+    assert (trend.slope_lo <= trend.slope_hi).all()
+    fractions = pd.read_csv(ROOT / "results/ci/tables/handoff_fraction.csv")
+    assert sorted(set(fractions.fraction)) == [0.25, 0.5] and len(fractions) == 4
+    suite = pd.read_csv(ROOT / "results/ci/tables/budget_endpoint_suite.csv")
+    assert set(suite.method) == {"lrc_small", "prune_kd", "lrc_then_kd"} and "stderr" in suite.columns
     claims = pd.read_csv(ROOT / "results/ci/tables/claims.csv")
     assert set(claims.verdict) <= {"holds", "does not hold", "inconclusive", "n/a"}
+    assert claims.claim.str.contains("grows with training tokens").sum() == 2
     # Table 7's speed column: the benchmark's tokens/s of lrc and lrc_io (table8_throughput.csv)
     t7 = pd.read_csv(ROOT / "results/ci/tables/table7_io_sharing.csv")
     speed = t7[t7.source.str.endswith("benchmarks/throughput.py")].pivot(index="run", columns="metric", values="value")

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
+from lrc_src.config import load_config
 from lrc_src.report import PAPER_FILES  # the paper's numbers (reference/), read by the table notebooks
 
 PROFILE = str(config.get("profile", "tiny"))
@@ -18,18 +19,54 @@ P = yaml.safe_load(_profile_path.read_text())
 validate(P, "../../config/workflow/schema.yaml")
 RUNS = P["runs"]
 TABLES = P["tables"]
+R = f"results/{PROFILE}"
 
 
-def _train_setting(run, key):
-    """train.<key> of a run: its override, else its train config's value."""
-    if f"train.{key}" in RUNS[run]:
-        return RUNS[run][f"train.{key}"]
-    base = yaml.safe_load(Path(RUNS[run].get("config", P["train_config"])).read_text())
-    return (base.get("train") or {}).get(key, 0 if key == "seed" else None)
+# Keys of a run entry that the workflow consumes itself (the rest are `lrc train --set` overrides):
+#   config:     the run's own train config (default: the profile's train_config)
+#   after:      a run whose exported student this run fine-tunes (sets sft.model, adds the dependency)
+#   handoff:    {run: <an LRC run>, fraction: f}: the LRC -> KD hand-off. The LRC run, re-trained with
+#               its own schedule on the first f of this run's tokens (whole steps), then this run's
+#               method from its exported student on the batches after them: equal total tokens
+#   start_from: (set by the hand-off) a run whose exported student this run starts from
+#               (sets baseline.init_from, adds the dependency)
+WORKFLOW_KEYS = ("config", "after", "handoff", "start_from")
+
+
+def overrides(run):
+    """The `key=value` overrides of a run (values as YAML flow), its workflow keys resolved."""
+    spec = dict(RUNS[run])
+    if spec.get("after"):
+        spec["sft.model"] = f"{R}/runs/{spec['after']}/student"
+    if spec.get("start_from"):
+        spec["baseline.init_from"] = f"{R}/runs/{spec['start_from']}/student"
+    out = []
+    for key, value in spec.items():
+        if key in WORKFLOW_KEYS:
+            continue
+        v = yaml.safe_dump(value, default_flow_style=True).strip()
+        v = v[:-4].strip() if v.endswith("\n...") or v.endswith("...") else v
+        out.append(f"{key}={v}")
+    return out
+
+
+def resolved(run):
+    """The run's typed config (lrc_src.config), as `lrc train` will see it."""
+    return load_config(RUNS[run].get("config", P["train_config"]), overrides(run))
+
+
+def variant(base, tokens, seed):
+    """The run `base` re-trained with its own schedule at `tokens` and `seed` (named
+    <base>__t<tokens>_s<seed>); `base` itself when those are its own (it is trained once)."""
+    own = resolved(base).train
+    if (own.max_tokens, own.seed) == (tokens, seed):
+        return base
+    name = f"{base}__t{tokens}_s{seed}"
+    RUNS.setdefault(name, {**RUNS[base], "train.max_tokens": int(tokens), "train.seed": int(seed)})
+    return name
 
 
 # budget_sweep: every base run re-trained at each token budget and seed (its own full schedule).
-# A (budget, seed) equal to the base run's own is the base run itself (trained once).
 SWEEP = {}  # run name -> {"method": base run, "tokens": int, "seed": int}
 if P.get("budget_sweep"):
     _bs = P["budget_sweep"]
@@ -39,14 +76,52 @@ if P.get("budget_sweep"):
     if _bs["small"] not in _bs["runs"]:
         raise ValueError(f"profile {PROFILE}: budget_sweep.small is {_bs['small']!r}, which is not one of "
                          f"budget_sweep.runs {_bs['runs']}")
+    # --config sweep_max_tokens=N: this invocation builds the sweep's tables from the budgets up to N
+    # only (a long sweep in parts; the evaluations of the largest budget wait for the last part)
+    _max = int(config.get("sweep_max_tokens", max(_bs["tokens"])))
     for _b in _bs["runs"]:
-        _own = (_train_setting(_b, "max_tokens"), _train_setting(_b, "seed"))
-        for _t in _bs["tokens"]:
+        for _t in [t for t in _bs["tokens"] if t <= _max]:
             for _s in _bs["seeds"]:
-                _name = _b if (_t, _s) == _own else f"{_b}__t{_t}_s{_s}"
-                if _name != _b:
-                    RUNS[_name] = {**RUNS[_b], "train.max_tokens": _t, "train.seed": _s}
-                SWEEP[_name] = {"method": _b, "tokens": int(_t), "seed": int(_s)}
+                SWEEP[variant(_b, _t, _s)] = {"method": _b, "tokens": int(_t), "seed": int(_s)}
+
+# budget_trend.fractions: hand-off runs at one budget, at budget_sweep's seeds (shared with the
+# sweep where a run is in both).
+FRACTIONS = {}  # run name -> {"method", "fraction", "tokens", "seed"}
+if P.get("budget_trend"):
+    if not P.get("budget_sweep"):
+        raise ValueError(f"profile {PROFILE}: budget_trend needs a budget_sweep")
+    _bt = P["budget_trend"]
+    for _pair in _bt["compare"]:
+        _missing = [m for m in _pair if m not in P["budget_sweep"]["runs"]]
+        if _missing:
+            raise ValueError(f"profile {PROFILE}: budget_trend.compare uses {_missing}, not in budget_sweep.runs")
+    _fr = _bt.get("fractions")
+    for _b in (_fr or {}).get("runs", []) if (_fr or {}).get("tokens", 0) <= _max else []:
+        if not (RUNS.get(_b) or {}).get("handoff"):
+            raise ValueError(f"profile {PROFILE}: budget_trend.fractions run {_b!r} is not a hand-off run")
+        for _s in P["budget_sweep"]["seeds"]:
+            FRACTIONS[variant(_b, _fr["tokens"], _s)] = {"method": _b, "fraction": float(RUNS[_b]["handoff"]["fraction"]),
+                                                        "tokens": int(_fr["tokens"]), "seed": int(_s)}
+
+# The hand-offs, last: every run above with a `handoff` key becomes its second phase.
+for _r in [r for r, spec in RUNS.items() if spec.get("handoff")]:
+    _h = RUNS[_r]["handoff"]
+    if _h.get("run") not in RUNS or set(_h) != {"run", "fraction"} or not 0 < float(_h["fraction"]) < 1:
+        raise ValueError(f"profile {PROFILE}: run {_r}: handoff must be {{run: <a defined run>, fraction: 0 < f < 1}}, "
+                         f"got {_h!r}")
+    _c = resolved(_r)
+    _step = _c.train.batch_size * _c.train.grad_accum * _c.data.seq_len
+    _total = _c.train.max_tokens or _c.train.max_steps * _step
+    _first = round(float(_h["fraction"]) * _total / _step) * _step
+    if not 0 < _first < _total:
+        raise ValueError(f"profile {PROFILE}: run {_r}: a hand-off at {_h['fraction']} of {_total} tokens "
+                         f"leaves a phase without a whole step of {_step} tokens")
+    _lrc = variant(_h["run"], _first, _c.train.seed)
+    _l = resolved(_lrc)
+    if (_l.data, _l.train.batch_size, _l.train.grad_accum) != (_c.data, _c.train.batch_size, _c.train.grad_accum):
+        raise ValueError(f"profile {PROFILE}: run {_r}: the hand-off needs the same data and batches as {_h['run']}")
+    RUNS[_r] = {**{k: v for k, v in RUNS[_r].items() if k != "handoff"},
+                "train.max_tokens": _total - _first, "train.skip_tokens": _first, "start_from": _lrc}
 for _t, _spec in TABLES.items():
     _missing = [r for r in _spec.get("runs", []) if r not in RUNS]
     if _missing:
@@ -63,7 +138,6 @@ _missing = [m for m in P["eval"]["models"] if m != "teacher" and m not in RUNS]
 if _missing:
     raise ValueError(f"profile {PROFILE}: eval.models uses undefined run(s) {_missing}")
 LAUNCHER = P.get("launcher", "lrc")
-R = f"results/{PROFILE}"
 
 
 wildcard_constraints:
@@ -78,13 +152,10 @@ def run_done(run):
     return f"{R}/runs/{run}/run.json"
 
 
-# Keys of a run entry that the workflow consumes itself (the rest are `lrc train --set` overrides):
-#   config: the run's own train config (default: the profile's train_config)
-#   after:  a run whose exported student this run fine-tunes (sets sft.model, adds the dependency)
-WORKFLOW_KEYS = ("config", "after")
 for _r, _spec in RUNS.items():
-    if _spec.get("after") is not None and _spec["after"] not in RUNS:
-        raise ValueError(f"profile {PROFILE}: run {_r} is after undefined run {_spec['after']!r}")
+    for _key in ("after", "start_from"):
+        if _spec.get(_key) is not None and _spec[_key] not in RUNS:
+            raise ValueError(f"profile {PROFILE}: run {_r}: {_key} names undefined run {_spec[_key]!r}")
 
 
 def run_config(run):
@@ -93,24 +164,15 @@ def run_config(run):
 
 def run_inputs(run):
     ins = [f"{R}/assets/assets.json", run_config(run)]
-    if RUNS[run].get("after"):
-        ins.append(run_done(RUNS[run]["after"]))
+    for key in ("after", "start_from"):
+        if RUNS[run].get(key):
+            ins.append(run_done(RUNS[run][key]))
     return ins
 
 
 def set_args(run):
-    """`--set key=value` arguments of a run's overrides (values as YAML flow)."""
-    args = []
-    spec = dict(RUNS[run])
-    if spec.get("after"):
-        spec["sft.model"] = f"{R}/runs/{spec['after']}/student"
-    for key, value in spec.items():
-        if key in WORKFLOW_KEYS:
-            continue
-        v = yaml.safe_dump(value, default_flow_style=True).strip()
-        v = v[:-4].strip() if v.endswith("\n...") or v.endswith("...") else v
-        args.append("--set " + shlex.quote(f"{key}={v}"))
-    return " ".join(args)
+    """`--set key=value` arguments of a run's overrides."""
+    return " ".join("--set " + shlex.quote(o) for o in overrides(run))
 
 
 def model_dir(model):
@@ -156,4 +218,6 @@ def all_outputs():
         outs.append(f"{R}/tables/samples.csv")
     if SWEEP and P["budget_sweep"].get("in_all", True):
         outs.append(f"{R}/tables/budget_sweep.csv")
+        if P.get("budget_trend"):
+            outs.append(f"{R}/tables/budget_trend.csv")
     return outs

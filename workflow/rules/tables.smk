@@ -112,10 +112,19 @@ rule table8_throughput:
         "{params.shape} --threads {threads} --output {output.csv} > {log} 2>&1"
 
 
+def _claims_tables():
+    """The tables the claims notebook reads: every item's, and the budget trend's when the sweep is
+    part of the profile's default target."""
+    tables = {t: f"{R}/tables/{t}.csv" for t in TABLES if t != "claims"}
+    if SWEEP and P.get("budget_trend") and P["budget_sweep"].get("in_all", True):
+        tables["budget_trend"] = f"{R}/tables/budget_trend.csv"
+    return tables
+
+
 rule claims:
     input:
         notebook="notebooks/claims.ipynb",
-        tables=[f"{R}/tables/{t}.csv" for t in TABLES if t != "claims"],
+        tables=list(_claims_tables().values()),
     output:
         csv="results/{profile}/tables/claims.csv",
         png="results/{profile}/figures/claims.png",
@@ -123,6 +132,6 @@ rule claims:
     log:
         "results/{profile}/logs/claims.log",
     params:
-        p=lambda w: notebook_params("claims", tables={t: f"{R}/tables/{t}.csv" for t in TABLES if t != "claims"}),
+        p=lambda w: notebook_params("claims", tables=_claims_tables()),
     shell:
         "{PAPERMILL} {input.notebook} {output.nb} -y {params.p} > {log} 2>&1"
