@@ -339,8 +339,9 @@ def train(
             "trainable_parameters": sum(p.numel() for _, p in params),
             "mixed_precision": accelerator.mixed_precision,
             "num_processes": accelerator.num_processes,
-            "accumulation_window": window is not None,
-        }  # student weights generated once per optimizer step
+            "accumulation_window": window is not None,  # student weights generated once per optimizer step
+            "compiled_layers": bool(compile_layers),  # in the session that finished it (resumes may differ)
+        }
         atomic_write_text(out / "run.json", json.dumps(info, indent=2))
         write_model_card(out)
         if not tc.keep_optimizer_state:  # a finished run needs only its trainable state (export, analysis)

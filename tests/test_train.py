@@ -472,11 +472,14 @@ def test_intermediate_exports_keep_the_trainable_state(tmp_path):
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="needs torch.distributed with gloo",
 )
-def test_ddp_accumulation_window_matches_one_process(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_ddp_accumulation_window_matches_one_process(compiled, tmp_path):
     """2 processes x 2 micro-batches under DDP (weights generated once per step, gradients averaged
     by hand after the window) train the same student as 1 process x 4 micro-batches: the same 4
-    batches per step, batch index (step * grad_accum + micro) * processes + rank."""
+    batches per step, batch index (step * grad_accum + micro) * processes + rank; eager, and with
+    the decoder layers compiled in both runs (the paper profile's launcher compiles on CUDA)."""
     args = ["--config", str(CI), "--set", "train.max_steps=3", "--set", "train.eval_every=0", "--no-progress"]
+    args += ["--compile"] if compiled else []
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", *args, "--set", "train.grad_accum=4", "--output-dir", str(one)]) == 0
     cmd = [
@@ -498,7 +501,7 @@ def test_ddp_accumulation_window_matches_one_process(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads((two / "run.json").read_text())
-    assert info["num_processes"] == 2 and info["accumulation_window"] is True
+    assert info["num_processes"] == 2 and info["accumulation_window"] is True and info["compiled_layers"] is compiled
     assert json.loads((one / "run.json").read_text())["accumulation_window"] is True
     from safetensors.torch import load_file
 
