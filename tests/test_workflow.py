@@ -4,6 +4,7 @@ notebook hygiene, environment.yml agreeing with pyproject.toml."""
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,37 @@ def test_tiny_notebook_parameters_are_the_profiles():
     sweep = snakemake("-n", "--cores", "2", "--config", "profile=tiny", "--", "results/tiny/tables/budget_sweep.csv")
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     assert "budget_sweep" in sweep.stdout
+
+
+def notebook_defaults(path):
+    """The values a notebook's `parameters` cell assigns, as JSON would carry them."""
+    nb = json.loads(Path(path).read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    ns = {}
+    exec("".join(cell["source"]), ns)
+    return {k: json.loads(json.dumps(v)) for k, v in ns.items() if not k.startswith("__")}
+
+
+def test_notebook_defaults_are_the_ci_dags_parameters():
+    """nbval re-runs each notebook with its own defaults after the ci DAG, and some notebooks write
+    the tables others read: defaults that drifted from the ci profile would overwrite its outputs
+    with another job's. So each notebook's defaults are exactly what one of its ci jobs passes."""
+    r = snakemake("-n", "-p", "--cores", "2", "--forceall", "--config", "profile=ci")
+    assert r.returncode == 0, r.stderr[-3000:]
+    passed = {}
+    for line in r.stdout.splitlines():
+        if "papermill" in line and " -y " in line:
+            words = shlex.split(line.split(" > ", 1)[0])
+            notebook = next(w for w in words if w.startswith("notebooks/") and w.endswith(".ipynb"))
+            passed.setdefault(notebook, []).append(json.loads(words[words.index("-y") + 1]))
+    assert "notebooks/budget_sweep.ipynb" in passed and "notebooks/budget_trend.ipynb" in passed, sorted(passed)
+    for notebook, params in sorted(passed.items()):
+        defaults = notebook_defaults(ROOT / notebook)
+        diffs = [
+            {k: (defaults.get(k), v) for k, v in p.items() if k not in defaults or defaults[k] != v} for p in params
+        ]
+        closest = min(diffs, key=len)
+        assert not closest, f"{notebook}: defaults (left) differ from the ci job's parameters (right): {closest}"
 
 
 def make_recipe(target, profile):
