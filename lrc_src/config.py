@@ -12,16 +12,155 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lrc_src.clone import LRCConfig
-
 METHODS = ("lrc", "scratch", "kd", "tinybert", "prune_kd", "sft")
 INIT_FROM_METHODS = ("scratch", "kd", "prune_kd")  # the methods baseline.init_from can start
+
+
+# The method's settings (the `lrc:` section). Kept free of torch, like transformers'
+# configuration_*.py, because the workflow reads every run's config when it builds its DAG.
+ATTN_TERMS = {"all": ("q", "k", "v", "o"), "io": ("attn_in", "o")}  # clone terms per attention projection
+FFN_TERMS = {"all": ("gate", "up", "down"), "io": ("ffn_in", "down")}  # ... per FFN projection
+INITS = ("normal", "prune", "prune_scaled", "pca")  # projection starts (lrc_src.starts)
+KL_REDUCTIONS = ("batchmean", "token_mean")  # lrc_src.losses.kl_loss
+
+
+@dataclass
+class LRCConfig:
+    """Settings of the method; the defaults are the paper's (LRC-1.5B).
+
+    student_hidden_size: d_S (required). 0 < d_S < d_T; for Llama/Mistral teachers a multiple of
+        the query-head count.
+    alpha: weight of the clone loss (paper: 0.2 for LRC-1.5B, 0.5 for LRC-1.7B/4B).
+    kl_temperature: tau of the logit KL (paper 40).
+    kl_reduction: "batchmean" (authors: sum over positions and vocab / batch size, grows with the
+        sequence length) or "token_mean" (the same sum / number of tokens).
+    clone_terms: which clone terms are on. None = every term of the variant: q,k,v,o,gate,up,down
+        with "all" projections; attn_in,o with attn_projection="io"; ffn_in,down with
+        ffn_projection="io". An empty tuple = "w/o All Clone".
+    clone_layers: layers with a clone loss: None = all; a list of layer indices; or a fraction in
+        (0, 1] = that share of layers, evenly spaced (Figure 7).
+    attn_projection: "all" = separate P_q, P_k, P_v (default); "io" = one P shared by q,k,v, with
+        the clone loss on the attention input (E(x^S P^T, x^T) of the normed input) and output.
+    ffn_projection: "all" = separate P_gate, P_up; "io" = one P shared by gate,up, loss on the FFN
+        input and output.
+    alignment: "free" = output terms use the weight's own P (default); "extra" = extra trainable
+        d_S -> d_T matrices per layer for the o and down terms, compared in the teacher space
+        (the "w/o Alignment-Free" ablation).
+    attn_out_space: "student" = E(o^S, o^T P_o) (paper); "teacher" = E(o_proj^T(attn^S),
+        o_proj^T(attn^T)) (the authors' code).
+    init: "normal" = every projection N(0, init_std) (authors). The others start from the teacher
+        and need calibration ids (`LowRankClone.init_from_teacher`, see `lrc_src.starts`):
+        "prune" = the hard-pruned model: every P is the one-hot selection S of the d_S most
+        important hidden channels, student norms = the teacher's at those channels;
+        "prune_scaled" = the same, each student norm weight times c = sqrt(f * d_T / d_S), where f
+        is the share of that norm's input energy in the kept channels (the RMS over fewer channels
+        is larger; c undoes it on average);
+        "pca" = SliceGPT-style rotation: U [d_T, d_S] = top eigenvectors of the second moment of the
+        unit-normalised residual stream (every RMSNorm input); P_emb = P_o = P_down = U, input-side
+        P = c * diag(gamma) @ U with the preceding norm's gamma and c as above, student norms 1.
+        Exact when the residual stream lies in a d_S-dim subspace and the student head is untied
+        (a tied head cannot absorb the final norm's gamma in a rotated basis; then the final norm
+        gets the least-squares diagonal c * diag(U^T diag(gamma) U)).
+    untie_lm_head: give the student its own P_lm even when the teacher ties embeddings (the
+        exported student then has an untied head); needed for an exact "pca" start.
+    detach_targets: detach the projected teacher targets (o^T P_o, o^T P_down). The authors do
+        not (False), so P_o/P_down also receive gradient through the target.
+    clone_normalize: "none" (paper) or "relative" (each term divided by its target's mean square).
+    clone_reduction: "sum" over layers and terms (paper) or "mean" over them.
+    use_kl, use_lm: include the KL / LM terms in `.loss` (they are always reported in `.losses`).
+    """
+
+    student_hidden_size: int
+    alpha: float = 0.2
+    kl_temperature: float = 40.0
+    kl_reduction: str = "batchmean"
+    clone_terms: tuple[str, ...] | None = None
+    clone_layers: Any = None  # None | list[int] | float in (0, 1]
+    attn_projection: str = "all"
+    ffn_projection: str = "all"
+    alignment: str = "free"
+    attn_out_space: str = "student"
+    init: str = "normal"
+    init_std: float = 0.02
+    untie_lm_head: bool = False
+    detach_targets: bool = False
+    clone_normalize: str = "none"
+    clone_reduction: str = "sum"
+    use_kl: bool = True
+    use_lm: bool = True
+
+    def __post_init__(self) -> None:
+        choices = {
+            "attn_projection": tuple(ATTN_TERMS),
+            "ffn_projection": tuple(FFN_TERMS),
+            "alignment": ("free", "extra"),
+            "attn_out_space": ("student", "teacher"),
+            "init": INITS,
+            "kl_reduction": KL_REDUCTIONS,
+            "clone_normalize": ("none", "relative"),
+            "clone_reduction": ("sum", "mean"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        if not isinstance(self.student_hidden_size, int) or isinstance(self.student_hidden_size, bool):
+            raise ValueError(f"student_hidden_size={self.student_hidden_size!r} must be an int")
+        if self.student_hidden_size <= 0:
+            raise ValueError(f"student_hidden_size={self.student_hidden_size} must be > 0")
+        if self.alpha < 0:
+            raise ValueError(f"alpha={self.alpha} must be >= 0")
+        if self.kl_temperature <= 0:
+            raise ValueError(f"kl_temperature={self.kl_temperature} must be > 0")
+        if self.init_std <= 0:
+            raise ValueError(f"init_std={self.init_std} must be > 0")
+        if self.alignment == "extra" and self.attn_out_space == "teacher":
+            raise ValueError(
+                "alignment='extra' already compares outputs in the teacher space; "
+                "attn_out_space='teacher' is only meaningful with alignment='free'"
+            )
+        self._check_clone_terms()
+        cl = self.clone_layers
+        if cl is not None and not isinstance(cl, (list, tuple, float, int)):
+            raise ValueError(f"clone_layers={cl!r} must be null, a list of layer indices or a fraction")
+        if isinstance(cl, (float, int)) and not isinstance(cl, bool) and not (0 < cl <= 1):
+            raise ValueError(f"clone_layers={cl} as a fraction must be in (0, 1]")
+        if isinstance(cl, (list, tuple)):
+            self.clone_layers = [int(i) for i in cl]
+
+    def _check_clone_terms(self) -> None:
+        valid = self.valid_terms
+        if self.clone_terms is None:
+            self.clone_terms = valid
+            return
+        if isinstance(self.clone_terms, str):
+            raise ValueError(f"clone_terms={self.clone_terms!r} must be a list of terms, e.g. ['q', 'k']")
+        self.clone_terms = tuple(self.clone_terms)
+        for t in self.clone_terms:
+            if t not in valid:
+                raise ValueError(
+                    f"clone term {t!r} is not valid with attn_projection={self.attn_projection!r}, "
+                    f"ffn_projection={self.ffn_projection!r}; allowed: {valid}"
+                )
+        if len(set(self.clone_terms)) != len(self.clone_terms):
+            raise ValueError(f"clone_terms={self.clone_terms} has duplicates")
+
+    @property
+    def valid_terms(self) -> tuple[str, ...]:
+        return ATTN_TERMS[self.attn_projection] + FFN_TERMS[self.ffn_projection]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LRCConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown LRC setting(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-KL_REDUCTIONS = ("batchmean", "token_mean")
+from lrc_src.config import KL_REDUCTIONS
 
 
 def _check_kl_arguments(temperature: float, reduction: str) -> None:
