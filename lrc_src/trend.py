@@ -20,6 +20,7 @@ never turns in M's favour counting as no crossover (an open upper end).
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pandas as pd
@@ -53,10 +54,12 @@ def log_fit(tokens: np.ndarray, means: np.ndarray) -> tuple[float, float]:
 
 def crossover(a: float, b: float, smallest: float) -> float:
     """The budget where a + b ln(t) changes sign, when that is above `smallest` and the line turns
-    positive there (the method gets ahead with more tokens); nan otherwise."""
+    positive there (the method gets ahead with more tokens); nan otherwise. A nearly flat line that
+    crosses beyond any representable budget gives inf (a bootstrap replicate's open upper end)."""
     if b <= 0:
         return math.nan
-    t = math.exp(-a / b)
+    log_t = -a / b
+    t = math.exp(log_t) if log_t < math.log(sys.float_info.max) else math.inf
     return t if t > smallest else math.nan
 
 

@@ -73,6 +73,14 @@ def test_bootstrap_interval_coverage_at_three_seeds_and_open_ends():
     assert row["crossover"] == "extrapolation" and row["crossover_hi"] == math.inf
 
 
+def test_a_crossover_beyond_every_representable_budget_is_infinite():
+    """A nearly flat, rising line (behind by 1 nat, gaining 1e-5 nats per e-fold) crosses at
+    exp(1e5) tokens, beyond float range: inf, not an overflow."""
+    assert trend.crossover(-1.0, 1e-5, smallest=1.0) == math.inf
+    assert trend.crossover(-1.0, 0.1, smallest=1.0) == pytest.approx(math.exp(10.0))
+    assert math.isnan(trend.crossover(-1.0, -0.1, smallest=1.0))
+
+
 def test_a_trend_needs_two_budgets():
     sw = sweep_from(lambda t: 0.1)
     with pytest.raises(ValueError, match="at least two budgets"):
