@@ -413,20 +413,10 @@ def test_notebook_sources_are_output_free_and_parametrised():
 def test_papermill_reads_every_parameter_of_every_notebook():
     """papermill skips a parameters-cell line it cannot parse (one with a second `=`, e.g. in its
     comment) with only a warning in the rule's log; every assignment must reach `inspect_notebook`."""
-    import ast
-
     import papermill
 
     for nb_path in sorted((ROOT / "notebooks").glob("*.ipynb")):
-        nb = json.loads(nb_path.read_text())
-        cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
-        tree = ast.parse("".join(cell["source"]))
-        assigned = [
-            t.id
-            for node in tree.body
-            for t in (node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)])
-            if isinstance(t, ast.Name)
-        ]
+        assigned = list(notebook_defaults(nb_path))
         assert assigned, nb_path
         assert list(papermill.inspect_notebook(str(nb_path))) == assigned, nb_path
 
