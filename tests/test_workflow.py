@@ -280,6 +280,18 @@ def test_every_file_a_rule_reads_is_declared(profile):
     assert notebooks >= 7
 
 
+@pytest.mark.parametrize("profile", ["cpu-full", "paper"])
+def test_main_table_reads_the_evals_of_the_teacher_and_its_runs(profile):
+    """A profile may evaluate models that belong to other items (cpu-full's data-mix runs); the
+    main table's notebook asserts its rows are the teacher and its runs, so only their evals go in."""
+    target = f"results/{profile}/tables/table1_main.csv"
+    r = snakemake("-n", "-p", "--forceall", "--cores", "2", "--config", f"profile={profile}", "--", target)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (cmd,) = [cmd for rule, _, cmd in _planned_jobs(r.stdout) if rule == "table1_main"]
+    params = json.loads(re.search(r"-y '(.*)' >", cmd).group(1))
+    assert set(params["evals"]) == {"teacher", *params["runs"]}, params["evals"]
+
+
 def test_the_papers_numbers_are_apart_from_the_profiles_outputs():
     """reference/ holds the paper's CSVs (documented in its README); results/<profile>/ only
     what a profile produced, so the `paper` profile's folder holds none of them."""

@@ -8,13 +8,19 @@ PAPERMILL = "papermill --cwd . --no-progress-bar --log-level WARNING"
 THROUGHPUT_CSV = f"{R}/tables/table8_throughput.csv"  # rule table8_throughput's output; Table 7's speeds
 
 
+def _table_evals(name):
+    """Eval CSVs of the teacher and the item's runs; the profile may evaluate other models (e.g. the
+    data-mix runs of Table 4), which belong to other items."""
+    return {m: f"{R}/evals/{m}.csv" for m in ["teacher", *table_runs(name)] if m in P["eval"]["models"]}
+
+
 def _table_inputs(name, notebook, paper=None, evals=False):
     """A table notebook's inputs; `paper`: which of the paper's CSVs it shows (PAPER_FILES key)."""
     ins = {"notebook": notebook, "assets": f"{R}/assets/assets.json", "runs": [run_done(r) for r in table_runs(name)]}
     if paper:
         ins["paper"] = PAPER_FILES[paper]
     if evals:
-        ins["evals"] = [f"{R}/evals/{m}.csv" for m in P["eval"]["models"]]
+        ins["evals"] = list(_table_evals(name).values())
     if TABLES.get(name, {}).get("speed"):
         ins["throughput"] = THROUGHPUT_CSV
     return ins
@@ -38,7 +44,7 @@ rule table1_main:
         "results/{profile}/logs/table1_main.log",
     params:
         p=lambda w, input: notebook_params("table1_main", paper_csv=input.paper,
-                                           evals={m: f"{R}/evals/{m}.csv" for m in P["eval"]["models"]},
+                                           evals=_table_evals("table1_main"),
                                            samples_csv=input.samples[0] if input.samples else ""),
     shell:
         "{PAPERMILL} {input.notebook} {output.nb} -y {params.p} > {log} 2>&1"
