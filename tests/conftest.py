@@ -3,8 +3,15 @@
 import os as _os
 from pathlib import Path as _Path
 
-import pytest
-import torch
+if _os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest-xdist worker per core: one torch thread each, set before torch
+    # loads so that the subprocesses a test starts inherit it. A test that compares an in-process
+    # run with a subprocess run (kill and resume) needs both on the same thread count, since the
+    # thread count changes how float sums are split.
+    _os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 VOCAB = 101
