@@ -27,15 +27,10 @@ def _analysis_params(name):
     return params
 
 
-def _run_evals(name):
-    """Eval CSVs of the item's runs that the profile evaluates (table4_data_mix shows them)."""
-    return {m: f"{R}/evals/{m}.csv" for m in table_runs(name) if m in P["eval"]["models"]}
-
-
 def _analysis_inputs(name):
     ins = _table_inputs(name, f"notebooks/{name}.ipynb", paper=ANALYSIS[name])
     if name == "table4_data_mix":
-        ins["evals"] = list(_run_evals(name).values())
+        ins["evals"] = list(_table_evals(name, teacher=False).values())
     if _analysis_params(name).get("suite"):
         ins["suite_data"] = TINY_SUITE
     return ins
@@ -48,7 +43,7 @@ def _analysis_notebook_params(name, input):
     if ANALYSIS[name]:
         extra["paper_csv"] = input.paper
     if name == "table4_data_mix":
-        extra["evals"] = _run_evals(name)
+        extra["evals"] = _table_evals(name, teacher=False)
     return notebook_params(name, **extra)
 
 

@@ -8,10 +8,11 @@ PAPERMILL = "papermill --cwd . --no-progress-bar --log-level WARNING"
 THROUGHPUT_CSV = f"{R}/tables/table8_throughput.csv"  # rule table8_throughput's output; Table 7's speeds
 
 
-def _table_evals(name):
-    """Eval CSVs of the teacher and the item's runs; the profile may evaluate other models (e.g. the
-    data-mix runs of Table 4), which belong to other items."""
-    return {m: f"{R}/evals/{m}.csv" for m in ["teacher", *table_runs(name)] if m in P["eval"]["models"]}
+def _table_evals(name, teacher=True):
+    """Eval CSVs of the item's runs (and the teacher's) that the profile evaluates; the profile may
+    evaluate other models (e.g. the data-mix runs of Table 4), which belong to other items."""
+    models = ["teacher", *table_runs(name)] if teacher else table_runs(name)
+    return {m: f"{R}/evals/{m}.csv" for m in models if m in P["eval"]["models"]}
 
 
 def _table_inputs(name, notebook, paper=None, evals=False):
