@@ -38,11 +38,12 @@ $(VENV)/.installed: pyproject.toml
 # Unit + integration tests (including the ci DAG end to end), then the notebooks with nbval
 # against the ci results that the DAG test produced. TEST_WORKERS pytest-xdist workers (one torch
 # thread each, tests/conftest.py); a test file stays on one worker, since the workflow tests share
-# the checkout's .snakemake/ and results/ci/. TEST_WORKERS=0 runs everything in one process.
+# the checkout's .snakemake/ and results/ci/; files go out in the order tests/conftest.py sets, the
+# longest first. TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: venv
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q $(XDIST) tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q $(XDIST) $(if $(XDIST),--no-loadscope-reorder) tests
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q $(XDIST) --nbval-lax notebooks
 
 # The developer loop: everything but the integration tests (subprocesses, the ci DAG, notebooks).

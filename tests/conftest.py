@@ -9,6 +9,9 @@ if _os.environ.get("PYTEST_XDIST_WORKER"):
     # run with a subprocess run (kill and resume) needs both on the same thread count, since the
     # thread count changes how float sums are split.
     _os.environ["OMP_NUM_THREADS"] = "1"
+    # The workers, the ci DAG's jobs and the tests' subprocesses together ask for more threads than
+    # there are cores; OpenMP threads that spin while they wait would take the cores from the others.
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -80,7 +83,15 @@ INTEGRATION_MODULES = {"test_workflow.py", "test_benchmark.py"}
 INTEGRATION_WORDS = ("compile", "kill", "ddp", "freed_memory", "end_to_end")
 
 
+# `make test` hands whole files to its workers in collection order (--dist loadfile
+# --no-loadscope-reorder): the longest files go first, so that none of them starts last and runs
+# alone at the end. test_workflow.py holds the ci DAG, the longest single test.
+LONGEST_FILES = ("test_workflow.py", "test_train.py", "test_benchmark.py", "test_clone.py")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in INTEGRATION_MODULES or any(w in item.name for w in INTEGRATION_WORDS):
             item.add_marker(pytest.mark.integration)
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept within

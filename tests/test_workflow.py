@@ -292,6 +292,21 @@ def test_main_table_reads_the_evals_of_the_teacher_and_its_runs(profile):
     assert set(params["evals"]) == {"teacher", *params["runs"]}, params["evals"]
 
 
+def test_a_sweep_point_at_a_runs_own_budget_and_seed_is_that_run():
+    """ci's runs give their budget in steps (8 x 4 x 64 = 2,048 tokens, seed 0): the sweep's
+    2,048-token seed-0 points are those runs, trained once, not a second copy of each."""
+    target = "results/ci/tables/budget_sweep.csv"
+    r = snakemake("-n", "-p", "--forceall", "--cores", "2", "--config", "profile=ci", "--", target)
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = _planned_jobs(r.stdout)
+    trained = {re.search(r"--output-dir results/ci/runs/(\S+)", cmd).group(1) for rule, _, cmd in jobs if rule == "train"}
+    assert {"lrc_small", "prune_kd", "lrc_then_kd", "lrc_small__t2048_s1", "lrc_small__t1024_s0"} <= trained
+    assert not {n for n in trained if n.endswith("__t2048_s0")}, sorted(trained)
+    (cmd,) = [cmd for rule, _, cmd in jobs if rule == "budget_sweep"]
+    runs = json.loads(re.search(r"-y '(.*)' >", cmd).group(1))["runs"]
+    assert runs["lrc_small"] == {"dir": "results/ci/runs/lrc_small", "method": "lrc_small", "tokens": 2048, "seed": 0}
+
+
 def test_the_papers_numbers_are_apart_from_the_profiles_outputs():
     """reference/ holds the paper's CSVs (documented in its README); results/<profile>/ only
     what a profile produced, so the `paper` profile's folder holds none of them."""

@@ -55,11 +55,22 @@ def resolved(run):
     return load_config(RUNS[run].get("config", P["train_config"]), overrides(run))
 
 
+def step_tokens(cfg):
+    """Tokens per optimizer step of one process (the workflow's budgets count them this way)."""
+    return cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+
+
+def budget(cfg):
+    """The tokens a run trains on: train.max_tokens, else train.max_steps whole steps."""
+    return cfg.train.max_tokens or cfg.train.max_steps * step_tokens(cfg)
+
+
 def variant(base, tokens, seed):
     """The run `base` re-trained with its own schedule at `tokens` and `seed` (named
-    <base>__t<tokens>_s<seed>); `base` itself when those are its own (it is trained once)."""
-    own = resolved(base).train
-    if (own.max_tokens, own.seed) == (tokens, seed):
+    <base>__t<tokens>_s<seed>); `base` itself when those are its own budget and seed, whether its
+    config gives the budget in tokens or in steps (the same training: it is trained once)."""
+    own = resolved(base)
+    if (budget(own), own.train.seed) == (tokens, seed):
         return base
     name = f"{base}__t{tokens}_s{seed}"
     RUNS.setdefault(name, {**RUNS[base], "train.max_tokens": int(tokens), "train.seed": int(seed)})
@@ -110,8 +121,7 @@ for _r in [r for r, spec in RUNS.items() if spec.get("handoff")]:
         raise ValueError(f"profile {PROFILE}: run {_r}: handoff must be {{run: <a defined run>, fraction: 0 < f < 1}}, "
                          f"got {_h!r}")
     _c = resolved(_r)
-    _step = _c.train.batch_size * _c.train.grad_accum * _c.data.seq_len
-    _total = _c.train.max_tokens or _c.train.max_steps * _step
+    _step, _total = step_tokens(_c), budget(_c)
     _first = round(float(_h["fraction"]) * _total / _step) * _step
     if not 0 < _first < _total:
         raise ValueError(f"profile {PROFILE}: run {_r}: a hand-off at {_h['fraction']} of {_total} tokens "
