@@ -299,7 +299,8 @@ def test_a_sweep_point_at_a_runs_own_budget_and_seed_is_that_run():
     r = snakemake("-n", "-p", "--forceall", "--cores", "2", "--config", "profile=ci", "--", target)
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = _planned_jobs(r.stdout)
-    trained = {re.search(r"--output-dir results/ci/runs/(\S+)", cmd).group(1) for rule, _, cmd in jobs if rule == "train"}
+    out_dir = r"--output-dir results/ci/runs/(\S+)"
+    trained = {re.search(out_dir, cmd).group(1) for rule, _, cmd in jobs if rule == "train"}
     assert {"lrc_small", "prune_kd", "lrc_then_kd", "lrc_small__t2048_s1", "lrc_small__t1024_s0"} <= trained
     assert not {n for n in trained if n.endswith("__t2048_s0")}, sorted(trained)
     (cmd,) = [cmd for rule, _, cmd in jobs if rule == "budget_sweep"]
