@@ -85,8 +85,17 @@ INTEGRATION_WORDS = ("compile", "kill", "ddp", "freed_memory", "end_to_end")
 
 # `make test` hands whole files to its workers in collection order (--dist loadfile
 # --no-loadscope-reorder): the longest files go first, so that none of them starts last and runs
-# alone at the end. test_workflow.py holds the ci DAG, the longest single test.
-LONGEST_FILES = ("test_workflow.py", "test_train.py", "test_benchmark.py", "test_clone.py")
+# alone at the end. test_workflow.py holds the ci DAG, the longest single test; test_teachers.py
+# converts the SmolLM2 teacher once (about 15 s) before its first test.
+LONGEST_FILES = (
+    "test_workflow.py",
+    "test_train.py",
+    "test_benchmark.py",
+    "test_clone.py",
+    "test_checkpoint.py",
+    "test_data.py",
+    "test_teachers.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):
