@@ -286,12 +286,16 @@ class ExperimentConfig:
                 f"baseline.init_from is set but method={self.method!r} has its own start; "
                 f"it applies to {', '.join(INIT_FROM_METHODS)}"
             )
-        step_tokens = self.train.batch_size * self.data.seq_len
-        if self.train.skip_tokens % step_tokens:
+        micro_tokens = self.train.batch_size * self.data.seq_len
+        if self.train.skip_tokens % micro_tokens:
             raise ValueError(
                 f"train.skip_tokens={self.train.skip_tokens} is not a whole number of micro-batches "
-                f"(train.batch_size x data.seq_len = {step_tokens} tokens)"
+                f"(train.batch_size x data.seq_len = {micro_tokens} tokens)"
             )
+
+    def step_tokens(self, processes: int = 1) -> int:
+        """Tokens per optimizer step: micro-batch x accumulation x sequence length x processes."""
+        return self.train.batch_size * self.train.grad_accum * self.data.seq_len * processes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -222,7 +222,7 @@ def train(
     skip = tc.skip_tokens // (tc.batch_size * cfg.data.seq_len)  # whole micro-batches (checked by the config)
     batches = Batches(train_blocks, tc.batch_size, tc.seed, train_labels, skip=skip)
     method = build_method(cfg, teacher, train_blocks).to(accelerator.device)
-    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.data.seq_len * accelerator.num_processes
+    tokens_per_step = cfg.step_tokens(accelerator.num_processes)
     total_steps = math.ceil(tc.max_tokens / tokens_per_step) if tc.max_tokens else tc.max_steps
     if compile_layers is None:
         compile_layers = resolve_compile(

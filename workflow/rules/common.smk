@@ -55,14 +55,10 @@ def resolved(run):
     return load_config(RUNS[run].get("config", P["train_config"]), overrides(run))
 
 
-def step_tokens(cfg):
-    """Tokens per optimizer step of one process (the workflow's budgets count them this way)."""
-    return cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
-
-
 def budget(cfg):
-    """The tokens a run trains on: train.max_tokens, else train.max_steps whole steps."""
-    return cfg.train.max_tokens or cfg.train.max_steps * step_tokens(cfg)
+    """The tokens a run trains on: train.max_tokens, else train.max_steps whole steps (of one
+    process: the workflow's budgets count tokens per process)."""
+    return cfg.train.max_tokens or cfg.train.max_steps * cfg.step_tokens()
 
 
 def variant(base, tokens, seed):
@@ -121,7 +117,7 @@ for _r in [r for r, spec in RUNS.items() if spec.get("handoff")]:
         raise ValueError(f"profile {PROFILE}: run {_r}: handoff must be {{run: <a defined run>, fraction: 0 < f < 1}}, "
                          f"got {_h!r}")
     _c = resolved(_r)
-    _step, _total = step_tokens(_c), budget(_c)
+    _step, _total = _c.step_tokens(), budget(_c)
     _first = round(float(_h["fraction"]) * _total / _step) * _step
     if not 0 < _first < _total:
         raise ValueError(f"profile {PROFILE}: run {_r}: a hand-off at {_h['fraction']} of {_total} tokens "
