@@ -84,10 +84,10 @@ INTEGRATION_WORDS = ("compile", "kill", "ddp", "freed_memory", "end_to_end")
 
 
 # `make test` hands whole files to its workers in collection order (--dist loadfile
-# --no-loadscope-reorder): the longest files go first, so that none of them starts last and runs
-# alone at the end. test_workflow.py holds the ci DAG, the longest single test; test_teachers.py
-# converts the SmolLM2 teacher once (about 15 s) before its first test.
-LONGEST_FILES = (
+# --no-loadscope-reorder): the longest files and those with a slow start go first, so that none
+# of them starts last and runs alone at the end. test_workflow.py holds the ci DAG, the longest
+# single test; test_teachers.py converts the SmolLM2 teacher once (about 15 s) before its first test.
+FIRST_FILES = (
     "test_workflow.py",
     "test_train.py",
     "test_benchmark.py",
@@ -102,5 +102,5 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in INTEGRATION_MODULES or any(w in item.name for w in INTEGRATION_WORDS):
             item.add_marker(pytest.mark.integration)
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    rank = {name: i for i, name in enumerate(FIRST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept within
