@@ -85,7 +85,8 @@ minor_faults_per_step and sys_s_per_step (medians over the timed steps, from get
 process, CPU and GPU runs alike) show whether a slow run was still page-faulting its working set.
 
 Compilation (--compile, column compiled): every method's decoder layers go through torch.compile
-(`compile_layers()`, as `lrc train --compile`), and so do the shared teacher's for the bound;
+(`compile_layers()`, as `lrc train --compile`; on CUDA also the fused head's per-chunk softmax / KL
+/ gradient work), and so do the shared teacher's for the bound;
 tinybert stays eager (transformers' capture of its hidden states and attention maps breaks the
 graph in every layer, and would add recompiles to the decoder-layer code the other HF methods share). The
 first warm-up step of each method compiles it; first_step_s records that step (every run), so
@@ -101,6 +102,17 @@ Paired ratios (columns over_bound_paired_median/_min/_max, round-robin schedule 
 times each method once, so the method's step divided by the bound's step of the same round is a
 ratio that the machine's drift between rounds hardly moves; their median and range over the timed
 rounds show how far one run's lrc_over_bound (a ratio of two medians) can be trusted.
+
+Parts (--parts): `train_step` marks the end of each part of the step (on CUDA after a
+synchronize; the step already waits for each micro-batch's loss, so this adds about one wait per
+step): every micro-batch's forward (under LRC's window the first one generates the weights) and
+backward, the window's closing backward, and the optimizer (clip, AdamW, zero_grad). Each timed step
+becomes a row of <output stem>_parts.csv; per_micro_batch_s is a later forward + a backward, and
+fixed_s is the rest of the step (the weight generation, the closing backward, the optimizer). The
+summary splits LRC's step over the bound's into K x its extra per micro-batch and its extra once
+per step, beside what LRC's extra matmuls (the clone targets per micro-batch, the weight generation
+per step) would take at the bound's FLOP rate: whichever part exceeds its floor is where LRC loses
+time.
 
 Output: a tidy CSV (default results/<profile>/tables/table8_throughput.csv, written atomically),
 a readable table, and as the LAST line of stdout:
@@ -376,6 +388,8 @@ class Unit:
     state_bytes: float = 0.0
     status: str = "ok"
     label: str = ""  # how the unit is printed and named in files (default: its name)
+    parts: list[dict] = field(default_factory=list)  # --parts: step_parts() of every timed step
+    last_parts: dict | None = None  # step_parts() of the latest step
 
     def __post_init__(self):
         self.label = self.label or self.name
@@ -465,6 +479,14 @@ def run_step(unit, scratch, bench: Bench, micro_batches) -> float:
     window = None if unit.name in ACCUM_ONLY else accumulation_window(target.module, len(micro_batches))
     # a unit that is not compiled runs eagerly even through the shared teacher's compiled layers
     stance = contextlib.nullcontext() if target.compiled else torch.compiler.set_stance("force_eager")
+    marks: list[tuple[str, float]] = []
+    cuda = bench.device.type == "cuda"
+
+    def clock(part: str) -> None:  # --parts: when each part of the step ends
+        if cuda:
+            torch.cuda.synchronize()
+        marks.append((part, time.perf_counter()))
+
     t0 = time.perf_counter()
     with stance, teacher_attention(bench.teacher, target.attn_impl):
         train_step(
@@ -475,10 +497,41 @@ def run_step(unit, scratch, bench: Bench, micro_batches) -> float:
             bench.base.train.grad_clip,
             bench.accelerator,
             window,
+            clock=clock if bench.args.parts else None,
         )
-    if bench.device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    unit.last_parts = step_parts(t0, marks, len(micro_batches)) if bench.args.parts else None
+    return dt
+
+
+def step_parts(t0: float, marks: list[tuple[str, float]], K: int) -> dict[str, float]:
+    """One step's parts (seconds) from `train_step`'s clock marks (part, time) after t0:
+    forward_first_s (with LRC's window: the weight generation too), forward_s (the mean of the later
+    forwards; K = 1: the first), backward_s (the mean per micro-batch), window_s (closing backward of
+    the window), optimizer_s (clip, AdamW, zero_grad); per_micro_batch_s = forward_s + backward_s and
+    fixed_s = the step - K * per_micro_batch_s, the work done once per step whatever K is."""
+    spans: dict[str, list[float]] = {}
+    prev = t0
+    for part, t in marks:
+        spans.setdefault(part, []).append(t - prev)
+        prev = t
+    fwd, bwd = spans["forward"], spans["backward"]
+    assert len(fwd) == len(bwd) == K and len(spans["window"]) == len(spans["optimizer"]) == 1, spans
+    later = statistics.fmean(fwd[1:]) if K > 1 else fwd[0]
+    per_micro = later + statistics.fmean(bwd)
+    step = prev - t0
+    return {
+        "step_s": step,
+        "forward_first_s": fwd[0],
+        "forward_s": later,
+        "backward_s": statistics.fmean(bwd),
+        "window_s": spans["window"][0],
+        "optimizer_s": spans["optimizer"][0],
+        "per_micro_batch_s": per_micro,
+        "fixed_s": step - K * per_micro,
+    }
 
 
 def profile_step(unit, scratch, bench: Bench, micro_batches, path: Path) -> None:
@@ -605,6 +658,14 @@ def parse_args(argv):
         "the bound's teacher forward too; tinybert stays eager), as `lrc train --compile`; "
         "compilation happens in the warm-up steps, so use --warmup >= 1. '--compile both' "
         "times every method eagerly and compiled in the same rounds (paired before/after)",
+    )
+    p.add_argument(
+        "--parts",
+        action="store_true",
+        help="also time the parts of every timed step (forwards, backwards, the accumulation window's "
+        "closing backward, the optimizer; on CUDA a synchronize ends each part) and write them to "
+        "<output stem>_parts.csv; the summary splits LRC's step over the bound's into work per "
+        "micro-batch and work once per step, each beside its FLOP floor",
     )
     p.add_argument(
         "--torch-profiler",
@@ -870,6 +931,8 @@ def step_and_record(bench: Bench, unit: Unit, scratch: Unit | None, r: int, mete
     if timed:
         now = _usage()
         unit.times.append(dt)
+        if unit.last_parts is not None:
+            unit.parts.append(unit.last_parts)
         unit.faults.append(now[0] - usage[0])
         unit.sys_s.append(now[1] - usage[1])
     if (timed and not mem_round) or r == rounds:  # working memory (docstring)
@@ -1070,6 +1133,90 @@ def print_summary(
     print(f"# wrote {out}")
 
 
+PART_NAMES = [
+    "step_s",
+    "forward_first_s",
+    "forward_s",
+    "backward_s",
+    "window_s",
+    "optimizer_s",
+    "per_micro_batch_s",
+    "fixed_s",
+]
+PART_COLUMNS = ["profile", "device", "method", "compiled", "batch_size", "seq_len", "grad_accum", "step", *PART_NAMES]
+
+
+def write_parts(bench: Bench, results: dict, path: Path) -> None:
+    """--parts: one row per timed step of every unit (PART_COLUMNS), written atomically."""
+    import pandas as pd
+
+    from lrc_src.fileio import write_csv_atomic
+
+    rows = [
+        {
+            "profile": bench.args.profile,
+            "device": bench.device.type,
+            "method": name,
+            "compiled": compiled,
+            "batch_size": bench.B,
+            "seq_len": bench.T,
+            "grad_accum": bench.K,
+            "step": i,
+            **{k: _f(v) for k, v in parts.items()},
+        }
+        for (name, compiled), u in results.items()
+        for i, parts in enumerate(u.parts)
+    ]
+    write_csv_atomic(pd.DataFrame(rows, columns=PART_COLUMNS), path)
+
+
+def median_parts(unit: Unit) -> dict[str, float]:
+    """The median of each part over the unit's timed steps (nan without parts)."""
+    return {k: statistics.median(p[k] for p in unit.parts) if unit.parts else float("nan") for k in PART_NAMES}
+
+
+def print_parts(bench: Bench, results: dict, path: Path) -> None:
+    """--parts: the medians of each unit's parts, then LRC's step over the bound's split into the
+    work per micro-batch and the work once per step, each beside what its extra matmuls would cost at
+    the bound's FLOP rate (the floor)."""
+    B, T, K = bench.B, bench.T, bench.K
+    print(f"# parts of a step, medians over the timed steps (seconds; written to {path}):")
+    print(
+        f"{'method':18s} {'step':>8s} {'fwd_first':>9s} {'fwd':>8s} {'bwd':>8s} {'window':>8s} {'optim':>8s} "
+        f"{'per_micro':>9s} {'fixed':>8s}"
+    )
+    timed = [(key, u) for key, u in results.items() if key[0] in bench.wanted and u.parts]
+    for (name, compiled), u in sorted(timed, key=lambda kv: (bench.wanted.index(kv[0][0]), kv[0][1])):
+        m = median_parts(u)
+        label = name + (" (compiled)" if compiled else "")
+        print(
+            f"{label:18s} "
+            + " ".join(f"{m[k]:>{9 if k in ('forward_first_s', 'per_micro_batch_s') else 8}.4f}" for k in PART_NAMES)
+        )
+    tcfg, d_S = bench.teacher.config, bench.base.lrc.student_hidden_size
+    bound_micro_flops = model_flops(BOUND, tcfg, d_S, B, T)
+    targets = lrc_extra_flops(tcfg, d_S, B, T, generation=False)  # per micro-batch
+    generation = lrc_extra_flops(tcfg, d_S, B, T) - targets  # per step
+    for compiled in (False, True):
+        lrc, bound = results.get(("lrc", compiled)), results.get((BOUND, compiled))
+        if lrc is None or bound is None or not lrc.parts or not bound.parts:
+            continue
+        lm, bm = median_parts(lrc), median_parts(bound)
+        rate = bound_micro_flops / bm["per_micro_batch_s"]  # the bound's FLOP/s per micro-batch
+        mode = " (both compiled)" if compiled else ""
+        extra_micro, extra_fixed = lm["per_micro_batch_s"] - bm["per_micro_batch_s"], lm["fixed_s"] - bm["fixed_s"]
+        print(
+            f"# LRC over the bound{mode}, +{lm['step_s'] - bm['step_s']:.4f} s per step: {K} x "
+            f"{extra_micro:+.4f} s per micro-batch and {extra_fixed:+.4f} s once per step"
+        )
+        print(
+            f"#   per micro-batch {lm['per_micro_batch_s'] / bm['per_micro_batch_s']:.3f} of the bound's; its extra "
+            f"matmuls at the bound's FLOP rate would add {targets / rate:.4f} s "
+            f"(a floor of {(bound_micro_flops + targets) / bound_micro_flops:.3f})"
+        )
+        print(f"#   once per step: the weight generation's matmuls at that rate would take {generation / rate:.4f} s")
+
+
 def last_line(rows: list[dict]) -> str:
     """'lrc_over_bound=R lrc_over_ordinary=R lrc_tokens_per_s=N mfu=F', from the compiled rows when
     there are any (--compile, --compile both)."""
@@ -1109,6 +1256,10 @@ def main(argv=None) -> int:
     out = Path(args.output) if args.output else ROOT / "results" / args.profile / "tables" / "table8_throughput.csv"
     write_rows(rows, out)
     print_summary(bench, rows, paired_by, device_name, peak, source, load, out)
+    if args.parts:
+        parts_out = out.with_name(out.stem + "_parts.csv")
+        write_parts(bench, results, parts_out)
+        print_parts(bench, results, parts_out)
     line = last_line(rows)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from lrc_src.clone import COMPILE_DEFAULTS, LowRankClone, LRCConfig
 from lrc_src.export import SUPPORTED_CONFIGS, student_config
-from lrc_src.losses import clone_mse, head_losses, kl_loss, lm_loss
+from lrc_src.losses import clone_mse, compiled_head_chunk_losses, head_losses, kl_loss, lm_loss
 
 
 @dataclass
@@ -96,14 +96,19 @@ class StudentKD(nn.Module):
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         self.kl_temperature, self.kl_reduction = kl_temperature, kl_reduction
+        self._head_chunk = None  # the head's per-chunk fp32 work compiled (compile_layers); None: eager
 
     def trainable_named_parameters(self):
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("teacher.")]
 
-    def compile_layers(self, **options) -> None:
-        """torch.compile the student's and the teacher's decoder layers (`compile_decoder_layers`)."""
+    def compile_layers(self, head: bool | None = None, **options) -> None:
+        """torch.compile the student's and the teacher's decoder layers (`compile_decoder_layers`);
+        head: the head's per-chunk work too, as `LowRankClone.compile_layers` (None: on CUDA)."""
         compile_decoder_layers(self.student, **options)
         compile_decoder_layers(self.teacher, **options)
+        if head is None:
+            head = self.student.device.type == "cuda"
+        self._head_chunk = compiled_head_chunk_losses(**options) if head else None
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> MethodOutput:
         labels = input_ids if labels is None else labels
@@ -124,6 +129,7 @@ class StudentKD(nn.Module):
             bias=self.student.lm_head.bias,
             temperature=self.kl_temperature,
             reduction=self.kl_reduction,
+            chunk_losses=self._head_chunk,
         )
         if self.teacher is None:
             del losses["kl"]
@@ -174,7 +180,7 @@ class TinyBERTStyle(StudentKD):
 
     compilable = False  # train.compile=auto runs it eagerly
 
-    def compile_layers(self, **options) -> None:
+    def compile_layers(self, head: bool | None = None, **options) -> None:
         raise ValueError(
             "tinybert cannot be compiled: transformers' capture of every layer's hidden states and "
             "attention maps breaks torch.compile's graph in each layer; train it without --compile"
@@ -212,9 +218,10 @@ class LRCMethod(nn.Module):
     def trainable_named_parameters(self):
         return [(f"clone.{n}", p) for n, p in self.clone.trainable_named_parameters()]
 
-    def compile_layers(self, **options) -> None:
-        """torch.compile the per-layer step of teacher and student (`LowRankClone.compile_layers`)."""
-        self.clone.compile_layers(**options)
+    def compile_layers(self, head: bool | None = None, **options) -> None:
+        """torch.compile the per-layer step of teacher and student and, on CUDA, the head's
+        per-chunk work (`LowRankClone.compile_layers`)."""
+        self.clone.compile_layers(head, **options)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> MethodOutput:
         out = self.clone.clone(input_ids, labels)

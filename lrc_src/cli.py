@@ -153,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="torch.compile the decoder layers (teacher and student side by side for LRC; one graph "
-        "for all layers): fused elementwise kernels, less Python per layer; the first step "
-        "compiles (seconds to minutes). Same as --set train.compile=on (default auto: on with CUDA); "
-        "a run resumes with or without it",
+        "for all layers) and, with CUDA, the fused head's softmax / KL work: fused elementwise "
+        "kernels, less Python per layer; the first step compiles (seconds to minutes). Same as "
+        "--set train.compile=on (default auto: on with CUDA); a run resumes with or without it",
     )
     t.set_defaults(func=_train)
 

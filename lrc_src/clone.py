@@ -60,7 +60,7 @@ from transformers import PreTrainedModel
 from lrc_src import export, starts
 from lrc_src.config import LRCConfig
 from lrc_src.export import SUPPORTED_CONFIGS, check_student_size, head_dim
-from lrc_src.losses import clone_mse, head_losses
+from lrc_src.losses import clone_mse, compiled_head_chunk_losses, head_losses
 
 LINEARS = (
     "self_attn.q_proj",
@@ -362,6 +362,7 @@ class LowRankClone(nn.Module):
         self.clone_layer_ids = resolve_clone_layers(config.clone_layers, L)
         self.relative_mse = config.clone_normalize == "relative"
         self._compiled_layer = None  # `_layer` through torch.compile, once compile_layers() is called
+        self._head_chunk = None  # the head's per-chunk fp32 work compiled (compile_layers); None: eager
         self._window: dict | None = None  # the weights generated once, inside accumulation_window()
 
     # ------------------------------------------------------------------ parameters
@@ -392,13 +393,19 @@ class LowRankClone(nn.Module):
         layer = self.layers[i]
         return layer.self_attn[m] if m in ("q", "k", "v", "o") else layer.mlp[m]
 
-    def compile_layers(self, **options) -> LowRankClone:
+    def compile_layers(self, head: bool | None = None, **options) -> LowRankClone:
         """Run `_layer` (one decoder layer of teacher and student, with its clone terms) through
         torch.compile: regional compilation, one graph for every layer, so the elementwise work
         (norms, RoPE, SiLU, the MSEs) is fused and the per-layer Python overhead goes. The weight
-        generation and the fused head stay eager. options: passed to torch.compile, over
-        COMPILE_DEFAULTS (static shapes)."""
+        generation and the head's matmuls stay eager.
+
+        head: compile the head's per-chunk softmax / KL / gradient work too
+        (`losses.compiled_head_chunk_losses`); None: where the parameters are on CUDA.
+        options: passed to torch.compile, over COMPILE_DEFAULTS (static shapes)."""
         self._compiled_layer = torch.compile(self._layer, **{**COMPILE_DEFAULTS, **options})
+        if head is None:
+            head = self.norm.device.type == "cuda"
+        self._head_chunk = compiled_head_chunk_losses(**options) if head else None
         return self
 
     # ------------------------------------------------------------------ weight generation (Eq. 3-5)
@@ -611,6 +618,7 @@ class LowRankClone(nn.Module):
             reduction=cfg.kl_reduction,
             kl_weight=float(cfg.use_kl),
             lm_weight=float(cfg.use_lm),
+            chunk_losses=self._head_chunk,
         )
 
         # ---- L_clone, summed over layers per term; L = L_KL + L_LM + alpha * L_clone

@@ -211,8 +211,9 @@ class TrainConfig:
     # start after them (the LRC -> KD hand-off, baseline.init_from), so the two phases together see
     # exactly the batches one run of their summed budget sees. A multiple of batch_size x seq_len.
     skip_tokens: int = 0
-    # torch.compile the decoder layers: auto | on | off. auto compiles with CUDA, where every method's
-    # step is 27-29% faster compiled (results/paper-1.5b, H200), and on the CPU only for runs of at
+    # torch.compile the decoder layers (with CUDA also the fused head's per-chunk softmax / KL work):
+    # auto | on | off. auto compiles with CUDA, where compiling the layers made every method's
+    # step 27-29% faster (results/paper-1.5b, H200), and on the CPU only for runs of at
     # least CPU_COMPILE_MIN_STEPS steps (lrc_src.runtime): there a cold compile costs ~13 s and saves
     # 7-20% of each step, and the CPU profiles' short runs keep the eager numbers they were measured
     # with. Methods that cannot compile (tinybert) run eagerly under auto. A runtime choice: a run may

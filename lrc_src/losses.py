@@ -12,6 +12,8 @@ gradients) and the references against naive loops written independently.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -133,6 +135,7 @@ def head_losses(
     kl_weight: float = 1.0,
     lm_weight: float = 1.0,
     ignore_index: int = -100,
+    chunk_losses: Callable | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The LM head, the KL and the LM loss in one pass over chunks of positions.
 
@@ -153,6 +156,9 @@ def head_losses(
     matmuls with that buffer (d hidden = G W, d weight = G^T hidden). One softmax per distribution
     (three exp passes per logit at tau != 1, two at tau = 1) gives both the probabilities and,
     through its largest value, the log-partition.
+
+    chunk_losses: the per-piece fp32 work, `head_chunk_losses` (default) or its compiled copy
+    (`compiled_head_chunk_losses()`, which a method's `compile_layers` picks on CUDA).
     """
     _check_kl_arguments(temperature, reduction)
     B, T, _ = hidden.shape
@@ -177,6 +183,7 @@ def head_losses(
         float(kl_weight),
         float(lm_weight),
         ignore_index,
+        chunk_losses or head_chunk_losses,
     )
     return loss, {"kl": kl, "lm": lm}
 
@@ -245,6 +252,72 @@ def _row_logsumexp(x_max: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return x_max - p.amax(dim=-1, keepdim=True).log()
 
 
+def head_chunk_losses(
+    z: torch.Tensor,
+    zt: torch.Tensor | None,
+    targets: torch.Tensor,
+    ignore_index: int,
+    coef: torch.Tensor,
+    tau: float,
+    grad: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 work of `head_losses` on one piece of rows, after the logits matmuls.
+
+    z: [c, V] student logits and zt: [c, V] teacher logits (None: no KL), in the matmul dtype;
+    targets: [c] next-token ids (ignore_index: none); coef: fp32 [3] = (lm_c, kl_c, kl_c / tau),
+    d loss / d (sum of CE over rows) and d loss / d (sum of KL over rows), as a tensor so that a
+    compiled copy does not recompile when the number of targets changes; grad: [c, V] where
+    d loss / d z is written (None: not needed). Returns the piece's KL sum and CE sum (fp32 scalars).
+
+    About 20 elementwise passes over [c, V] in fp32: plain tensor code that torch.compile can fuse
+    (`compiled_head_chunk_losses`), tested equal to this eager version.
+    """
+    lm_c, kl_c, kl_c_tau = coef[0], coef[1], coef[2]
+    want_grad = grad is not None
+    ok = targets != ignore_index  # [c]
+    tgt = torch.where(ok, targets, 0)  # [c]
+    z = z.float()  # [c, V]
+    m = z.amax(dim=-1, keepdim=True)  # [c, 1]
+    z_tgt = z.gather(1, tgt[:, None]).squeeze(1)  # [c]
+    ps = torch.softmax(z, dim=-1)  # p_S  [c, V]
+    lse = _row_logsumexp(m, ps)  # [c, 1]
+    lm_sum = ((lse.squeeze(1) - z_tgt) * ok).sum()
+    lm_row = ok[:, None] * lm_c  # [c, 1]: the CE weight of each row (0 = no target)
+    if zt is None:
+        kl_sum = torch.zeros((), dtype=torch.float32, device=z.device)
+        g = ps.mul_(lm_row) if want_grad else None  # lm_c p_S (- onehot below)
+    else:
+        zt = zt.float().div_(tau)  # [c, V] teacher logits / tau
+        pt = torch.softmax(zt, dim=-1)  # p_T
+        lse_t = _row_logsumexp(zt.amax(dim=-1, keepdim=True), pt)
+        if tau == 1.0:  # p_S^tau = p_S: one softmax serves both terms
+            zs, ps_tau, lse_s = z, ps, lse
+        else:
+            zs = z.div_(tau)  # z / tau in place (z's only other uses are above)
+            ps_tau = torch.softmax(zs, dim=-1)  # p_S^tau
+            lse_s = _row_logsumexp(m / tau, ps_tau)  # max(z / tau) = max(z) / tau
+        # sum p_T (log p_T - log p_S), log p_T - log p_S = (zt - zs) - (lse_t - lse_s)
+        kl_sum = torch.dot(pt.view(-1), zt.sub_(zs).sub_(lse_t - lse_s).view(-1))
+        if not want_grad:
+            g = None
+        elif tau == 1.0:  # (lm_c [row has a target] + kl_c) p_S - kl_c p_T
+            g = ps.mul_(lm_row + kl_c).sub_(pt.mul_(kl_c))
+        else:  # kl_c / tau (p_S^tau - p_T) + lm_c p_S [..]
+            g = ps_tau.sub_(pt).mul_(kl_c_tau).add_(ps.mul_(lm_row))
+    if want_grad:  # - lm_c onehot(target) on rows with a target (lm_row is 0 elsewhere)
+        grad.copy_(g.scatter_add_(1, tgt[:, None], -lm_row))
+    return kl_sum, lm_sum
+
+
+def compiled_head_chunk_losses(**options) -> Callable:
+    """`head_chunk_losses` through torch.compile (options over static shapes): its elementwise
+    passes fused into a few kernels. On a GPU each pass over a chunk's [c, V] fp32 buffers is a trip
+    to device memory, and LRC's KL takes about 20 of them per micro-batch; on the CPU the sub-chunks
+    already keep those buffers in cache, and compiled loss kernels did not make the step faster
+    there (docs/LOG.md), so the methods pick this copy on CUDA only."""
+    return torch.compile(head_chunk_losses, **{"dynamic": False, **options})
+
+
 class _FusedHeadLosses(torch.autograd.Function):
     """See `head_losses`. Outputs (loss, kl, lm); only loss is differentiable."""
 
@@ -264,6 +337,7 @@ class _FusedHeadLosses(torch.autograd.Function):
         kl_weight,
         lm_weight,
         ignore_index,
+        chunk_losses,
     ):
         dev = hidden.device
         with torch.autocast(dev.type, enabled=False):
@@ -285,44 +359,19 @@ class _FusedHeadLosses(torch.autograd.Function):
             lm_sum = torch.zeros((), dtype=torch.float32, device=dev)
             step = max(1, HEAD_CHUNK_ELEMENTS.get(dev.type, HEAD_CHUNK_ELEMENTS_DEFAULT) // V)  # rows
             sub = max(1, HEAD_SUBCHUNK_ELEMENTS.get(dev.type, HEAD_CHUNK_ELEMENTS_DEFAULT) // V)  # rows
+            coef = torch.tensor([lm_c, kl_c, kl_c / tau], dtype=torch.float32, device=dev)
             for i0 in range(0, N, step):
                 j0 = min(i0 + step, N)
                 zc = F.linear(h[i0:j0], w, b)  # [C, V] student logits, matmul dtype
-                if t_hidden is not None:
-                    ztc = F.linear(ht[i0:j0], wt, bt)  # [C, V] teacher logits
+                ztc = None if t_hidden is None else F.linear(ht[i0:j0], wt, bt)  # [C, V] teacher logits
                 for i in range(i0, j0, sub):
                     j = min(i + sub, j0)
-                    z = zc[i - i0 : j - i0].float()  # [c, V]
-                    ok = valid[i:j]
-                    tgt = torch.where(ok, targets[i:j], 0)  # [c]
-                    m = z.amax(dim=-1, keepdim=True)  # [c, 1]
-                    z_tgt = z.gather(1, tgt[:, None]).squeeze(1)  # [c]
-                    ps = torch.softmax(z, dim=-1)  # p_S  [c, V]
-                    lse = _row_logsumexp(m, ps)  # [c, 1]
-                    lm_sum += ((lse.squeeze(1) - z_tgt) * ok).sum()
-                    lm_row = ok[:, None] * lm_c  # [c, 1]: the CE weight of each row (0 = no target)
-                    if t_hidden is None:
-                        g = ps.mul_(lm_row) if want_grad else None  # lm_c p_S (- onehot below)
-                    else:
-                        zt = ztc[i - i0 : j - i0].float().div_(tau)  # [c, V] teacher logits / tau
-                        pt = torch.softmax(zt, dim=-1)  # p_T
-                        lse_t = _row_logsumexp(zt.amax(dim=-1, keepdim=True), pt)
-                        if tau == 1.0:  # p_S^tau = p_S: one softmax serves both terms
-                            zs, ps_tau, lse_s = z, ps, lse
-                        else:
-                            zs = z.div_(tau)  # z / tau in place (z's only other uses are above)
-                            ps_tau = torch.softmax(zs, dim=-1)  # p_S^tau
-                            lse_s = _row_logsumexp(m / tau, ps_tau)  # max(z / tau) = max(z) / tau
-                        # sum p_T (log p_T - log p_S), log p_T - log p_S = (zt - zs) - (lse_t - lse_s)
-                        kl_sum += torch.dot(pt.view(-1), zt.sub_(zs).sub_(lse_t - lse_s).view(-1))
-                        if not want_grad:
-                            g = None
-                        elif tau == 1.0:  # (lm_c [row has a target] + kl_c) p_S - kl_c p_T
-                            g = ps.mul_(lm_row + kl_c).sub_(pt.mul_(kl_c))
-                        else:  # kl_c / tau (p_S^tau - p_T) + lm_c p_S [..]
-                            g = ps_tau.sub_(pt).mul_(kl_c / tau).add_(ps.mul_(lm_row))
-                    if want_grad:  # - lm_c onehot(target) on rows with a target (lm_row is 0 elsewhere)
-                        G[i:j] = g.scatter_add_(1, tgt[:, None], -lm_row)
+                    zt = None if ztc is None else ztc[i - i0 : j - i0]
+                    kl_piece, lm_piece = chunk_losses(
+                        zc[i - i0 : j - i0], zt, targets[i:j], ignore_index, coef, tau, G[i:j] if want_grad else None
+                    )
+                    kl_sum += kl_piece
+                    lm_sum += lm_piece
             ctx.save_for_backward(h, w, G)
             ctx.has_bias, ctx.dtypes = bias is not None, (hidden.dtype, weight.dtype)
             ctx.shape = hidden.shape
@@ -344,7 +393,7 @@ class _FusedHeadLosses(torch.autograd.Function):
                 dw = (G.T @ h).mul_(go).to(ctx.dtypes[1])  # [V, d]
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 db = G.float().sum(0).mul_(grad_loss)
-        return dh, dw, db, *([None] * 10)
+        return dh, dw, db, *([None] * 11)
 
 
 def clone_mse(student: torch.Tensor, target: torch.Tensor, relative: bool = False) -> torch.Tensor:

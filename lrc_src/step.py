@@ -68,6 +68,7 @@ def train_step(
     window: Callable | None = None,
     manual_sync: bool = False,
     scheduler=None,
+    clock: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """One optimizer step of `method` over micro_batches (on its device); returns (the mean loss and
     loss terms over the micro-batches, the gradient norm before clipping).
@@ -76,10 +77,15 @@ def train_step(
     manual_sync: under DDP with a window, every micro-batch runs without DDP's gradient sync (its
         sync would miss the window's closing backward) and the gradients are averaged after it.
     scheduler: stepped after the optimizer (None: no schedule).
+    clock: called with each part's name as the part ends, to time the parts (benchmarks/throughput.py
+        --parts): "forward" and "backward" per micro-batch (the first forward in a window generates
+        the weights), "window" after the window's closing backward and the gradient averaging,
+        "optimizer" after clipping, the optimizer and scheduler steps and zero_grad.
     Raises NonFiniteLossError on a non-finite loss, before its backward and the optimizer step.
     """
     K = len(micro_batches)
     sums: dict[str, float] = {}
+    clock = clock or (lambda part: None)
     with window() if window is not None else contextlib.nullcontext():
         for micro, (ids, labels) in enumerate(micro_batches):
             sync = micro == K - 1 and not manual_sync
@@ -88,14 +94,18 @@ def train_step(
                     o = method(ids, labels)
                 if not torch.isfinite(o.loss):
                     raise NonFiniteLossError(f"non-finite loss ({o.loss.item()})")
+                clock("forward")
                 accelerator.backward(o.loss / K)
             for k, v in [("loss", o.loss)] + list(o.losses.items()):
                 sums[k] = sums.get(k, 0.0) + v.detach().float().item() / K
+            clock("backward")
     if manual_sync:
         average_gradients(params, accelerator)
+    clock("window")
     grad_norm = accelerator.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    clock("optimizer")
     return sums, grad_norm

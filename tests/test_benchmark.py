@@ -206,6 +206,7 @@ def test_grad_accum_times_micro_batches_and_lrc_regen(tmp_path):
         "lrc,lrc_regen,scratch,bound",
         "--output",
         str(out),
+        "--parts",
     )
     assert p.returncode == 0, p.stderr[-3000:]
     with out.open() as f:
@@ -213,6 +214,19 @@ def test_grad_accum_times_micro_batches_and_lrc_regen(tmp_path):
     assert [r["method"] for r in rows] == ["lrc", "lrc_regen", "scratch", "bound"]
     for r in rows:
         assert r["status"] == "ok" and r["grad_accum"] == "3" and int(r["tokens_per_step"]) == 2 * 16 * 3, r
+    # --parts: every timed step of every method split into its parts, which add up to the step
+    with (tmp_path / "t8_parts.csv").open() as f:
+        parts = list(csv.DictReader(f))
+    assert sorted(r["method"] for r in parts) == ["bound", "lrc", "lrc_regen", "scratch"], parts
+    measured = ("step_s", "forward_first_s", "forward_s", "backward_s", "window_s", "optimizer_s")
+    for r in parts:
+        x = {k: float(r[k]) for k in measured}
+        assert all(v >= 0 for v in x.values()) and r["grad_accum"] == "3", r
+        assert 3 * float(r["per_micro_batch_s"]) + float(r["fixed_s"]) == pytest.approx(x["step_s"], rel=1e-4), r
+        assert x["forward_first_s"] + x["window_s"] + x["optimizer_s"] <= x["step_s"], r
+        step_median = float(next(row for row in rows if row["method"] == r["method"])["median_step_s"])
+        assert x["step_s"] <= step_median * 1.0001, r  # one timed step, so the median is that step, clock to clock
+    assert "# LRC over the bound, +" in p.stdout and "per micro-batch" in p.stdout, p.stdout[-2000:]
     assert run("--profile", "ci", "--grad-accum", "0").returncode == 2
 
 

@@ -284,6 +284,38 @@ def test_accumulation_window_gradients_equal_per_micro_batch_generation(variant)
     assert method.clone._window is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compile_layers_compiles_the_head(ids):
+    """On CUDA, compile_layers() of LRC and of a plain student compiles the head's per-chunk work
+    by default; under bf16 autocast the losses and gradients follow the eager ones."""
+    from lrc_src.baselines import StudentKD, student_like
+
+    ids = ids.cuda()
+    builders = {
+        "lrc": lambda: make_clone("llama-mqa-untied").cuda(),
+        "kd": lambda: StudentKD(
+            student_like(make_teacher("llama-bias"), 32, seed=0), make_teacher("llama-bias")
+        ).cuda(),
+    }
+    for name, build in builders.items():
+        runs = []
+        for compiled in (False, True):
+            method = build()
+            if compiled:
+                method.compile_layers()
+                assert method._head_chunk is not None, name
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = method(ids)
+            out.loss.backward()
+            grads = {n: p.grad.float() for n, p in method.trainable_named_parameters() if p.grad is not None}
+            runs.append((out.losses, grads))
+        (eager, eager_grads), (comp, comp_grads) = runs
+        for k, v in eager.items():
+            assert comp[k].item() == pytest.approx(v.item(), rel=2e-2, abs=1e-3), (name, k)
+        for k, g in eager_grads.items():
+            assert (comp_grads[k] - g).norm() <= 5e-2 * g.norm() + 1e-6, (name, k)
+
+
 @pytest.mark.parametrize("kind", ["llama-gqa-tied", "llama-bias", "qwen2-bias"])
 @pytest.mark.parametrize("with_teacher", [True, False])
 def test_student_kd_fused_head_equals_logits_path(kind, with_teacher, ids):
@@ -332,16 +364,19 @@ def test_clone_output_logits_outside_autocast(ids):
 )
 def test_compiled_layers_match_eager(kind, kw, ids):
     """compile_layers(): the same losses and gradients as eager (fp32), and one compiled graph per
-    distinct set of clone terms, not one per layer (the layer step takes no layer index)."""
+    distinct set of clone terms, not one per layer (the layer step takes no layer index). One case
+    compiles the head's per-chunk work too (head=True: CUDA's default), one more graph."""
     from torch._dynamo.utils import counters
 
+    head = kind == "llama-gqa-tied"
     runs = []
     for compiled in (False, True):
         lrc = make_clone(kind, **kw)
         if compiled:
             torch._dynamo.reset()
             counters.clear()
-            lrc.compile_layers()
+            lrc.compile_layers(head=head)
+            assert (lrc._head_chunk is not None) == head
         out = lrc.clone(ids)
         out.loss.backward()
         runs.append(
@@ -353,7 +388,7 @@ def test_compiled_layers_match_eager(kind, kw, ids):
             )
         )
     distinct_terms = len({i in lrc.clone_layer_ids for i in range(lrc.num_layers)})
-    assert counters["stats"]["unique_graphs"] == distinct_terms, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == distinct_terms + head, dict(counters["stats"])
     (eager_losses, eager_grads, *eager_h), (comp_losses, comp_grads, *comp_h) = runs
     for a, b in zip(eager_h, comp_h):  # the student's and the teacher's final hidden states
         assert (a - b).abs().max() <= 1e-5 * a.abs().max()

@@ -257,6 +257,39 @@ def test_head_losses_under_bf16_autocast_and_no_grad():
     )
 
 
+@pytest.mark.parametrize("tau, with_teacher", [(40.0, True), (1.0, False)])
+def test_compiled_head_chunk_losses_match_eager(tau, with_teacher, monkeypatch):
+    """The head's per-piece work through torch.compile (`compiled_head_chunk_losses`, what the
+    methods run on CUDA) gives the eager loss, parts and gradients, under bf16 autocast, with
+    ignored labels (the number of targets reaches the compiled copy as a tensor)."""
+    V = 41
+    monkeypatch.setitem(losses.HEAD_CHUNK_ELEMENTS, "cpu", 6 * V)  # 3 chunks of 6 rows for 18 rows
+    monkeypatch.setitem(losses.HEAD_SUBCHUNK_ELEMENTS, "cpu", 3 * V)  # 2 pieces of 3 rows each
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 9, 16, generator=g).requires_grad_()
+    w = (torch.randn(V, 16, generator=g) * 0.5).requires_grad_()
+    labels = torch.randint(0, V, (2, 9), generator=g)
+    labels[1, 2:5] = -100
+    teacher = (torch.randn(2, 9, 24, generator=g), torch.randn(V, 24, generator=g) * 0.5, None)
+    compiled = losses.compiled_head_chunk_losses()
+    results = []
+    for chunk_losses in (None, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, parts = losses.head_losses(
+                h, w, labels, teacher if with_teacher else None, temperature=tau, chunk_losses=chunk_losses
+            )
+        loss.backward()
+        results.append((loss.detach(), parts["kl"], parts["lm"], h.grad, w.grad))
+        h.grad = w.grad = None
+    (loss, kl, lm, gh, gw), (c_loss, c_kl, c_lm, c_gh, c_gw) = results
+    assert c_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert c_kl.item() == pytest.approx(kl.item(), rel=1e-4, abs=1e-6) and c_lm.item() == pytest.approx(
+        lm.item(), rel=1e-5
+    )
+    for got, want in ((c_gh, gh), (c_gw, gw)):  # both from bf16 gradients of the logits
+        assert (got - want).norm() <= 1e-2 * want.norm(), (got - want).abs().max()
+
+
 def test_head_losses_bad_input():
     h, w = torch.zeros(1, 3, 4), torch.zeros(5, 4)
     with pytest.raises(ValueError, match="labels shape"):

@@ -157,10 +157,14 @@ def test_train_step_means_micro_batches_and_stops_before_a_non_finite_update():
         opened.append("exit")
 
     # dots -3 and 1, losses 9 and 1; the mean loss's gradient ((2*-3)*x1 + (2*1)*x2) / 2 = [0, -5]
-    sums, norm = train_step(model, [(x1, None), (x2, None)], opt, [model.w], 100.0, acc, window, scheduler=sched)
+    sums, norm = train_step(
+        model, [(x1, None), (x2, None)], opt, [model.w], 100.0, acc, window, scheduler=sched, clock=opened.append
+    )
     assert sums == {"loss": 5.0, "dot": -1.0} and float(norm) == pytest.approx(5.0)
     torch.testing.assert_close(model.w.detach().cpu(), torch.tensor([1.0, -1.5]))
-    assert model.w.grad is None and opened == ["enter", "exit"] and opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert model.w.grad is None and opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    # the clock marks the end of each part, the window's closing backward included (benchmarks' --parts)
+    assert opened == ["enter", "forward", "backward", "forward", "backward", "exit", "window", "optimizer"], opened
 
     before = model.w.detach().clone()
     nan = torch.tensor(float("nan"), device=acc.device)
