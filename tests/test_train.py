@@ -258,8 +258,10 @@ def test_keep_freed_memory_reuses_freed_pages():
     (applied, kept), (_, default) = faults("keep"), faults("default")
     assert applied == "True"
     # glibc's default faults each of the five blocks in afresh (5 x 16384 faults with 4 KB pages;
-    # fewer with transparent huge pages), kept memory at most the first (measured: 16384 and 81925)
-    assert default > 0 and kept * 3 < default, (kept, default)
+    # fewer with transparent huge pages), kept memory one or two of them: measured 16384 against
+    # 81925 on a quiet machine, and once 32768 under make test's load, where another allocation can
+    # land in the freed block before the next one reuses it
+    assert default > 0 and kept * 2 < default, (kept, default)
 
 
 HEAP_TOP_AFTER_FREE = """
