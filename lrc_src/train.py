@@ -201,7 +201,8 @@ def train(
     then that run is deleted and training starts again (the workflow's choice: it owns its folders).
     keep_memory: on the CPU, `keep_freed_memory()` (faster steps; resident memory stays at its peak).
     compile_layers: torch.compile the method's decoder layers (`compile_layers()` of the method:
-        regional compilation, one graph for all layers; the first step compiles); None: as
+        regional compilation, one graph for all layers; with CUDA the fused head's per-chunk work
+        too; the first step compiles); None: as
         train.compile says (auto: with CUDA). A runtime choice like threads: a run may resume with
         or without it.
     """
