@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One GPU session's checks in one call, about 5-6 minutes on one H100/H200 (under 8 with the
+# limits below): Table 8's b3x8_parts and b3_paired runs (gpu_table8.sh: LRC and the bound at the
+# paper's LRC-1.5B shape, eager and compiled in the same rounds, the steps split into their parts),
+# then the tests that need CUDA or touch the compiled layers, the compiled head and the export.
+#
+# The device machine has no network: the tests read the ci profile's assets from $LRC_CACHE, so
+# bring the micro teacher, the KJV corpus and the token caches along (about 24 MB), e.g. with the
+# device call's carry: .lrc_cache/teachers/random-llama-micro, .lrc_cache/corpora/kjv,
+# .lrc_cache/tokens. Writes the CSVs, the logs and the tests' log to $OUT (default
+# results/paper-1.5b/tables); exits non-zero if a run or a test failed.
+#   OUT=$OUT PYTHON=python3 bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # lrc_src from this checkout, installed or not
+export LRC_CACHE="${LRC_CACHE:-$PWD/.lrc_cache}"
+out="${OUT:-results/paper-1.5b/tables}"
+mkdir -p "$out"
+py="${PYTHON:-python}"
+
+OUT="$out" PYTHON="$py" timeout 300 bash benchmarks/gpu_table8.sh b3x8_parts b3_paired
+benchmarks=$?
+
+echo "== tests that need CUDA or touch the compiled layers, the compiled head and the export"
+timeout 150 "$py" -m pytest -q -rA -p no:cacheprovider tests/test_clone.py tests/test_losses.py \
+  tests/test_train.py tests/test_export.py tests/test_starts.py -k "(cuda or compile or export) and not ddp" \
+  > "$out/tests_cuda.log" 2>&1
+tests=$?
+tail -15 "$out/tests_cuda.log"
+echo "== benchmarks exit $benchmarks, tests exit $tests"
+[ "$benchmarks" -eq 0 ] && [ "$tests" -eq 0 ]
