@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of Table 8 in one go, for a session that has a GPU (all runs: about 8
+# Every GPU measurement of Table 8 in one go, for a session that has a GPU (all runs: about 9-10
 # minutes on one H100/H200, compiles included, by the runs' own timings so far): the paper's
 # LRC-1.5B shape (Llama-3.2-3B-shaped teacher with random bf16 weights -> d_S 1536, seq 2048).
 # Runs, most important first (a failed or cut-off run leaves the earlier CSVs):
@@ -9,6 +9,8 @@
 #               head's per-chunk softmax/KL/gradient work) in the same rounds, every step split into
 #               its parts (--parts): LRC's step over the bound's as 8 x its extra per micro-batch +
 #               its extra once per step (weight generation, closing backward), each beside its floor
+#   b3x8_parts_eager_head  the same with the head's per-chunk work left eager (--compile-head off):
+#               against b3x8_parts, what compiling the head gives
 #   b3x8_paired the same, every method timed eagerly and with its decoder layers through torch.compile
 #               (the bound's teacher forward too) in the same rounds (--compile both): compiled/eager
 #               and LRC/bound of each mode, paired round by round
@@ -19,9 +21,9 @@
 #   b3_paired   batch 3, fused AdamW, eager and compiled in the same rounds; profiled (both modes)
 #   b1          batch 1, every method (sequential: their states do not fit one GPU together)
 # Names given as arguments run only those runs, in the order given (default: all, in this order);
-# with a few minutes of GPU time: `bash benchmarks/gpu_table8.sh b3x8_parts b3_paired` (about 2-3
-# minutes). All but b1 alternate their methods round-robin (drift hits all alike). Writes CSVs and
-# logs to ${OUT:-results/paper-1.5b/tables} and prints each run's table and last line
+# with a few minutes of GPU time: benchmarks/gpu_check.sh (b3x8_parts, b3x8_parts_eager_head,
+# b3_paired and the CUDA tests). All but b1 alternate their methods round-robin (drift hits all
+# alike). Writes CSVs and logs to ${OUT:-results/paper-1.5b/tables} and prints each run's table and last line
 # (lrc_over_bound=... lrc_over_ordinary=... lrc_tokens_per_s=... mfu=...). A failed run is
 # reported and the next one still runs; the exit status is non-zero if any failed.
 #   bash benchmarks/gpu_table8.sh            (PYTHON=python3 bash ... where `python` is not the one with torch)
@@ -49,6 +51,7 @@ rr="--schedule round-robin"
 declare -A runs=(
   [b3x8]="--batch-size 3 --grad-accum 8 --steps 4 --warmup 1 --methods lrc,scratch,bound $rr"
   [b3x8_parts]="--batch-size 3 --grad-accum 8 --steps 3 --warmup 1 --methods lrc,bound $rr --compile both --parts"
+  [b3x8_parts_eager_head]="--batch-size 3 --grad-accum 8 --steps 3 --warmup 1 --methods lrc,bound $rr --compile both --parts --compile-head off"
   [b3x8_paired]="--batch-size 3 --grad-accum 8 --steps 4 --warmup 1 --methods lrc,scratch,bound $rr --compile both"
   [b1x4]="--grad-accum 4 --steps 5 --warmup 2 --methods lrc,lrc_regen,scratch,bound $rr --torch-profiler $out/table8_torch_profiler_b1x4"
   [b3_foreach]="--batch-size 3 --steps 5 --warmup 2 --methods lrc,scratch,bound $rr --adamw foreach"
@@ -57,7 +60,7 @@ declare -A runs=(
   [b1]="--steps 5 --warmup 2"
 )
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(b3x8 b3x8_parts b3x8_paired b1x4 b3_foreach b3 b3_paired b1)
+[ ${#names[@]} -gt 0 ] || names=(b3x8 b3x8_parts b3x8_parts_eager_head b3x8_paired b1x4 b3_foreach b3 b3_paired b1)
 for name in "${names[@]}"; do
   if [ -z "${runs[$name]+x}" ]; then
     echo "gpu_table8.sh: unknown run $name (known: ${!runs[*]})" >&2

@@ -85,12 +85,13 @@ minor_faults_per_step and sys_s_per_step (medians over the timed steps, from get
 process, CPU and GPU runs alike) show whether a slow run was still page-faulting its working set.
 
 Compilation (--compile, column compiled): every method's decoder layers go through torch.compile
-(`compile_layers()`, as `lrc train --compile`; on CUDA also the fused head's per-chunk softmax / KL
-/ gradient work), and so do the shared teacher's for the bound;
-tinybert stays eager (transformers' capture of its hidden states and attention maps breaks the
-graph in every layer, and would add recompiles to the decoder-layer code the other HF methods share). The
-first warm-up step of each method compiles it; first_step_s records that step (every run), so
-the cost of compiling is on record beside the steps it speeds up. `--compile both` times every
+(`compile_layers()`, as `lrc train --compile`), and so do the shared teacher's for the bound; so
+does the fused head's per-chunk softmax / KL / gradient work where --compile-head says (auto: on
+CUDA, as the trainer; column compiled_head); tinybert stays eager (transformers' capture of its
+hidden states and attention maps breaks the graph in every layer, and would add recompiles to the
+decoder-layer code the other HF methods share). The first warm-up step of each method compiles
+it; first_step_s records that step (every run), so the cost of compiling is on record beside the
+steps it speeds up. `--compile both` times every
 method twice in the same rounds, eagerly and compiled: one module and one optimizer per method, its
 eager twin running the compiled code's original Python under torch.compiler.set_stance("force_eager")
 (so does its bound, through the compiled teacher). A compiled row's over_eager_paired_median/_min/_max
@@ -198,6 +199,7 @@ COLUMNS = [
     "over_eager_paired_median",
     "over_eager_paired_min",
     "over_eager_paired_max",
+    "compiled_head",
 ]
 # Dense tensor-core peaks (FLOP/s) by device-name substring; the first match wins, so longer or
 # more specific names come first ("H100 PCIe" before "H100", "A100" before "A10").
@@ -433,7 +435,7 @@ def build_unit(name, bench: Bench):
         module = build_method(cfg, teacher, bench.calib_blocks).to(bench.device)
     if compiled:
         try:
-            module.compile_layers()
+            module.compile_layers(head=bench.compile_head)
         except ValueError:  # a method that cannot be compiled says so (tinybert): it runs eagerly
             compiled = False
     unit = Unit(name, module, attn_impl=teacher.config._attn_implementation, compiled=compiled)
@@ -660,6 +662,13 @@ def parse_args(argv):
         "times every method eagerly and compiled in the same rounds (paired before/after)",
     )
     p.add_argument(
+        "--compile-head",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="with --compile: compile the fused head's per-chunk softmax / KL / gradient work too "
+        "(compile_layers(head=...)); auto = as the trainer: on CUDA only",
+    )
+    p.add_argument(
         "--parts",
         action="store_true",
         help="also time the parts of every timed step (forwards, backwards, the accumulation window's "
@@ -734,6 +743,10 @@ class Bench:
     @property
     def both(self) -> bool:
         return self.args.compile == "both"
+
+    @property
+    def compile_head(self) -> bool:  # --compile-head: auto = as compile_layers (CUDA only)
+        return {"on": True, "off": False}.get(self.args.compile_head, self.device.type == "cuda")
 
     @property
     def rounds(self) -> int:
@@ -1065,6 +1078,7 @@ def table_rows(
                 "grad_accum": K,
                 "adamw": bench.adamw,
                 "compiled": u.compiled,
+                "compiled_head": u.compiled and bench.compile_head,
                 "first_step_s": _f(u.first_step_s if ok else float("nan")),
                 "min_step_s": _f(min(u.times) if ok else float("nan")),
                 "max_step_s": _f(max(u.times) if ok else float("nan")),

@@ -300,7 +300,8 @@ def test_init_starts_scores_every_start(tmp_path):
 
 def test_compiled_layers_are_timed_and_recorded(tmp_path):
     """--compile: every method's decoder layers (and the bound's teacher) through torch.compile,
-    compiled in the warm-up step; the CSV says so."""
+    compiled in the warm-up step, the head's per-chunk work too with --compile-head on (CUDA's
+    default); the CSV says so."""
     out = tmp_path / "t8c.csv"
     p = run(
         "--profile",
@@ -318,6 +319,8 @@ def test_compiled_layers_are_timed_and_recorded(tmp_path):
         "--methods",
         "lrc,kd,tinybert,bound",
         "--compile",
+        "--compile-head",
+        "on",
         "--output",
         str(out),
     )
@@ -330,6 +333,7 @@ def test_compiled_layers_are_timed_and_recorded(tmp_path):
     by = {r["method"]: r for r in rows}
     # tinybert stays eager (TinyBERTStyle.compile_layers refuses), even through the shared compiled teacher
     assert [by[m]["compiled"] for m in by] == ["True", "True", "False", "True"], rows
+    assert [by[m]["compiled_head"] for m in by] == ["True", "True", "False", "True"], rows
     assert all(float(by[m]["first_step_s"]) > 0 for m in by), rows  # the compiling step is reported
 
 
@@ -374,6 +378,7 @@ def test_compile_both_pairs_eager_and_compiled_steps(tmp_path):
         ("bound", "True"),
     ], rows
     assert all(r["status"] == "ok" and int(r["timed_steps"]) == 2 for r in rows), rows
+    assert all(r["compiled_head"] == "False" for r in rows), rows  # --compile-head auto: CUDA only
     by = {(r["method"], r["compiled"] == "True"): r for r in rows}
     # each mode's bound is its own: 1.0 against itself, and compiled rows carry their step / the eager twin's
     for (name, compiled), r in by.items():
