@@ -19,11 +19,11 @@ out="${OUT:-results/paper-1.5b/tables}"
 mkdir -p "$out"
 py="${PYTHON:-python}"
 
-OUT="$out" PYTHON="$py" timeout 330 bash benchmarks/gpu_table8.sh b3x8_parts b3x8_parts_eager_head b3_paired
+OUT="$out" PYTHON="$py" timeout 300 bash benchmarks/gpu_table8.sh b3x8_parts b3x8_parts_eager_head b3_paired
 benchmarks=$?
 
 echo "== tests that need CUDA or touch the compiled layers, the compiled head and the export"
-timeout 150 "$py" -m pytest -q -rA -p no:cacheprovider tests/test_clone.py tests/test_losses.py \
+timeout 180 "$py" -m pytest -q -rA -p no:cacheprovider tests/test_clone.py tests/test_losses.py \
   tests/test_train.py tests/test_export.py tests/test_starts.py -k "(cuda or compile or export) and not ddp" \
   > "$out/tests_cuda.log" 2>&1
 tests=$?
