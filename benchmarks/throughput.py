@@ -745,8 +745,10 @@ class Bench:
         return self.args.compile == "both"
 
     @property
-    def compile_head(self) -> bool:  # --compile-head: auto = as compile_layers (CUDA only)
-        return {"on": True, "off": False}.get(self.args.compile_head, self.device.type == "cuda")
+    def compile_head(self) -> bool:  # --compile-head; auto: as compile_layers (lrc_src.losses.compiles_head)
+        from lrc_src.losses import compiles_head
+
+        return compiles_head(self.device, {"on": True, "off": False}.get(self.args.compile_head))
 
     @property
     def rounds(self) -> int:

@@ -287,16 +287,19 @@ class ExperimentConfig:
                 f"baseline.init_from is set but method={self.method!r} has its own start; "
                 f"it applies to {', '.join(INIT_FROM_METHODS)}"
             )
-        micro_tokens = self.train.batch_size * self.data.seq_len
-        if self.train.skip_tokens % micro_tokens:
+        if self.train.skip_tokens % self.micro_tokens():
             raise ValueError(
                 f"train.skip_tokens={self.train.skip_tokens} is not a whole number of micro-batches "
-                f"(train.batch_size x data.seq_len = {micro_tokens} tokens)"
+                f"(train.batch_size x data.seq_len = {self.micro_tokens()} tokens)"
             )
 
+    def micro_tokens(self) -> int:
+        """Tokens per micro-batch of one process: batch size x sequence length."""
+        return self.train.batch_size * self.data.seq_len
+
     def step_tokens(self, processes: int = 1) -> int:
-        """Tokens per optimizer step: micro-batch x accumulation x sequence length x processes."""
-        return self.train.batch_size * self.train.grad_accum * self.data.seq_len * processes
+        """Tokens per optimizer step: micro-batch x accumulation x processes."""
+        return self.micro_tokens() * self.train.grad_accum * processes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

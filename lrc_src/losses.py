@@ -311,11 +311,16 @@ def head_chunk_losses(
 
 def compiled_head_chunk_losses(**options) -> Callable:
     """`head_chunk_losses` through torch.compile (options over static shapes): its elementwise
-    passes fused into a few kernels. On a GPU each pass over a chunk's [c, V] fp32 buffers is a trip
-    to device memory, and LRC's KL takes about 20 of them per micro-batch; on the CPU the sub-chunks
-    already keep those buffers in cache, and compiled loss kernels did not make the step faster
-    there (docs/LOG.md), so the methods pick this copy on CUDA only."""
+    passes fused into a few kernels."""
     return torch.compile(head_chunk_losses, **{"dynamic": False, **options})
+
+
+def compiles_head(device: torch.device, head: bool | None = None) -> bool:
+    """Whether a method's `compile_layers` compiles the head's per-chunk work: `head`, or when it is
+    None, on CUDA only. On a GPU each pass over a chunk's [c, V] fp32 buffers is a trip to device
+    memory, and LRC's KL takes about 20 of them per micro-batch; on the CPU the sub-chunks already
+    keep those buffers in cache, and the compiled copy did not make the head faster (docs/LOG.md)."""
+    return device.type == "cuda" if head is None else head
 
 
 class _FusedHeadLosses(torch.autograd.Function):

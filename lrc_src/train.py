@@ -220,7 +220,7 @@ def train(
         keep_freed_memory()
     torch.manual_seed(tc.seed)
     teacher, tokenizer, train_blocks, train_labels, heldout = load_inputs(cfg)
-    skip = tc.skip_tokens // (tc.batch_size * cfg.data.seq_len)  # whole micro-batches (checked by the config)
+    skip = tc.skip_tokens // cfg.micro_tokens()  # whole micro-batches (checked by the config)
     batches = Batches(train_blocks, tc.batch_size, tc.seed, train_labels, skip=skip)
     method = build_method(cfg, teacher, train_blocks).to(accelerator.device)
     tokens_per_step = cfg.step_tokens(accelerator.num_processes)
