@@ -211,22 +211,27 @@ def _load_tensors(path: Path, name: str, record: dict) -> dict[str, torch.Tensor
         raise ValueError(f"{file} is not a safetensors file ({e})") from None
 
 
-def load_checkpoint(path: Path, method, optimizer, scheduler) -> int:
-    """Load path/ into method, optimizer, scheduler and the RNGs; returns the step. Every file is
-    checked (size, sha256, format) before any state is set; a bad one is a ValueError naming it."""
+def load_checkpoint(path: Path, method, optimizer=None, scheduler=None) -> int:
+    """Load path/ into method and, to resume, into optimizer, scheduler and the RNGs; returns the
+    step. Without optimizer and scheduler only the trainable state is read: what a finished run
+    needs (export, writing its record again), so its dropped optimizer state is not missed. Every
+    file read is checked (size, sha256, format) before any state is set; a bad one is a ValueError
+    naming it."""
+    assert (optimizer is None) == (scheduler is None), "resuming needs both the optimizer and the scheduler"
     state = read_state(path)
     try:
         files, step = state["files"], int(state["step"])
-        if OPTIMIZER not in files:
+        if optimizer is not None and OPTIMIZER not in files:
             raise ValueError(
                 f"{path} holds no optimizer state (a finished run's, train.keep_optimizer_state="
                 "false): it can be exported, not resumed"
             )
         trainable = _load_tensors(path, TRAINABLE, files[TRAINABLE])
-        optimizer_state = _join_optimizer_state(
-            _load_tensors(path, OPTIMIZER, files[OPTIMIZER]), state["optimizer"], optimizer
-        )
-        scheduler_state, rng = state["scheduler"], state["rng"]
+        if optimizer is not None:
+            optimizer_state = _join_optimizer_state(
+                _load_tensors(path, OPTIMIZER, files[OPTIMIZER]), state["optimizer"], optimizer
+            )
+            scheduler_state, rng = state["scheduler"], state["rng"]
     except (KeyError, TypeError, IndexError, AttributeError) as e:
         raise ValueError(f"{path / STATE} lacks or garbles {e}; delete {path} to start the run over") from None
 
@@ -237,6 +242,8 @@ def load_checkpoint(path: Path, method, optimizer, scheduler) -> int:
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(trainable[n].to(p.device, p.dtype))
+    if optimizer is None:
+        return step
     try:
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(scheduler_state)

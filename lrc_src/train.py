@@ -36,14 +36,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lrc_src import trackers
 from lrc_src.analysis import heldout_loss
 from lrc_src.assets import load_inputs
 from lrc_src.card import write_model_card
-from lrc_src.checkpoint import drop_optimizer_state, find_checkpoint, load_checkpoint, save_checkpoint
+from lrc_src.checkpoint import (
+    drop_optimizer_state,
+    find_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from lrc_src.config import ExperimentConfig, dump_config, same_experiment
 from lrc_src.factory import build_method, lr_lambda, make_optimizer
 from lrc_src.fileio import atomic_write_text
@@ -252,7 +258,12 @@ def train(
                 f"{out} holds a checkpoint of a different config; choose another --output-dir "
                 "(or pass --restart-on-config-change)"
             )
-        start = load_checkpoint(found, unwrapped, optimizer, scheduler)
+        # A checkpoint at the last step is a finished run whose run.json is gone (snakemake deletes
+        # a job's outputs before running it again): nothing is left to train, so its trainable state
+        # suffices (the optimizer's may have been dropped) and the run is finalised again, not retrained.
+        finished = read_state(found).get("step") == total_steps
+        resume = () if finished else (optimizer, scheduler)
+        start = load_checkpoint(found, unwrapped, *resume)
     if accelerator.is_main_process:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
     log = MetricsLog(out / "metrics.csv", start) if accelerator.is_main_process else None
@@ -370,9 +381,6 @@ def export_run(cfg: ExperimentConfig, run_dir: str | Path, output: str | Path) -
     """Export the student of run_dir's last checkpoint to `output` (plain HF folder + tokenizer)."""
     teacher, tokenizer, train_blocks, _, _ = load_inputs(cfg)
     method = build_method(cfg, teacher, train_blocks)
-    state = load_file(Path(run_dir) / "checkpoint" / "trainable.safetensors")
-    with torch.no_grad():
-        for n, p in method.trainable_named_parameters():
-            p.copy_(state[n])
+    load_checkpoint(Path(run_dir) / "checkpoint", method)
     _export_atomic(method, Path(output), tokenizer)
     return Path(output)

@@ -192,12 +192,15 @@ def test_round_trip_is_exact_and_unpickles_nothing(tmp_path, monkeypatch):
 
 
 def test_finished_checkpoint_without_optimizer_is_exportable_not_resumable(tmp_path):
-    saved_tiny_run(tmp_path)
+    trained, _, _ = saved_tiny_run(tmp_path)
     drop_optimizer_state(tmp_path / "checkpoint")
     assert not (tmp_path / "checkpoint" / "optimizer.safetensors").exists()
     assert (tmp_path / "checkpoint" / "trainable.safetensors").is_file()
     with pytest.raises(ValueError, match="no optimizer state"):
         load_checkpoint(tmp_path / "checkpoint", *tiny_state())
+    fresh = Tiny(seed=1)  # the trainable state alone: what export and a finished run's record need
+    assert load_checkpoint(tmp_path / "checkpoint", fresh) == 2
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values()))
 
 
 # ---------------------------------------------------------------- hostile and damaged checkpoints

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -324,6 +325,24 @@ def test_rerun_of_complete_run_is_a_no_op(tmp_path):
     # the workflow's choice: a changed config retrains from scratch in the same folder
     train(ci_cfg("train.max_steps=3"), run, progress=False, restart_on_config_change=True)
     assert len(read_metrics(run)) == 3 and "max_steps: 3" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_finished_run_without_its_record_is_finalised_again_not_retrained(keep, tmp_path):
+    """snakemake --forceall deletes run.json before the rule runs again: the finished checkpoint
+    (its optimizer state dropped unless kept) yields the same student and record, with no step."""
+    cfg = ci_cfg("train.max_steps=2", f"train.keep_optimizer_state={str(keep).lower()}")
+    run = train(cfg, tmp_path / "r", progress=False)
+    record, metrics = (run / "run.json").read_text(), (run / "metrics.csv").read_text()
+    student = load_file(run / "student" / "model.safetensors")
+    (run / "run.json").unlink()
+    shutil.rmtree(run / "student")
+    train(cfg, run, progress=False, restart_on_config_change=True)
+    assert json.loads((run / "run.json").read_text()) == json.loads(record)
+    assert (run / "metrics.csv").read_text() == metrics  # no step ran, no row was added
+    again = load_file(run / "student" / "model.safetensors")
+    assert again.keys() == student.keys() and all(torch.equal(again[k], student[k]) for k in student)
+    assert (run / "checkpoint" / "optimizer.safetensors").exists() == keep
 
 
 def test_restart_on_config_change_discards_a_stale_checkpoint(tmp_path):
