@@ -425,6 +425,15 @@ def test_ci_dag_end_to_end():
     # a second invocation has nothing to do (outputs are up to date)
     again = snakemake("-n", "--cores", "2", "--config", "profile=ci")
     assert "Nothing to be done" in again.stdout + again.stderr
+    # a forced rerun of a finished run (snakemake deletes run.json first) rewrites its record and
+    # student from the checkpoint: no step is taken again, nothing trained is lost
+    target = "results/ci/runs/lrc_small/run.json"  # relative: the rules' own spelling
+    run = ROOT / "results/ci/runs/lrc_small"
+    metrics, student = (run / "metrics.csv").read_bytes(), (run / "student/model.safetensors").read_bytes()
+    forced = snakemake("--cores", "2", "--config", "profile=ci", "--forcerun", "train", "--", target)
+    assert forced.returncode == 0, (forced.stdout[-2000:], forced.stderr[-4000:])
+    assert json.loads((run / "run.json").read_text())["status"] == "complete"
+    assert (run / "metrics.csv").read_bytes() == metrics and (run / "student/model.safetensors").read_bytes() == student
 
 
 def test_notebook_sources_are_output_free_and_parametrised():
