@@ -53,7 +53,7 @@ def _export(args: argparse.Namespace) -> int:
     from lrc_src.train import export_run
 
     run = Path(args.run)
-    if not (run / "config.yaml").is_file() or not (run / "checkpoint").is_dir():
+    if not (run / "config.yaml").is_file():  # export_run checks the checkpoint
         raise FileNotFoundError(f"{str(run)!r} is not a run folder (needs config.yaml and checkpoint/)")
     cfg = load_config(run / "config.yaml")
     export_run(cfg, run, args.output)

@@ -379,8 +379,11 @@ def _export_atomic(method, directory: Path, tokenizer, with_trainable: bool = Fa
 
 def export_run(cfg: ExperimentConfig, run_dir: str | Path, output: str | Path) -> Path:
     """Export the student of run_dir's last checkpoint to `output` (plain HF folder + tokenizer)."""
+    found = find_checkpoint(Path(run_dir))  # checkpoint/, or checkpoint.old/ if a save was cut off
+    if found is None:
+        raise FileNotFoundError(f"{str(run_dir)!r} holds no checkpoint/ to export")
     teacher, tokenizer, train_blocks, _, _ = load_inputs(cfg)
     method = build_method(cfg, teacher, train_blocks)
-    load_checkpoint(Path(run_dir) / "checkpoint", method)
+    load_checkpoint(found, method)
     _export_atomic(method, Path(output), tokenizer)
     return Path(output)

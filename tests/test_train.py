@@ -469,6 +469,13 @@ def test_export_from_checkpoint_matches_final_student(tmp_path, capsys):
     b = load_file(tmp_path / "exported" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    (run / "checkpoint").rename(run / "checkpoint.old")  # a save cut off between its two renames
+    assert main(["export", "--run", str(run), "--output", str(tmp_path / "from_old")]) == 0
+    c = load_file(tmp_path / "from_old" / "model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    shutil.rmtree(run / "checkpoint.old")
+    assert main(["export", "--run", str(run), "--output", str(tmp_path / "none")]) == 2
+    assert "holds no checkpoint/" in capsys.readouterr().err and not (tmp_path / "none").exists()
     assert main(["export", "--run", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
 
