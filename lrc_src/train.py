@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -264,6 +265,12 @@ def train(
         finished = read_state(found).get("step") == total_steps
         resume = () if finished else (optimizer, scheduler)
         start = load_checkpoint(found, unwrapped, *resume)
+        if finished and accelerator.is_main_process:
+            print(
+                f"{out} finished at step {start}: writing its student and run.json again from the "
+                "checkpoint (delete the folder to train it again)",
+                file=sys.stderr,
+            )
     if accelerator.is_main_process:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
     log = MetricsLog(out / "metrics.csv", start) if accelerator.is_main_process else None

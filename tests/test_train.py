@@ -328,7 +328,7 @@ def test_rerun_of_complete_run_is_a_no_op(tmp_path):
 
 
 @pytest.mark.parametrize("keep", [False, True])
-def test_finished_run_without_its_record_is_finalised_again_not_retrained(keep, tmp_path):
+def test_finished_run_without_its_record_is_finalised_again_not_retrained(keep, tmp_path, capsys):
     """snakemake --forceall deletes run.json before the rule runs again: the finished checkpoint
     (its optimizer state dropped unless kept) yields the same student and record, with no step."""
     cfg = ci_cfg("train.max_steps=2", f"train.keep_optimizer_state={str(keep).lower()}")
@@ -338,6 +338,7 @@ def test_finished_run_without_its_record_is_finalised_again_not_retrained(keep, 
     (run / "run.json").unlink()
     shutil.rmtree(run / "student")
     train(cfg, run, progress=False, restart_on_config_change=True)
+    assert "finished at step 2: writing its student and run.json again" in capsys.readouterr().err
     assert json.loads((run / "run.json").read_text()) == json.loads(record)
     assert (run / "metrics.csv").read_text() == metrics  # no step ran, no row was added
     again = load_file(run / "student" / "model.safetensors")
