@@ -202,7 +202,8 @@ def train(
     keep_memory: bool = True,
     compile_layers: bool | None = None,
 ) -> Path:
-    """Train cfg.method; resume if output_dir holds a checkpoint of the same config. Returns output_dir.
+    """Train cfg.method; resume if output_dir holds a checkpoint of the same config (one at the last
+    step, without run.json, only writes the student and run.json again). Returns output_dir.
 
     A folder holding a run of a different config is an error, unless restart_on_config_change:
     then that run is deleted and training starts again (the workflow's choice: it owns its folders).
