@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from lrc_src.clone import COMPILE_DEFAULTS, LowRankClone, LRCConfig
 from lrc_src.export import SUPPORTED_CONFIGS, student_config
-from lrc_src.losses import clone_mse, compiled_head_chunk_losses, compiles_head, head_losses, kl_loss, lm_loss
+from lrc_src.losses import clone_mse, compiled_head_for, head_losses, kl_loss, lm_loss
 
 
 @dataclass
@@ -106,8 +106,7 @@ class StudentKD(nn.Module):
         head: the head's per-chunk work too, as `LowRankClone.compile_layers` (None: on CUDA)."""
         compile_decoder_layers(self.student, **options)
         compile_decoder_layers(self.teacher, **options)
-        compiled = compiles_head(self.student.device, head)
-        self._head_chunk = compiled_head_chunk_losses(**options) if compiled else None
+        self._head_chunk = compiled_head_for(self.student.device, head, **options)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> MethodOutput:
         labels = input_ids if labels is None else labels

@@ -60,7 +60,7 @@ from transformers import PreTrainedModel
 from lrc_src import export, starts
 from lrc_src.config import LRCConfig
 from lrc_src.export import SUPPORTED_CONFIGS, check_student_size, head_dim
-from lrc_src.losses import clone_mse, compiled_head_chunk_losses, compiles_head, head_losses
+from lrc_src.losses import clone_mse, compiled_head_for, head_losses
 
 LINEARS = (
     "self_attn.q_proj",
@@ -404,8 +404,7 @@ class LowRankClone(nn.Module):
         (`losses.compiles_head`).
         options: passed to torch.compile, over COMPILE_DEFAULTS (static shapes)."""
         self._compiled_layer = torch.compile(self._layer, **{**COMPILE_DEFAULTS, **options})
-        compiled = compiles_head(self.norm.device, head)
-        self._head_chunk = compiled_head_chunk_losses(**options) if compiled else None
+        self._head_chunk = compiled_head_for(self.norm.device, head, **options)
         return self
 
     # ------------------------------------------------------------------ weight generation (Eq. 3-5)

@@ -323,6 +323,12 @@ def compiles_head(device: torch.device, head: bool | None = None) -> bool:
     return device.type == "cuda" if head is None else head
 
 
+def compiled_head_for(device: torch.device, head: bool | None = None, **options) -> Callable | None:
+    """The `chunk_losses` a method's `compile_layers` keeps for `head_losses`: the compiled copy
+    where `compiles_head` says so, else None (the eager `head_chunk_losses`)."""
+    return compiled_head_chunk_losses(**options) if compiles_head(device, head) else None
+
+
 class _FusedHeadLosses(torch.autograd.Function):
     """See `head_losses`. Outputs (loss, kl, lm); only loss is differentiable."""
 
