@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,7 +30,6 @@ from lrc_src.fileio import write_csv_atomic
 from lrc_src.hub import hub_offline
 from lrc_src.suites import (
     SUITES,
-    HubDatasetsUnavailable,
     SuiteSpec,
     check_hub_datasets,
     get_suite,
@@ -365,24 +363,21 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 def run_eval_from_args(args: argparse.Namespace) -> int:
     """Run :func:`evaluate` from parsed :func:`add_eval_arguments` options; return an exit code.
 
-    Input errors (missing/non-causal model folder, unknown suite, hub datasets unavailable,
-    tiny-suite data missing) print one ``error:`` line to stderr and return 2.
+    Input errors (missing/non-causal model folder, unknown suite, tiny-suite data missing, hub
+    datasets unavailable) raise; ``lrc`` prints them as one ``lrc: error:`` line, as for its other
+    commands.
     """
-    try:
-        frame = evaluate(
-            args.model,
-            args.suite,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            output=args.output,
-            device=args.device,
-            data_dir=args.data_dir,
-            model_name=getattr(args, "model_name", None),
-            heldout=args.heldout,
-        )
-    except (FileNotFoundError, ValueError, HubDatasetsUnavailable) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    frame = evaluate(
+        args.model,
+        args.suite,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        output=args.output,
+        device=args.device,
+        data_dir=args.data_dir,
+        model_name=getattr(args, "model_name", None),
+        heldout=args.heldout,
+    )
     print(frame.to_string(index=False))
     print(f"wrote {args.output}")
     card = update_student_card(args.model, frame)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lrc_src import fileio, harness, hub, suites, tiny_suite
+from lrc_src import cli, fileio, harness, hub, suites, tiny_suite
 
 WORDS = (
     "the a of to and in is for on with as by at from module function class value list string "
@@ -335,10 +335,14 @@ def test_cli_helpers(tiny_model, heldout, mmlu_file, tmp_path, monkeypatch, caps
     assert harness.run_eval_from_args(args) == 0
     assert (tmp_path / "suite" / "manifest.json").is_file()
     assert pd.read_csv(out)["n"].tolist() == [2] * 6
-    # a bad model folder: one readable error line, exit code 2
-    args.model = str(tmp_path / "missing")
-    assert harness.run_eval_from_args(args) == 2
-    assert "model folder not found" in capsys.readouterr().err
+    # a bad model folder: one readable `lrc: error:` line, exit code 2, nothing written
+    missing = tmp_path / "missing"
+    capsys.readouterr()
+    argv = ["eval", "--model", str(missing), "--suite", "tiny", "--output", str(tmp_path / "bad.csv")]
+    assert cli.main([*argv, "--data-dir", str(tmp_path / "suite")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lrc: error: model folder not found: {missing}"]
+    assert not (tmp_path / "bad.csv").exists()
 
 
 # --------------------------------------------------------------------------- input errors
