@@ -20,7 +20,7 @@ def load_inputs(cfg: ExperimentConfig):
     """(teacher, tokenizer, train blocks [N, T], train labels or None, held-out blocks) for cfg.
 
     For method=sft the "teacher" is the model being fine-tuned and the blocks are chat examples."""
-    from lrc_src.teachers import load_teacher  # heavy deps load only when training
+    from lrc_src.teachers import check_context, load_teacher  # heavy deps load only when training
 
     if cfg.method == "sft":
         from transformers import AutoTokenizer
@@ -31,6 +31,7 @@ def load_inputs(cfg: ExperimentConfig):
         if not cfg.sft.chat_data:
             raise ValueError("method=sft needs sft.chat_data (a jsonl of {'messages': [...]})")
         model = load_causal_lm(cfg.sft.model)
+        check_context(model, cfg.data.seq_len, name=cfg.sft.model)
         tokenizer = AutoTokenizer.from_pretrained(cfg.sft.model)
         ids, labels = encode_chat_file(tokenizer, cfg.sft.chat_data, cfg.data.seq_len)
         n_held = max(1, int(round(len(ids) * cfg.data.heldout_frac)))
@@ -38,6 +39,7 @@ def load_inputs(cfg: ExperimentConfig):
             raise ValueError(f"sft.chat_data {cfg.sft.chat_data!r} has too few conversations ({len(ids)})")
         return model, tokenizer, ids[n_held:], labels[n_held:], ids[:n_held]
     teacher, tokenizer = load_teacher(cfg.teacher)
+    check_context(teacher, cfg.data.seq_len, name=cfg.teacher)
     data = packed_data(cfg, tokenizer)
     return teacher, tokenizer, data.train, None, data.heldout
 

@@ -249,3 +249,15 @@ def check_vocab(model, tokenizer, name: str = "teacher") -> None:
             f"teacher {name!r}: tokenizer has {len(tokenizer)} tokens but the model vocabulary has "
             f"only {model_vocab} rows; ids >= {model_vocab} would index past the embedding"
         )
+
+
+def check_context(model, seq_len: int, name: str = "teacher") -> None:
+    """Raise ``ValueError`` if sequences of ``seq_len`` tokens run past the model's context
+    (``max_position_embeddings``): its outputs there, the targets a student would be trained on,
+    come from positions it never saw in training."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise ValueError(
+            f"data.seq_len={seq_len} is longer than the context of {name!r} "
+            f"(max_position_embeddings={context}); use data.seq_len <= {context}"
+        )

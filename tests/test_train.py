@@ -397,6 +397,7 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
     assert "does-not-exist" in _bad(tmp_path, capsys, "--set", f"teacher={tmp_path / 'does-not-exist'}")
     assert "method='distill'" in _bad(tmp_path, capsys, "--set", "method=distill")
     assert "seq_len=0" in _bad(tmp_path, capsys, "--set", "data.seq_len=0")
+    assert "max_position_embeddings=2048" in _bad(tmp_path, capsys, "--set", "data.seq_len=2049")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "local:" in _bad(tmp_path, capsys, "--set", f"data.corpus=['local:{empty}/*.txt']")
