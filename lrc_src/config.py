@@ -171,7 +171,7 @@ class DataConfig:
     seq_len: int = 256  # packed sequence length (paper: 2048)
     heldout_frac: float = 0.02  # share of documents held out (by document) for evaluation
     max_train_tokens: int | None = None  # cap on tokenised training text (None = all)
-    mix: dict[str, float] | None = None  # hub mix weights (paper profile), e.g. {fineweb_edu: 10}
+    mix: dict[str, float] | None = None  # hub mix weights (paper profile), e.g. {fineweb_edu: 10}; replaces corpus
     mix_files: dict[str, str] | None = None  # local stand-ins for hub sources (same schema)
     seed: int = 0  # held-out split and block order; fixed across train.seed so every seed is scored alike
 
@@ -404,8 +404,17 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
 
 def config_from_dict(d: dict, overrides: list[str] | None = None) -> ExperimentConfig:
     d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (d or {}).items()}
-    for key, value in parse_overrides(overrides):
+    parsed = parse_overrides(overrides)
+    for key, value in parsed:
         _set_dotted(d, key, value)
+    # A saved config holds both (corpus keeps its default beside a mix), so only an override of
+    # the corpus, which the mix would silently replace, is refused.
+    data = d.get("data")
+    if any(key == "data.corpus" for key, _ in parsed) and isinstance(data, dict) and data.get("mix"):
+        raise ValueError(
+            "--set data.corpus has no effect while the config sets data.mix (the hub mix replaces "
+            "the corpus); add --set data.mix=null to train on data.corpus"
+        )
     return _build(ExperimentConfig, d)
 
 

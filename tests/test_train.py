@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lrc_src.cli import main
-from lrc_src.config import config_from_dict, load_config
+from lrc_src.config import config_from_dict, dump_config, load_config, same_experiment
 from lrc_src.factory import make_optimizer
 from lrc_src.train import TIMING_COLUMNS, train
 
@@ -440,6 +440,17 @@ def test_config_types_are_coerced_and_checked():
         config_from_dict(yaml.safe_load(CI.read_text()), ["lrc.alhpa=0.3"])
 
 
+def test_corpus_override_under_a_mix_is_refused():
+    paper = yaml.safe_load((CI.parent / "paper-lrc-1.5b.yaml").read_text())
+    with pytest.raises(ValueError, match=r"data.corpus has no effect.*data.mix=null"):
+        config_from_dict(paper, ["data.corpus=[kjv]"])
+    cfg = config_from_dict(paper, ["data.corpus=[kjv]", "data.mix=null"])
+    assert cfg.data.corpus == ["kjv"] and cfg.data.mix is None
+    # a saved config holds both keys (the corpus at its default): it still loads and matches
+    saved = config_from_dict(paper)
+    assert saved.data.mix and same_experiment(dump_config(saved), saved)
+
+
 def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
     from lrc_src import baselines
     from lrc_src.step import NonFiniteLossError
@@ -631,7 +642,6 @@ def test_handoff_settings_refuse_bad_input(tmp_path):
 
 
 def test_config_written_before_a_setting_existed_is_the_same_experiment():
-    from lrc_src.config import dump_config, same_experiment
 
     cfg = ci_cfg()
     saved = yaml.safe_load(dump_config(cfg))
