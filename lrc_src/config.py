@@ -124,8 +124,18 @@ class LRCConfig:
                 "alignment='extra' already compares outputs in the teacher space; "
                 "attn_out_space='teacher' is only meaningful with alignment='free'"
             )
+        if self.alignment == "extra" and self.detach_targets:
+            raise ValueError(
+                "detach_targets=true has no effect with alignment='extra' (its targets do not pass "
+                "through P); it is only meaningful with alignment='free'"
+            )
         self._check_clone_terms()
         cl = self.clone_layers
+        if isinstance(cl, bool):  # a bool is an int to Python: false would clone layer 0
+            raise ValueError(
+                f"clone_layers={cl!r} must be null, a list of layer indices or a fraction in (0, 1]; "
+                "to train without the clone loss set alpha: 0"
+            )
         if cl is not None and not isinstance(cl, (list, tuple, float, int)):
             raise ValueError(f"clone_layers={cl!r} must be null, a list of layer indices or a fraction")
         if isinstance(cl, (float, int)) and not isinstance(cl, bool) and not (0 < cl <= 1):
@@ -191,7 +201,7 @@ class TrainConfig:
     batch_size: int = 4  # sequences per micro-batch per process
     grad_accum: int = 1
     lr: float = 1e-4
-    lr_norm: float | None = None  # lr of student norm weights (None = lr)
+    lr_norm: float | None = None  # lr of the vector parameters: norm weights (and the baselines' biases); None = lr
     warmup_ratio: float = 0.005
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)

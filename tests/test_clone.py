@@ -230,6 +230,9 @@ def test_io_and_extra_alignment_terms_match_naive_reference(kind, ids):
         (dict(student_hidden_size=32, init="svd"), "init='svd'"),
         (dict(student_hidden_size=32, alignment="extra", attn_out_space="teacher"), "alignment='extra'"),
         (dict(student_hidden_size=32, clone_layers=1.5), "clone_layers=1.5"),
+        (dict(student_hidden_size=32, clone_layers=False), "clone_layers=False.*alpha: 0"),
+        (dict(student_hidden_size=32, clone_layers=True), "clone_layers=True"),
+        (dict(student_hidden_size=32, alignment="extra", detach_targets=True), "detach_targets=true has no effect"),
         (dict(student_hidden_size=32, clone_layers=[0, 5]), r"clone_layers \[5\]"),
     ],
 )
