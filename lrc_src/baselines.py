@@ -164,9 +164,11 @@ class TinyBERTStyle(StudentKD):
         teacher: PreTrainedModel,
         hidden_weight: float = 1.0,
         attn_weight: float = 1.0,
+        use_kl: bool = True,
         **kw,
     ):
         super().__init__(student, teacher, **kw)
+        self.use_kl = use_kl  # the KL is always reported; in the loss only when use_kl
         for m in (student, teacher):  # attention probabilities need the eager kernel
             m.config._attn_implementation = "eager"
         d_S, d_T = student.config.hidden_size, teacher.config.hidden_size
@@ -198,7 +200,8 @@ class TinyBERTStyle(StudentKD):
             "hidden": hidden,
             "attn": attn,
         }
-        loss = losses["lm"] + losses["kl"] + self.hidden_weight * hidden + self.attn_weight * attn
+        loss = losses["lm"] + losses["kl"] if self.use_kl else losses["lm"]
+        loss = loss + self.hidden_weight * hidden + self.attn_weight * attn
         return MethodOutput(loss, losses)
 
     def export(self, directory: str | Path, tokenizer=None) -> Path:

@@ -59,7 +59,7 @@ from transformers import PreTrainedModel
 
 from lrc_src import export, starts
 from lrc_src.config import LRCConfig
-from lrc_src.export import SUPPORTED_CONFIGS, check_student_size, head_dim
+from lrc_src.export import SUPPORTED_CONFIGS, attention_window, check_student_size, head_dim
 from lrc_src.losses import clone_mse, compiled_head_for, head_losses
 
 LINEARS = (
@@ -345,6 +345,7 @@ class LowRankClone(nn.Module):
         self.head_dim, self.eps = head_dim(tcfg), tcfg.rms_norm_eps
         self.tied = bool(getattr(tcfg, "tie_word_embeddings", False))  # the teacher's head
         self.student_tied = self.tied and not config.untie_lm_head
+        self.sliding_window = attention_window(tcfg)  # longest sequence cloned exactly (None: any)
 
         teacher.eval()
         teacher.requires_grad_(False)
@@ -364,6 +365,15 @@ class LowRankClone(nn.Module):
         self._compiled_layer = None  # `_layer` through torch.compile, once compile_layers() is called
         self._head_chunk = None  # the head's per-chunk fp32 work compiled (compile_layers); None: eager
         self._window: dict | None = None  # the weights generated once, inside accumulation_window()
+
+    def check_length(self, T: int) -> None:
+        """ValueError if sequences of T tokens pass the teacher's sliding attention window: LRC's
+        attention is full causal, the teacher's own only up to the window."""
+        if self.sliding_window is not None and T > self.sliding_window:
+            raise ValueError(
+                f"sequences of {T} tokens are longer than the teacher's sliding_window={self.sliding_window}, "
+                f"which LRC's full causal attention does not reproduce; use at most {self.sliding_window}"
+            )
 
     # ------------------------------------------------------------------ parameters
     def reset_parameters(self) -> None:
@@ -580,9 +590,10 @@ class LowRankClone(nn.Module):
             labels = input_ids
         elif labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        self.check_length(T)
         cfg, tm = self.config, self.teacher.model
         TW, W = self.generated_weights()
-        B, T = input_ids.shape
         per_term: dict[str, list[torch.Tensor]] = {t: [] for t in cfg.clone_terms}
 
         # ---- embeddings and the teacher's RoPE

@@ -59,6 +59,17 @@ def check_student_size(teacher_config: PretrainedConfig, d_S: int) -> None:
         raise ValueError("teachers with sliding-window attention layers are not supported")
 
 
+def attention_window(config: PretrainedConfig) -> int | None:
+    """The sliding window every attention layer of this teacher applies (Mistral's
+    `sliding_window`), or None. LRC's attention is full causal: the teacher's own only up to that
+    many tokens. (Configs with per-layer `layer_types`, such as Qwen2's, are refused by
+    `check_student_size` when a layer slides.)"""
+    if getattr(config, "layer_types", None) is not None:
+        return None
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window else None
+
+
 def student_config(teacher_config: PretrainedConfig, d_S: int, untie_lm_head: bool = False) -> PretrainedConfig:
     """The teacher's config with hidden_size = d_S and head_dim set explicitly; the head stays tied
     when the teacher's is, unless untie_lm_head (LRCConfig.untie_lm_head)."""

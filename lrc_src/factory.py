@@ -40,6 +40,7 @@ def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray) -> to
     if cfg.method == "lrc":
         torch.manual_seed(seed)
         clone = LowRankClone(teacher, cfg.lrc)
+        clone.check_length(train_blocks.shape[1])  # here, before the trainer writes the run folder
         if cfg.lrc.init != "normal":
             clone.init_from_teacher(calibration())
         return LRCMethod(clone)
@@ -49,7 +50,8 @@ def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray) -> to
         return StudentKD(student_like(teacher, d_S, seed), teacher if b.use_kl else None, **kd)
     if cfg.method == "tinybert":
         torch.manual_seed(seed)
-        return TinyBERTStyle(student_like(teacher, d_S, seed), teacher, b.hidden_weight, b.attn_weight, **kd)
+        student = student_like(teacher, d_S, seed)
+        return TinyBERTStyle(student, teacher, b.hidden_weight, b.attn_weight, use_kl=b.use_kl, **kd)
     if cfg.method == "prune_kd":  # LRC's start (lrc.init; "normal" means "prune"), exported, then KD
         init = "prune" if cfg.lrc.init == "normal" else cfg.lrc.init
         start = hard_prune(teacher, d_S, calibration(), init=init, untie_lm_head=cfg.lrc.untie_lm_head)

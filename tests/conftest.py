@@ -52,6 +52,8 @@ def make_teacher(kind: str = "llama-gqa-tied", seed: int = 0):
         model = LlamaForCausalLM(LlamaConfig(**base, rope_parameters=rope, tie_word_embeddings=True))
     elif kind == "mistral":
         model = MistralForCausalLM(MistralConfig(**base, sliding_window=None, tie_word_embeddings=False))
+    elif kind == "mistral-window":  # Mistral-7B-v0.1's sliding window, scaled down to 8 tokens
+        model = MistralForCausalLM(MistralConfig(**base, sliding_window=8, tie_word_embeddings=False))
     else:
         raise KeyError(kind)
     # random norm weights so that folding them matters

@@ -1,13 +1,19 @@
 """lrc_src.export: the exported student equals the clone (logits), for every teacher kind and
 variant; student_config is the student's shape for LRC and the random-init baselines."""
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from conftest import make_teacher
 from test_clone import KINDS, make_clone
 from transformers import AutoModelForCausalLM
 
+from lrc_src.config import config_from_dict
 from lrc_src.export import student_config
+
+CI = Path(__file__).resolve().parents[1] / "config" / "ci.yaml"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -23,6 +29,27 @@ def test_export_logits_equal_clone_logits(kind, ids, tmp_path):
     with torch.no_grad():
         diff = (student(ids).logits - out.logits).abs().max().item()
     assert diff <= 1e-4, diff
+
+
+def test_sliding_window_teacher_is_cloned_up_to_its_window(ids, tmp_path):
+    """LRC's full causal attention is a sliding-window teacher's own up to the window: exact
+    there (teacher and exported student), refused past it, also before training starts."""
+    from lrc_src.factory import build_method
+
+    lrc = make_clone("mistral-window")
+    short = ids[:, :8]
+    out = lrc.clone(short)
+    lrc.save_student(tmp_path / "student")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student", dtype=torch.float32)
+    assert student.config.sliding_window == 8
+    with torch.no_grad():
+        assert (lrc.teacher(short).logits - out.teacher_logits).abs().max() <= 1e-4
+        assert (student(short).logits - out.logits).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match=r"sequences of 9 tokens .* sliding_window=8"):
+        lrc.clone(ids[:, :9])
+    cfg = config_from_dict(yaml.safe_load(CI.read_text()), ["lrc.student_hidden_size=32"])
+    with pytest.raises(ValueError, match="sliding_window=8"):
+        build_method(cfg, make_teacher("mistral-window"), ids.numpy())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -578,6 +578,28 @@ def test_compiled_training_follows_eager(method, tmp_path):
     assert (runs[True] / "config.yaml").read_text() == (runs[False] / "config.yaml").read_text()
 
 
+@pytest.mark.parametrize("use_kl", [True, False])
+def test_tinybert_kl_follows_use_kl(use_kl):
+    from conftest import make_teacher
+
+    from lrc_src.factory import build_method
+
+    cfg = ci_cfg(
+        "method=tinybert",
+        f"baseline.use_kl={str(use_kl).lower()}",
+        "baseline.hidden_weight=0.5",
+        "baseline.kl_temperature=1.0",
+    )
+    ids = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    out = build_method(cfg, make_teacher(), ids.numpy())(ids)
+    terms = out.losses
+    assert terms["kl"].item() > 0  # always reported
+    want = (
+        terms["lm"] + (terms["kl"] if use_kl else 0) + 0.5 * terms["hidden"] + cfg.baseline.attn_weight * terms["attn"]
+    )
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
 def test_tinybert_refuses_to_compile(tmp_path, capsys):
     """tinybert's captured hidden states and attention maps break torch.compile's graphs: a one-line
     error before the run folder is written."""
