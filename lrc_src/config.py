@@ -190,6 +190,10 @@ class DataConfig:
             raise ValueError(f"data.seq_len={self.seq_len} must be > 0")
         if not 0 < self.heldout_frac < 1:
             raise ValueError(f"data.heldout_frac={self.heldout_frac} must be in (0, 1)")
+        if self.seed < 0:
+            raise ValueError(f"data.seed={self.seed} must be >= 0")
+        if self.mix_files and not self.mix:
+            raise ValueError("data.mix_files gives stand-ins for the sources of data.mix, which is not set")
 
 
 @dataclass
@@ -243,8 +247,9 @@ class TrainConfig:
             raise ValueError(f"train.max_steps={self.max_steps} must be > 0")
         if self.lr <= 0:
             raise ValueError(f"train.lr={self.lr} must be > 0")
-        if self.skip_tokens < 0:
-            raise ValueError(f"train.skip_tokens={self.skip_tokens} must be >= 0")
+        for name in ("skip_tokens", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
         if self.mixed_precision not in ("auto", "bf16", "no"):
             raise ValueError(f"train.mixed_precision={self.mixed_precision!r} is not one of ('auto', 'bf16', 'no')")
         if self.compile not in (True, False, "auto", "on", "off"):

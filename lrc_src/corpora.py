@@ -234,11 +234,11 @@ def _local_documents(spec: str) -> list[dict]:
     docs: list[dict] = []
     for path in files:
         if path.endswith(".jsonl"):
-            docs.extend(
-                {"text": d["text"], "source": d.get("source", f"{path}:{i}")}
-                for i, d in enumerate(read_jsonl(Path(path)))
-                if d.get("text", "").strip()
-            )
+            for i, d in enumerate(read_jsonl(Path(path))):
+                if not isinstance(d.get("text"), str):
+                    raise ValueError(f'{path}: record {i + 1} has no "text" string (a local corpus .jsonl needs one)')
+                if d["text"].strip():
+                    docs.append({"text": d["text"], "source": d.get("source", f"{path}:{i}")})
             continue
         text = Path(path).read_text(encoding="utf-8", errors="replace")
         if len(files) == 1:
@@ -271,6 +271,18 @@ def write_jsonl(path: Path, docs: Iterable[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of a JSON-lines file, blank lines skipped."""
+    """The JSON objects of a JSON-lines file, blank lines skipped; ValueError naming the file and
+    line of one that is not a JSON object."""
+    out = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            out.append(record)
+    return out

@@ -10,6 +10,7 @@ of :func:`lrc_src.packing.prepare_data` to train on it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -67,31 +68,38 @@ def paper_mix_documents(
         shuffle_buffer: per-source streaming shuffle buffer (0 disables it).
 
     Each step draws a source with probability proportional to its weight (numpy generator
-    seeded by ``seed``); the stream ends when any source is exhausted (no repetition).
-    Every source is opened before this returns, so an offline hub fails at once with a
-    ``FileNotFoundError`` naming the dataset.
+    seeded by ``seed``, sources in name order, so listing them otherwise changes nothing); the
+    stream ends when any source is exhausted (no repetition). Every source is opened before this
+    returns, so an offline hub fails at once with a ``FileNotFoundError`` naming the dataset.
     """
     data_files = dict(data_files or {})
+    weights = mix_weights(mix, data_files)
+    if "openhermes" in weights and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("mix source 'openhermes' needs a tokenizer with a chat template to render conversations")
+
+    names = sorted(weights)  # the stream depends on the weights, not on the order they are listed in
+    streams = [_source_records(name, data_files.get(name), tokenizer, seed, shuffle_buffer) for name in names]
+    p = np.array([weights[n] for n in names]) / sum(weights.values())
+    return _interleave(names, streams, p, seed)
+
+
+def mix_weights(mix: Mapping[str, Any], data_files: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """The positive weights of a mix spec, after checking its sources are known (also those of
+    ``data_files``) and every weight is a finite number >= 0, with one positive."""
     if not isinstance(mix, Mapping) or not mix:
         raise ValueError(f"mix must be a non-empty mapping source -> weight, got {mix!r}")
-    unknown = sorted(set(mix) - set(PAPER_SOURCES)) + sorted(set(data_files) - set(PAPER_SOURCES))
+    unknown = sorted(set(mix) - set(PAPER_SOURCES)) + sorted(set(data_files or {}) - set(PAPER_SOURCES))
     if unknown:
         raise ValueError(f"unknown mix source(s) {unknown}; known: {', '.join(PAPER_SOURCES)}")
     weights = {}
     for name, w in mix.items():
-        if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise ValueError(f"mix weight of {name!r} must be a finite number >= 0, got {w!r}")
         if w > 0:
             weights[name] = float(w)
     if not weights:
         raise ValueError(f"mix {dict(mix)!r} has no positive weight")
-    if "openhermes" in weights and getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("mix source 'openhermes' needs a tokenizer with a chat template to render conversations")
-
-    names = list(weights)
-    streams = [_source_records(name, data_files.get(name), tokenizer, seed, shuffle_buffer) for name in names]
-    p = np.array([weights[n] for n in names]) / sum(weights.values())
-    return _interleave(names, streams, p, seed)
+    return weights
 
 
 def _interleave(names: list[str], streams: list[Iterator[dict]], p: np.ndarray, seed: int) -> Iterator[dict]:
@@ -153,7 +161,10 @@ def _records_to_documents(name: str, src: HubSource, records: Iterable[dict], to
                 raise ValueError(f"mix source {name!r} ({src.label}): record has no int_score to filter on")
             if int(score) < src.min_int_score:
                 continue
-        text = render_conversation(rec["conversations"], tokenizer) if src.kind == "chat" else rec["text"]
+        field_ = "conversations" if src.kind == "chat" else "text"
+        if field_ not in rec:
+            raise ValueError(f"mix source {name!r} ({src.label}): a record has no {field_!r} field")
+        text = render_conversation(rec[field_], tokenizer) if src.kind == "chat" else rec[field_]
         if text and text.strip():
             yield {"text": text, "source": name}
 
@@ -174,17 +185,19 @@ def render_conversation(conversation: Sequence[Mapping[str, str]], tokenizer) ->
 # ============================================================================================
 
 
-def mix_source_key(corpus: Mapping[str, Any], max_train_tokens: int | None) -> dict:
+def mix_source_key(corpus: Mapping[str, Any], max_train_tokens: int | None, tokenizer=None) -> dict:
     """What decides a mix corpus's documents, for the token cache key: the weights, each source's
-    hub dataset or local file (path and sha256) and the shuffle buffer. Checks the spec's keys and
-    that a mix streaming from the hub is bounded by ``max_train_tokens``."""
+    hub dataset or local file (path and sha256), the shuffle buffer and, with a chat source, the
+    tokenizer's chat template that renders it. Checks the spec (keys, sources, weights) and that
+    a mix streaming from the hub is bounded by ``max_train_tokens``."""
     extra = set(corpus) - {"mix", "data_files", "shuffle_buffer"}
     if "mix" not in corpus or extra:
         raise ValueError(
             f"a mix corpus needs a 'mix' key and may have 'data_files', 'shuffle_buffer'; got keys {sorted(corpus)}"
         )
-    mix = {k: float(v) for k, v in dict(corpus["mix"]).items()}
     files = dict(corpus.get("data_files") or {})
+    mix_weights(corpus["mix"], files)
+    mix = {k: float(v) for k, v in dict(corpus["mix"]).items()}
     from_hub = [n for n, w in mix.items() if w > 0 and n not in files]
     if from_hub and max_train_tokens is None:
         raise ValueError(f"a mix streaming {from_hub} from the hub is unbounded: set max_train_tokens")
@@ -197,7 +210,11 @@ def mix_source_key(corpus: Mapping[str, Any], max_train_tokens: int | None) -> d
             sources[name] = {"data_files": str(path.resolve()), "sha256": sha256_file(path)}
         elif name in PAPER_SOURCES:
             sources[name] = {"hub": PAPER_SOURCES[name].label}
-    return {"mix": mix, "sources": sources, "shuffle_buffer": int(corpus.get("shuffle_buffer", 10_000))}
+    key = {"mix": mix, "sources": sources, "shuffle_buffer": int(corpus.get("shuffle_buffer", 10_000))}
+    if any(PAPER_SOURCES[n].kind == "chat" and w > 0 for n, w in mix.items()):
+        template = getattr(tokenizer, "chat_template", None) or ""
+        key["chat_template_sha256"] = hashlib.sha256(str(template).encode()).hexdigest()
+    return key
 
 
 def open_mix(corpus: Mapping[str, Any], tokenizer, seed: int) -> Iterator[dict]:

@@ -102,8 +102,9 @@ def prepare_data(
             :func:`lrc_src.mix.paper_mix_documents`.
         seq_len: tokens per block (> 0).
         heldout_frac: fraction of documents held out, in [0, 1). A finite corpus holds out
-            exactly ``max(1, round(frac * n_docs))`` documents chosen by a seeded permutation;
-            a streamed mix holds out each document whose seeded hash falls under ``frac``.
+            ``max(1, round(frac * n_docs))`` documents of each part chosen by a seeded permutation
+            (under ``max_train_tokens``, those the stream reached before the cap; ``meta`` counts
+            them); a streamed mix holds out each document whose seeded hash falls under ``frac``.
         seed: seeds the held-out choice, the document order and the block shuffle.
         max_train_tokens: cap on training tokens (rounded down to whole blocks); tokenisation
             stops once reached. Required for a mix that streams from the hub.
@@ -127,7 +128,7 @@ def prepare_data(
     num_proc = tokenise_procs(num_proc)
 
     if isinstance(corpus, Mapping):
-        source_key, docs = mix_source_key(corpus, max_train_tokens), None
+        source_key, docs = mix_source_key(corpus, max_train_tokens, tokenizer), None
     else:
         parts = load_document_parts(corpus)
         docs = flatten_parts(parts)
@@ -156,7 +157,8 @@ def prepare_data(
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=final.parent))
             try:
                 if docs is not None:
-                    items, n_docs = split_documents(parts, heldout_frac, seed), len(docs)
+                    items = split_documents(parts, heldout_frac, seed)
+                    n_docs = len(items)
                 else:
                     items, n_docs = _split_stream(open_mix(corpus, tokenizer, seed), heldout_frac, seed), None
                 meta = _tokenise_and_pack(
@@ -229,7 +231,8 @@ def _load_packed(folder: Path) -> PackedData:
 def split_documents(parts: list[tuple[str, list[dict]]], frac: float, seed: int) -> list[tuple[dict, bool]]:
     """(document, held out?) for every document of ``parts`` (see ``load_document_parts``), in a seeded
     permutation of them all. Each part holds out the first ``max(1, round(frac * n_part))`` of a
-    seeded permutation of its own documents: what it holds out alone, whatever it is listed with."""
+    seeded permutation of its own documents: what it holds out alone, whatever it is listed with.
+    A training document with the text of a held-out one is left out, so held-out text never trains."""
     docs, held = [], set()
     for part, part_docs in parts:
         n = len(part_docs)
@@ -242,8 +245,9 @@ def split_documents(parts: list[tuple[str, list[dict]]], frac: float, seed: int)
         order = np.random.default_rng(seed).permutation(n)
         held.update(len(docs) + i for i in order[:n_held].tolist())
         docs.extend(part_docs)
+    held_texts = {docs[i]["text"] for i in held}  # a copy of a held-out document does not train
     order = np.random.default_rng(seed).permutation(len(docs))
-    return [(docs[i], i in held) for i in order]
+    return [(docs[i], i in held) for i in order if i in held or docs[i]["text"] not in held_texts]
 
 
 def _split_stream(docs: Iterable[dict], frac: float, seed: int) -> Iterator[tuple[dict, bool]]:

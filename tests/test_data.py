@@ -21,7 +21,7 @@ import pytest
 from lrc_src import corpora, packing
 from lrc_src.corpora import corpus_folder, documents_sha256, load_documents
 from lrc_src.fileio import sha256_file
-from lrc_src.mix import PAPER_SOURCES, paper_mix_documents, render_conversation
+from lrc_src.mix import PAPER_SOURCES, mix_source_key, paper_mix_documents, render_conversation
 from lrc_src.packing import prepare_data
 from lrc_src.teachers import smollm2_tokenizer
 
@@ -150,6 +150,18 @@ def test_split_is_by_document_and_deterministic(cache, tok, tmp_path, monkeypatc
         re.search(r"mark\d{3}x", json.loads(line)["text"]).group() for line in c.heldout_path.read_text().splitlines()
     }
     assert held_c != held and _markers(c.train, tok).isdisjoint(held_c)
+
+
+def test_a_copy_of_a_held_out_document_never_trains(cache, tok, tmp_path):
+    folder = tmp_path / "dups"
+    spec = _marker_corpus(folder)
+    for i in range(40):  # every document twice, under another file name
+        (folder / f"copy{i:03d}.txt").write_text((folder / f"doc{i:03d}.txt").read_text())
+    a = prepare_data(tok, spec, seq_len=32, heldout_frac=0.25, seed=3)
+    held = {
+        re.search(r"mark\d{3}x", json.loads(line)["text"]).group() for line in a.heldout_path.read_text().splitlines()
+    }
+    assert held and _markers(a.train, tok).isdisjoint(held)
 
 
 def _held_markers(packed) -> set[str]:
@@ -381,6 +393,19 @@ def test_bad_corpus_specs(cache, tok, tmp_path):
         prepare_data(tok, f"local:{tmp_path}/only.txt", seq_len=4096, heldout_frac=0.0)
 
 
+def test_bad_local_jsonl_names_the_file_and_line(cache, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    for lines, match in [
+        ('{"text": "fine"}\n{"text": oops}\n', r"bad.jsonl:2: not valid JSON"),
+        ('{"text": "fine"}\n["a list"]\n', r"bad.jsonl:2: expected a JSON object, got list"),
+        ('{"text": "fine"}\n{"body": "no text"}\n', r'bad.jsonl: record 2 has no "text" string'),
+        ('{"text": null}\n', r'bad.jsonl: record 1 has no "text" string'),
+    ]:
+        bad.write_text(lines)
+        with pytest.raises(ValueError, match=match):
+            load_documents(f"local:{bad}")
+
+
 # --------------------------------------------------------------------------------------------
 # Paper mixes on local stand-in files
 # --------------------------------------------------------------------------------------------
@@ -466,7 +491,7 @@ def test_paper_mix_packs(cache, tok, stand_ins):
 def test_paper_mix_offline_fails_at_once(tok, monkeypatch, stand_ins):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    with pytest.raises(FileNotFoundError, match=r"HuggingFaceTB/smollm-corpus.*fineweb-edu-dedup.*offline"):
+    with pytest.raises(FileNotFoundError, match=r"HuggingFaceTB/smollm-corpus.*cosmopedia-v2.*offline"):
         paper_mix_documents(PAPER_MIX, tok, data_files={"openhermes": stand_ins["openhermes"]})
     with pytest.raises(FileNotFoundError, match="teknium/OpenHermes-2.5"):
         paper_mix_documents({"openhermes": 1}, tok)
@@ -474,6 +499,25 @@ def test_paper_mix_offline_fails_at_once(tok, monkeypatch, stand_ins):
     with pytest.raises(ValueError, match="max_train_tokens"):
         prepare_data(tok, {"mix": PAPER_MIX}, seq_len=64)
     assert PAPER_SOURCES["dclm"].dataset == "mlfoundations/dclm-baseline-1.0"
+
+
+def test_paper_mix_does_not_depend_on_the_order_of_its_weights(tok, stand_ins):
+    mix = {"fineweb_edu": 4, "dclm": 2, "cosmopedia_v2": 1}
+    backwards = dict(reversed(list(mix.items())))
+    docs = list(paper_mix_documents(mix, tok, seed=0, data_files=stand_ins))
+    assert docs == list(paper_mix_documents(backwards, tok, seed=0, data_files=stand_ins))
+
+
+def test_mix_cache_key_holds_the_chat_template_that_renders_it(tok, stand_ins):
+    import copy
+
+    other = copy.deepcopy(tok)
+    other.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    files = {k: str(v) for k, v in stand_ins.items()}
+    chat = {"mix": {"fineweb_edu": 1, "openhermes": 1}, "data_files": files}
+    assert mix_source_key(chat, None, tok) != mix_source_key(chat, None, other)
+    plain = {"mix": {"fineweb_edu": 1}, "data_files": files}  # no chat source: the template is not read
+    assert mix_source_key(plain, None, tok) == mix_source_key(plain, None, other)
 
 
 def test_paper_mix_bad_input(tok, stand_ins, tmp_path):
@@ -489,3 +533,12 @@ def test_paper_mix_bad_input(tok, stand_ins, tmp_path):
         list(paper_mix_documents({"fineweb_edu": 1}, tok, data_files={"fineweb_edu": no_score}))
     with pytest.raises(FileNotFoundError, match="missing.parquet"):
         paper_mix_documents({"dclm": 1}, tok, data_files={"dclm": tmp_path / "missing.parquet"})
+    with pytest.raises(ValueError, match="mix weight of 'dclm'.*'heavy'"):
+        paper_mix_documents({"dclm": "heavy"}, tok)
+    no_text = tmp_path / "dclm.jsonl"
+    no_text.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ValueError, match="'dclm'.*no 'text' field"):
+        list(paper_mix_documents({"dclm": 1}, tok, data_files={"dclm": no_text}))
+    # the cache key checks the sources first: a typo is named as such, not as an unbounded stream
+    with pytest.raises(ValueError, match=r"unknown mix source\(s\) \['dcml'\]"):
+        mix_source_key({"mix": {"dclm": 1}, "data_files": {"dcml": str(no_text)}}, None)

@@ -440,12 +440,17 @@ def test_config_types_are_coerced_and_checked():
         config_from_dict(yaml.safe_load(CI.read_text()), ["lrc.alhpa=0.3"])
 
 
-def test_corpus_override_under_a_mix_is_refused():
+def test_data_settings_that_would_be_ignored_or_fail_later_are_refused():
     paper = yaml.safe_load((CI.parent / "paper-lrc-1.5b.yaml").read_text())
     with pytest.raises(ValueError, match=r"data.corpus has no effect.*data.mix=null"):
         config_from_dict(paper, ["data.corpus=[kjv]"])
     cfg = config_from_dict(paper, ["data.corpus=[kjv]", "data.mix=null"])
     assert cfg.data.corpus == ["kjv"] and cfg.data.mix is None
+    with pytest.raises(ValueError, match="data.mix_files .* data.mix, which is not set"):
+        ci_cfg("data.mix_files={dclm: x.jsonl}")
+    for key in ("data.seed", "train.seed"):
+        with pytest.raises(ValueError, match=f"{key}=-1 must be >= 0"):
+            ci_cfg(f"{key}=-1")
     # a saved config holds both keys (the corpus at its default): it still loads and matches
     saved = config_from_dict(paper)
     assert saved.data.mix and same_experiment(dump_config(saved), saved)
