@@ -124,14 +124,15 @@ def _settings(cfg: dict) -> list[tuple[str, object]]:
     return rows
 
 
-def model_card(run_dir: str | Path) -> str:
-    """The card's text for the student of `run_dir` (a folder written by `lrc train`)."""
+def model_card(run_dir: str | Path, info: dict | None = None) -> str:
+    """The card's text for the student of `run_dir` (a folder written by `lrc train`); `info`: its
+    run.json record (default: read from the folder; the trainer passes it before writing it)."""
     run = Path(run_dir)
-    for name in ("config.yaml", "run.json"):
+    for name in ("config.yaml", "run.json") if info is None else ("config.yaml",):
         if not (run / name).is_file():
             raise FileNotFoundError(f"{str(run)!r} is not a finished run folder (no {name})")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    info = json.loads((run / "run.json").read_text())
+    info = json.loads((run / "run.json").read_text()) if info is None else info
     student = run / "student"
     if not (student / "config.json").is_file():
         raise FileNotFoundError(f"run folder {str(run)!r} has no exported student (student/config.json)")
@@ -192,9 +193,9 @@ def model_card(run_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(run_dir: str | Path) -> Path:
-    """Write (or refresh) `run_dir/student/README.md`; returns its path."""
-    text = model_card(run_dir)
+def write_model_card(run_dir: str | Path, info: dict | None = None) -> Path:
+    """Write (or refresh) `run_dir/student/README.md` (`info`: see `model_card`); returns its path."""
+    text = model_card(run_dir, info)
     return atomic_write_text(Path(run_dir) / "student" / CARD_NAME, text)
 
 

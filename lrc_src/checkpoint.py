@@ -161,6 +161,18 @@ def drop_optimizer_state(path: Path) -> None:
     (path / OPTIMIZER).unlink(missing_ok=True)
 
 
+def discard_stale_copies(path: Path) -> None:
+    """Leave path/ as the run's one checkpoint, for a finished run: a path.old/ that a save cut off
+    between its two renames left behind becomes path/ again if path/ is incomplete, else it goes;
+    path.tmp/ goes."""
+    old, tmp = path.with_name(path.name + ".old"), path.with_name(path.name + ".tmp")
+    if not (path / STATE).is_file() and (old / STATE).is_file():
+        shutil.rmtree(path, ignore_errors=True)
+        old.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- find and load
 
 

@@ -109,6 +109,17 @@ def _eval(args: argparse.Namespace) -> int:
     return run_eval_from_args(args)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser, output_help: str) -> None:
     """--config, --set, --output-dir, --threads: shared by `train` and `prepare`."""
     parser.add_argument("--config", required=True, help="YAML profile, e.g. config/tiny.yaml")
@@ -120,7 +131,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser, output_help: str) -> 
         help="override a config value, e.g. --set train.max_steps=20 --set lrc.alpha=0.5 (repeatable; values are YAML)",
     )
     parser.add_argument("--output-dir", required=True, help=output_help)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

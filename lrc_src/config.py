@@ -243,8 +243,13 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "log_every", "save_every", "eval_batches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be > 0")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"train.max_steps={self.max_steps} must be > 0")
+        for name in ("max_steps", "max_tokens", "grad_clip"):  # grad_clip <= 0 would flip or zero the gradients
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be > 0")
+        if self.eval_every < 0:
+            raise ValueError(f"train.eval_every={self.eval_every} must be >= 0 (0: only at the end)")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.export_at):
+            raise ValueError(f"train.export_at={self.export_at} must list optimizer steps >= 1")
         if self.lr <= 0:
             raise ValueError(f"train.lr={self.lr} must be > 0")
         for name in ("skip_tokens", "seed"):

@@ -45,6 +45,7 @@ from lrc_src.analysis import heldout_loss
 from lrc_src.assets import load_inputs
 from lrc_src.card import write_model_card
 from lrc_src.checkpoint import (
+    discard_stale_copies,
     drop_optimizer_state,
     find_checkpoint,
     load_checkpoint,
@@ -152,27 +153,31 @@ def _has_accelerator() -> bool:
 
 
 def _saved_config(out: Path, cfg: ExperimentConfig, restart_on_config_change: bool) -> str | None:
-    """The run folder's config.yaml text (None: no run there). With restart_on_config_change, a run
-    of a different config is deleted first (its outputs; the folder stays)."""
+    """The run folder's config.yaml text (None: no run there). A run of a different config is an
+    error unless restart_on_config_change; then `_clear_run` deletes it once setup has succeeded."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {str(out)!r} is a file, not a run folder")
     saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else None
-    if saved is not None and not same_experiment(saved, cfg) and restart_on_config_change:
-        for name in ("run.json", "metrics.csv", "config.yaml"):
-            (out / name).unlink(missing_ok=True)
-        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "exports", "student"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        saved = None
+    if saved is not None and not same_experiment(saved, cfg) and not restart_on_config_change:
+        raise ValueError(
+            f"{out} holds a run of a different config; choose another --output-dir (or pass --restart-on-config-change)"
+        )
     return saved
 
 
+def _clear_run(out: Path) -> None:
+    """Delete a run's outputs (the folder stays), for a restart under another config."""
+    for name in ("run.json", "metrics.csv", "config.yaml"):
+        (out / name).unlink(missing_ok=True)
+    for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "exports", "student", "trackers"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
 def _is_complete(out: Path, cfg: ExperimentConfig, saved: str | None) -> bool:
-    """The folder holds a completed run of cfg; a completed run of another config is an error."""
-    if not (out / "run.json").is_file() or json.loads((out / "run.json").read_text()).get("status") != "complete":
-        return False
-    if same_experiment(saved, cfg):
-        return True
-    raise ValueError(
-        f"{out} holds a completed run of a different config; choose another --output-dir "
-        "(or pass --restart-on-config-change)"
+    """The folder holds a completed run of cfg."""
+    record = out / "run.json"
+    return (
+        record.is_file() and json.loads(record.read_text()).get("status") == "complete" and same_experiment(saved, cfg)
     )
 
 
@@ -250,16 +255,15 @@ def train(
     unwrapped = accelerator.unwrap_model(method)
 
     # ---- resume
+    if saved is not None and not same_experiment(saved, cfg):  # --restart-on-config-change, checked above
+        if accelerator.is_main_process:
+            _clear_run(out)
+        accelerator.wait_for_everyone()
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     start = 0
     found = find_checkpoint(out)  # checkpoint/, or checkpoint.old/ if a save was cut off mid-swap
-    if found is not None:  # `saved`: the folder's config.yaml, read (or cleared by a restart) above
-        if saved is not None and not same_experiment(saved, cfg):
-            raise ValueError(
-                f"{out} holds a checkpoint of a different config; choose another --output-dir "
-                "(or pass --restart-on-config-change)"
-            )
+    if found is not None:
         # A checkpoint at the last step is a finished run whose run.json is gone (snakemake deletes
         # a job's outputs before running it again): nothing is left to train, so its trainable state
         # suffices (the optimizer's may have been dropped) and the run is finalised again, not retrained.
@@ -348,9 +352,12 @@ def train(
         accelerator.wait_for_everyone()
     bar.close()
 
-    # ---- save
+    # ---- save: run.json last, so that its presence means every other file is in place
     if accelerator.is_main_process:
         _export_atomic(unwrapped, out / "student", tokenizer)
+        discard_stale_copies(ckpt)  # a checkpoint.old/ left by a final save cut off after its swap
+        if not tc.keep_optimizer_state:  # a finished run needs only its trainable state (export, analysis)
+            drop_optimizer_state(ckpt)
         info = {
             "status": "complete",
             "method": cfg.method,
@@ -362,10 +369,8 @@ def train(
             "accumulation_window": window is not None,  # student weights generated once per optimizer step
             "compiled_layers": bool(compile_layers),  # in the session that finished it (resumes may differ)
         }
+        write_model_card(out, info)
         atomic_write_text(out / "run.json", json.dumps(info, indent=2))
-        write_model_card(out)
-        if not tc.keep_optimizer_state:  # a finished run needs only its trainable state (export, analysis)
-            drop_optimizer_state(ckpt)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers, if any (and the process group: last)
     return out
@@ -386,7 +391,11 @@ def _export_atomic(method, directory: Path, tokenizer, with_trainable: bool = Fa
 
 
 def export_run(cfg: ExperimentConfig, run_dir: str | Path, output: str | Path) -> Path:
-    """Export the student of run_dir's last checkpoint to `output` (plain HF folder + tokenizer)."""
+    """Export the student of run_dir's last checkpoint to `output` (plain HF folder + tokenizer), a
+    new folder: an existing file or non-empty folder is refused, never replaced."""
+    out = Path(output)
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        raise ValueError(f"--output {str(out)!r} exists; lrc export writes a new folder (choose another)")
     found = find_checkpoint(Path(run_dir))  # checkpoint/, or checkpoint.old/ if a save was cut off
     if found is None:
         raise FileNotFoundError(f"{str(run_dir)!r} holds no checkpoint/ to export")

@@ -350,11 +350,41 @@ def test_restart_on_config_change_discards_a_stale_checkpoint(tmp_path):
     run = tmp_path / "r"
     train(ci_cfg("train.max_steps=4", "train.save_every=2"), run, progress=False)
     (run / "run.json").unlink()  # an interrupted run: checkpoint but no run.json
-    with pytest.raises(ValueError, match="checkpoint of a different config"):
+    with pytest.raises(ValueError, match="holds a run of a different config"):
         train(ci_cfg("train.max_steps=4", "lrc.alpha=0.5"), run, progress=False)
+    # a restart whose setup fails (here: no such teacher) leaves the old run as it was
+    before = {p.relative_to(run) for p in run.rglob("*")}
+    with pytest.raises(FileNotFoundError):
+        train(
+            ci_cfg("lrc.alpha=0.5", f"teacher={tmp_path / 'none'}"), run, progress=False, restart_on_config_change=True
+        )
+    assert {p.relative_to(run) for p in run.rglob("*")} == before
+    (run / "trackers").mkdir()  # the old run's tracker files go with it
     train(ci_cfg("train.max_steps=4", "lrc.alpha=0.5"), run, progress=False, restart_on_config_change=True)
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
+    assert not (run / "trackers").exists()
+
+
+def test_a_folder_of_another_config_is_refused_before_its_first_checkpoint(tmp_path):
+    run = tmp_path / "r"
+    train(ci_cfg("train.max_steps=2"), run, progress=False)
+    shutil.rmtree(run / "checkpoint")  # a run killed before its first save holds config.yaml alone
+    (run / "run.json").unlink()
+    with pytest.raises(ValueError, match="holds a run of a different config"):
+        train(ci_cfg("train.max_steps=2", "lrc.alpha=0.5"), run, progress=False)
+
+
+def test_a_finished_run_keeps_one_checkpoint(tmp_path):
+    """A final save cut off after its swap leaves checkpoint.old/ beside the finished checkpoint/:
+    finishing the run again removes it; its card is written before run.json."""
+    cfg = ci_cfg("train.max_steps=2")
+    run = train(cfg, tmp_path / "r", progress=False)
+    (run / "run.json").unlink()
+    shutil.copytree(run / "checkpoint", run / "checkpoint.old")
+    (run / "student" / "README.md").unlink()
+    train(cfg, run, progress=False)
+    assert not (run / "checkpoint.old").exists() and (run / "student" / "README.md").is_file()
 
 
 @pytest.mark.parametrize("init", ["prune_scaled", "pca"])
@@ -398,6 +428,15 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
     assert "method='distill'" in _bad(tmp_path, capsys, "--set", "method=distill")
     assert "seq_len=0" in _bad(tmp_path, capsys, "--set", "data.seq_len=0")
     assert "max_position_embeddings=2048" in _bad(tmp_path, capsys, "--set", "data.seq_len=2049")
+    for bad in ("train.max_tokens=-1", "train.grad_clip=0", "train.eval_every=-1", "train.export_at=[0]"):
+        assert bad.split("=")[0] in _bad(tmp_path, capsys, "--set", bad)
+    (tmp_path / "afile").write_text("")
+    out = ["--output-dir", str(tmp_path / "afile")]
+    assert main(["train", "--config", str(CI), *out, "--no-progress"]) == 2
+    assert "is a file, not a run folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: usage and one error line, exit 2
+        main(["train", "--config", str(CI), "--threads", "-1", "--output-dir", str(tmp_path / "t")])
+    assert "--threads: expected an integer >= 1, got '-1'" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "local:" in _bad(tmp_path, capsys, "--set", f"data.corpus=['local:{empty}/*.txt']")
@@ -487,6 +526,12 @@ def test_export_from_checkpoint_matches_final_student(tmp_path, capsys):
     b = load_file(tmp_path / "exported" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    # an existing --output is never replaced: not the run itself, not a file, not a former export
+    before = sorted(p.name for p in run.iterdir())
+    for taken in (run, run / "metrics.csv", tmp_path / "exported"):
+        assert main(["export", "--run", str(run), "--output", str(taken)]) == 2
+        assert f"--output {str(taken)!r} exists" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before and (run / "checkpoint" / "state.json").is_file()
     (run / "checkpoint").rename(run / "checkpoint.old")  # a save cut off between its two renames
     assert main(["export", "--run", str(run), "--output", str(tmp_path / "from_old")]) == 0
     c = load_file(tmp_path / "from_old" / "model.safetensors")
