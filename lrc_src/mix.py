@@ -196,7 +196,7 @@ def mix_source_key(corpus: Mapping[str, Any], max_train_tokens: int | None, toke
             f"a mix corpus needs a 'mix' key and may have 'data_files', 'shuffle_buffer'; got keys {sorted(corpus)}"
         )
     files = dict(corpus.get("data_files") or {})
-    mix_weights(corpus["mix"], files)
+    mix_weights(corpus["mix"], files)  # checked here; the key keeps every weight, zeros included
     mix = {k: float(v) for k, v in dict(corpus["mix"]).items()}
     from_hub = [n for n, w in mix.items() if w > 0 and n not in files]
     if from_hub and max_train_tokens is None:
