@@ -177,6 +177,12 @@ def model_card(run_dir: str | Path, info: dict | None = None) -> str:
             f"| {_fmt(r.get('stderr'))} |"
             for r in evals
         ]
+        limited = sorted({(r.get("suite", ""), r["limit"]) for r in evals if r.get("limit") not in (None, "")})
+        lines += [
+            f"\nThe {suite} suite was scored on at most {limit} documents per task (`lrc eval --limit`): a "
+            "smoke test, not a result."
+            for suite, limit in limited
+        ]
     lines += [
         "",
         "## Use",

@@ -91,6 +91,8 @@ def _samples(args: argparse.Namespace) -> int:
         name, sep, folder = spec.partition("=")
         if not sep or not name or not folder:
             raise ValueError(f"--model {spec!r} is not NAME=FOLDER")
+        if name in models:
+            raise ValueError(f"--model {spec!r}: the name {name!r} is given twice")
         models[name] = folder
     if args.instructions > len(INSTRUCTIONS):
         raise ValueError(f"--instructions {args.instructions}: there are {len(INSTRUCTIONS)}")
@@ -109,15 +111,19 @@ def _eval(args: argparse.Namespace) -> int:
     return run_eval_from_args(args)
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def int_at_least(minimum: int):
+    """argparse type of the options that count something: an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, output_help: str) -> None:
@@ -132,7 +138,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser, output_help: str) -> 
     )
     parser.add_argument("--output-dir", required=True, help=output_help)
     parser.add_argument(
-        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's choice)"
     )
 
 
@@ -227,9 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a model to sample (repeatable), e.g. --model lrc=runs/lrc/student",
     )
     g.add_argument("--heldout", required=True, metavar="FILE.jsonl", help='held-out documents, {"text": ...} per line')
-    g.add_argument("--heldout-prompts", type=int, default=2, metavar="N", help="prompts from held-out documents")
-    g.add_argument("--instructions", type=int, default=2, metavar="N", help="plain instructions to add")
-    g.add_argument("--max-new-tokens", type=int, default=24, metavar="N", help="greedy tokens per prompt")
+    g.add_argument(
+        "--heldout-prompts", type=int_at_least(0), default=2, metavar="N", help="prompts from held-out documents"
+    )
+    g.add_argument("--instructions", type=int_at_least(0), default=2, metavar="N", help="plain instructions to add")
+    g.add_argument("--max-new-tokens", type=int_at_least(1), default=24, metavar="N", help="greedy tokens per prompt")
     g.add_argument("--seed", type=int, default=0, help="which held-out documents give the prompts")
     g.add_argument("--output", required=True, help="CSV to write")
     g.set_defaults(func=_samples)

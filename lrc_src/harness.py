@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lrc_src.cli import int_at_least
 from lrc_src.fileio import write_csv_atomic
 from lrc_src.hub import hub_offline
 from lrc_src.suites import (
@@ -210,7 +211,7 @@ def _default_device() -> str:
 def _check_limit(limit: int | float | None) -> None:
     if limit is None:
         return
-    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit <= 0:
         raise ValueError(f"limit must be a positive number of documents (or a fraction < 1), got {limit!r}")
     if isinstance(limit, float) and limit >= 1 and not limit.is_integer():
         raise ValueError(f"limit >= 1 must be a whole number of documents, got {limit!r}")
@@ -255,6 +256,10 @@ def evaluate(
     spec = get_suite(suite)
     model_path = check_model_dir(model_dir)
     _check_limit(limit)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if output is not None and (Path(output).is_dir() or Path(output).parent.is_file()):
+        raise ValueError(f"--output {str(output)!r} cannot be written as a CSV file")
     if spec.local:
         if heldout is not None:
             target = data_dir if data_dir is not None else Path(heldout).parent / "tiny_suite"
@@ -310,8 +315,8 @@ def _limit_arg(text: str) -> int | float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be > 0")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return int(value) if value.is_integer() and value >= 1 else value
 
 
@@ -331,7 +336,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         metavar="N",
         help="score only the first N documents per task (smoke tests; a value < 1 is a fraction). Default: all",
     )
-    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="lm-eval batch size (default: 8)")
+    parser.add_argument(
+        "--batch-size", type=int_at_least(1), default=8, metavar="B", help="lm-eval batch size (default: 8)"
+    )
     parser.add_argument(
         "--output",
         required=True,

@@ -42,6 +42,10 @@ def test_card_shows_the_evaluation_once_there_is_one(tmp_path):
     evals = "model,suite,task,metric,value,stderr,num_fewshot,limit,n\nlrc,tiny,tiny_mmlu,acc,0.25,0.0433,0,,100\n"
     card = model_card(_run_folder(tmp_path, evals=evals))
     assert "| tiny | tiny_mmlu | acc | 0.2500 | 0.0433 |" in card
+    assert "--limit" not in card
+    limited = evals.replace("0,,100", "0,4,4")  # a smoke test says so under its numbers
+    card = model_card(_run_folder(tmp_path / "limited", evals=limited))
+    assert "The tiny suite was scored on at most 4 documents per task (`lrc eval --limit`)" in card
 
 
 def test_card_of_a_baseline_and_bad_folders(tmp_path):

@@ -343,6 +343,16 @@ def test_cli_helpers(tiny_model, heldout, mmlu_file, tmp_path, monkeypatch, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"lrc: error: model folder not found: {missing}"]
     assert not (tmp_path / "bad.csv").exists()
+    # an --output that cannot be a CSV file is refused before the model loads
+    argv = ["eval", "--model", str(tiny_model), "--suite", "tiny", "--data-dir", str(tmp_path / "suite")]
+    assert cli.main([*argv, "--output", str(tmp_path)]) == 2
+    assert "cannot be written as a CSV file" in capsys.readouterr().err
+    for bad in (["--batch-size", "-1"], ["--limit", "nan"]):
+        with pytest.raises(SystemExit):
+            cli.main([*argv, "--output", str(out), *bad])
+        assert bad[0] in capsys.readouterr().err
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        harness.evaluate(tiny_model, "tiny", batch_size=0, data_dir=tmp_path / "suite")
 
 
 # --------------------------------------------------------------------------- input errors

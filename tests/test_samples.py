@@ -85,3 +85,11 @@ def test_samples_bad_input_is_one_line(heldout, tmp_path, capsys):
     assert "holds no model" in capsys.readouterr().err
     assert main(["samples", "--model", "a", "--heldout", str(heldout), "--output", "x.csv"]) == 2
     assert not (tmp_path / "x.csv").exists()
+    twice = ["--model", f"a={tmp_path}", "--model", f"a={tmp_path}/other"]
+    assert main(["samples", *twice, "--heldout", str(heldout), "--output", "x.csv"]) == 2
+    assert "the name 'a' is given twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(
+            ["samples", "--model", f"a={tmp_path}", "--instructions", "-1", "--heldout", str(heldout), "--output", "x"]
+        )
+    assert "--instructions: expected an integer >= 0, got '-1'" in capsys.readouterr().err
