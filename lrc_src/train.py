@@ -152,17 +152,21 @@ def _has_accelerator() -> bool:
     return bool(acc.is_available()) if acc is not None else torch.cuda.is_available()
 
 
-def _saved_config(out: Path, cfg: ExperimentConfig, restart_on_config_change: bool) -> str | None:
-    """The run folder's config.yaml text (None: no run there). A run of a different config is an
-    error unless restart_on_config_change; then `_clear_run` deletes it once setup has succeeded."""
+def _run_of(out: Path, cfg: ExperimentConfig, restart_on_config_change: bool) -> str:
+    """What --output-dir holds: "none" (no config.yaml), "same" (a run of cfg) or "other" (a run of
+    a different config: an error unless restart_on_config_change; then `_clear_run` deletes it once
+    setup has succeeded)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {str(out)!r} is a file, not a run folder")
-    saved = (out / "config.yaml").read_text() if (out / "config.yaml").is_file() else None
-    if saved is not None and not same_experiment(saved, cfg) and not restart_on_config_change:
+    if not (out / "config.yaml").is_file():
+        return "none"
+    if same_experiment((out / "config.yaml").read_text(), cfg):
+        return "same"
+    if not restart_on_config_change:
         raise ValueError(
             f"{out} holds a run of a different config; choose another --output-dir (or pass --restart-on-config-change)"
         )
-    return saved
+    return "other"
 
 
 def _clear_run(out: Path) -> None:
@@ -173,12 +177,10 @@ def _clear_run(out: Path) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
 
 
-def _is_complete(out: Path, cfg: ExperimentConfig, saved: str | None) -> bool:
-    """The folder holds a completed run of cfg."""
+def _is_complete(out: Path) -> bool:
+    """The folder's run.json says its run is complete."""
     record = out / "run.json"
-    return (
-        record.is_file() and json.loads(record.read_text()).get("status") == "complete" and same_experiment(saved, cfg)
-    )
+    return record.is_file() and json.loads(record.read_text()).get("status") == "complete"
 
 
 def _accelerator(mixed_precision: str, **trackers) -> Accelerator:
@@ -220,8 +222,8 @@ def train(
         or without it.
     """
     out = Path(output_dir)
-    saved = _saved_config(out, cfg, restart_on_config_change)
-    if _is_complete(out, cfg, saved):
+    held = _run_of(out, cfg, restart_on_config_change)
+    if held == "same" and _is_complete(out):
         return out
     set_threads(threads)
     tc = cfg.train
@@ -255,7 +257,7 @@ def train(
     unwrapped = accelerator.unwrap_model(method)
 
     # ---- resume
-    if saved is not None and not same_experiment(saved, cfg):  # --restart-on-config-change, checked above
+    if held == "other":  # with --restart-on-config-change (else `_run_of` refused it)
         if accelerator.is_main_process:
             _clear_run(out)
         accelerator.wait_for_everyone()
