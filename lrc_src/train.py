@@ -32,6 +32,8 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +202,27 @@ def _accelerator(mixed_precision: str, **trackers) -> Accelerator:
     return accelerator
 
 
+@dataclass
+class _Session:
+    """What setup builds for one training session (one process of the run)."""
+
+    accelerator: Accelerator
+    method: torch.nn.Module  # as accelerate prepared it (DDP-wrapped when distributed)
+    unwrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    params: list[tuple[str, torch.nn.Parameter]]
+    batches: Batches
+    heldout: np.ndarray
+    tokenizer: object
+    tracker_names: list[str]
+    total_steps: int
+    tokens_per_step: int
+    # LRC's one weight generation per optimizer step when accumulating (lrc_src.step), else None
+    window: Callable | None
+    compiled: bool
+
+
 def train(
     cfg: ExperimentConfig,
     output_dir: str | Path,
@@ -217,18 +240,29 @@ def train(
     keep_memory: on the CPU, `keep_freed_memory()` (faster steps; resident memory stays at its peak).
     compile_layers: torch.compile the method's decoder layers (`compile_layers()` of the method:
         regional compilation, one graph for all layers; with CUDA the fused head's per-chunk work
-        too; the first step compiles); None: as
-        train.compile says (auto: with CUDA). A runtime choice like threads: a run may resume with
-        or without it.
+        too; the first step compiles); None: as train.compile says (auto: with CUDA). A runtime
+        choice like threads: a run may resume with or without it.
     """
     out = Path(output_dir)
     held = _run_of(out, cfg, restart_on_config_change)
     if held == "same" and _is_complete(out):
         return out
     set_threads(threads)
-    tc = cfg.train
+    run = _setup(cfg, out, keep_memory, compile_layers)
+    if held == "other":  # with --restart-on-config-change (else `_run_of` refused it)
+        if run.accelerator.is_main_process:
+            _clear_run(out)
+        run.accelerator.wait_for_everyone()
+    start = _resume(run, cfg, out)
+    _loop(run, cfg, out, start, progress)
+    _finish(run, cfg, out)
+    return out
 
-    # ---- setup: everything that can fail on user input happens before the run folder is written
+
+def _setup(cfg: ExperimentConfig, out: Path, keep_memory: bool, compile_layers: bool | None) -> _Session:
+    """Teacher, data, method, optimizer and schedule, prepared by accelerate. Everything that can
+    fail on user input happens here, before the run folder is written."""
+    tc = cfg.train
     tracker_names = trackers.parse_log_with(tc.log_with)
     accelerator = _accelerator(tc.mixed_precision, **trackers.accelerator_arguments(tracker_names, out))
     if keep_memory and accelerator.device.type == "cpu":
@@ -255,63 +289,74 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tc.warmup_ratio))
     method, optimizer = accelerator.prepare(method, optimizer)
     unwrapped = accelerator.unwrap_model(method)
+    return _Session(
+        accelerator=accelerator,
+        method=method,
+        unwrapped=unwrapped,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        params=params,
+        batches=batches,
+        heldout=heldout,
+        tokenizer=tokenizer,
+        tracker_names=tracker_names,
+        total_steps=total_steps,
+        tokens_per_step=tokens_per_step,
+        window=accumulation_window(unwrapped, tc.grad_accum, unsharded),
+        compiled=bool(compile_layers),
+    )
 
-    # ---- resume
-    if held == "other":  # with --restart-on-config-change (else `_run_of` refused it)
-        if accelerator.is_main_process:
-            _clear_run(out)
-        accelerator.wait_for_everyone()
+
+def _resume(run: _Session, cfg: ExperimentConfig, out: Path) -> int:
+    """Load the folder's last checkpoint, if any, and write config.yaml; returns the step to start at."""
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "checkpoint"
     start = 0
     found = find_checkpoint(out)  # checkpoint/, or checkpoint.old/ if a save was cut off mid-swap
     if found is not None:
         # A checkpoint at the last step is a finished run whose run.json is gone (snakemake deletes
         # a job's outputs before running it again): nothing is left to train, so its trainable state
         # suffices (the optimizer's may have been dropped) and the run is finalised again, not retrained.
-        finished = read_state(found).get("step") == total_steps
-        resume = () if finished else (optimizer, scheduler)
-        start = load_checkpoint(found, unwrapped, *resume)
-        if finished and accelerator.is_main_process:
+        finished = read_state(found).get("step") == run.total_steps
+        resume = () if finished else (run.optimizer, run.scheduler)
+        start = load_checkpoint(found, run.unwrapped, *resume)
+        if finished and run.accelerator.is_main_process:
             print(
                 f"{out} finished at step {start}: writing its student and run.json again from the "
                 "checkpoint (delete the folder to train it again)",
                 file=sys.stderr,
             )
-    if accelerator.is_main_process:
+    if run.accelerator.is_main_process:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
-    log = MetricsLog(out / "metrics.csv", start) if accelerator.is_main_process else None
-    trackers.start(accelerator, tracker_names, out, cfg.to_dict(), start)
+    return start
 
-    # ---- loop
-    method.train()
-    # One weight generation per optimizer step when accumulating (lrc_src.step); under DDP the
-    # window's gradients are averaged by hand after its closing backward.
-    window = accumulation_window(unwrapped, tc.grad_accum, unsharded)
-    manual_sync = window is not None and accelerator.num_processes > 1
-    trainable = [p for _, p in params]
-    bar = tqdm(
-        total=total_steps,
-        initial=start,
-        desc=f"{cfg.method}",
-        unit="step",
-        disable=not (progress and accelerator.is_main_process),
-        dynamic_ncols=True,
-    )
-    t_last, tokens_last, t0 = time.perf_counter(), start * tokens_per_step, time.perf_counter()
-    for step in range(start, total_steps):
-        lr_now = optimizer.param_groups[0]["lr"]
+
+def _loop(run: _Session, cfg: ExperimentConfig, out: Path, start: int, progress: bool) -> None:
+    """Optimizer steps start..total_steps: log every log_every, evaluate every eval_every, export at
+    export_at, save every save_every, and all of them at the last step."""
+    tc, accelerator, ckpt = cfg.train, run.accelerator, out / "checkpoint"
+    log = MetricsLog(out / "metrics.csv", start) if accelerator.is_main_process else None
+    trackers.start(accelerator, run.tracker_names, out, cfg.to_dict(), start)
+    run.method.train()
+    # under DDP the window's gradients are averaged by hand after its closing backward
+    manual_sync = run.window is not None and accelerator.num_processes > 1
+    trainable = [p for _, p in run.params]
+    show = progress and accelerator.is_main_process
+    bar = tqdm(total=run.total_steps, initial=start, desc=cfg.method, unit="step", disable=not show, dynamic_ncols=True)
+    t_last, tokens_last, t0 = time.perf_counter(), start * run.tokens_per_step, time.perf_counter()
+    for step in range(start, run.total_steps):
+        lr_now = run.optimizer.param_groups[0]["lr"]
+        micro_batches = run.batches.step(step, tc.grad_accum, accelerator)
         try:
             sums, grad_norm = train_step(
-                method,
-                batches.step(step, tc.grad_accum, accelerator),
-                optimizer,
+                run.method,
+                micro_batches,
+                run.optimizer,
                 trainable,
                 tc.grad_clip,
                 accelerator,
-                window,
+                run.window,
                 manual_sync,
-                scheduler,
+                run.scheduler,
             )
         except NonFiniteLossError as e:
             bar.close()
@@ -320,13 +365,13 @@ def train(
                 f"{e} at step {step + 1}; last good checkpoint: {last_good} (lower train.lr or check the data)"
             ) from None
         done = step + 1
-        tokens = done * tokens_per_step
+        tokens = done * run.tokens_per_step
         bar.update(1)
         bar.set_postfix(
             loss=f"{sums['loss']:.3f}", tok_s=f"{(tokens - tokens_last) / max(time.perf_counter() - t_last, 1e-9):.0f}"
         )
 
-        is_last = done == total_steps
+        is_last = done == run.total_steps
         evaluate_now = is_last or (tc.eval_every and done % tc.eval_every == 0)
         if accelerator.is_main_process and (done % tc.log_every == 0 or evaluate_now):
             now = time.perf_counter()
@@ -341,41 +386,43 @@ def train(
                 "heldout_loss": "",
             }
             if evaluate_now:
-                row["heldout_loss"] = heldout_loss(
-                    unwrapped.eval_model(), heldout[: tc.eval_batches * tc.batch_size], tc.batch_size, accelerator
-                )
+                eval_rows = run.heldout[: tc.eval_batches * tc.batch_size]
+                row["heldout_loss"] = heldout_loss(run.unwrapped.eval_model(), eval_rows, tc.batch_size, accelerator)
             log.write({k: _fmt(v) for k, v in row.items()})
             trackers.log_row(accelerator, row, done)
             t_last, tokens_last = time.perf_counter(), tokens
         if accelerator.is_main_process and done in tc.export_at:
-            _export_atomic(unwrapped, out / "exports" / f"step_{done}", tokenizer, with_trainable=True)
+            _export_atomic(run.unwrapped, out / "exports" / f"step_{done}", run.tokenizer, with_trainable=True)
         if accelerator.is_main_process and (done % tc.save_every == 0 or is_last):
-            save_checkpoint(ckpt, unwrapped, optimizer, scheduler, done)
+            save_checkpoint(ckpt, run.unwrapped, run.optimizer, run.scheduler, done)
         accelerator.wait_for_everyone()
     bar.close()
 
-    # ---- save: run.json last, so that its presence means every other file is in place
+
+def _finish(run: _Session, cfg: ExperimentConfig, out: Path) -> None:
+    """Write the student, trim the checkpoint, then the model card and run.json: run.json last, so
+    that its presence means every other file is in place."""
+    tc, accelerator, ckpt = cfg.train, run.accelerator, out / "checkpoint"
     if accelerator.is_main_process:
-        _export_atomic(unwrapped, out / "student", tokenizer)
+        _export_atomic(run.unwrapped, out / "student", run.tokenizer)
         discard_stale_copies(ckpt)  # a checkpoint.old/ left by a final save cut off after its swap
         if not tc.keep_optimizer_state:  # a finished run needs only its trainable state (export, analysis)
             drop_optimizer_state(ckpt)
         info = {
             "status": "complete",
             "method": cfg.method,
-            "steps": total_steps,
-            "tokens": total_steps * tokens_per_step,
-            "trainable_parameters": sum(p.numel() for _, p in params),
+            "steps": run.total_steps,
+            "tokens": run.total_steps * run.tokens_per_step,
+            "trainable_parameters": sum(p.numel() for _, p in run.params),
             "mixed_precision": accelerator.mixed_precision,
             "num_processes": accelerator.num_processes,
-            "accumulation_window": window is not None,  # student weights generated once per optimizer step
-            "compiled_layers": bool(compile_layers),  # in the session that finished it (resumes may differ)
+            "accumulation_window": run.window is not None,  # student weights generated once per optimizer step
+            "compiled_layers": run.compiled,  # in the session that finished it (resumes may differ)
         }
         write_model_card(out, info)
         atomic_write_text(out / "run.json", json.dumps(info, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers, if any (and the process group: last)
-    return out
 
 
 def _export_atomic(method, directory: Path, tokenizer, with_trainable: bool = False) -> None:
