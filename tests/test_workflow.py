@@ -68,6 +68,22 @@ def test_paper_benchmark_times_the_authors_step():
     assert "--compile" not in commands[0]  # eager unless the profile says benchmark.compile: true
 
 
+def test_paper_jobs_hold_their_gpus():
+    """Each paper training job holds the launcher's 8 GPUs and each cuda evaluation one (snakemake
+    resource gpu), so `--resources gpu=8` runs one training at a time; CPU profiles hold none."""
+    r = snakemake("-n", "--cores", "16", "--config", "profile=paper")
+    assert r.returncode == 0, r.stderr[-3000:]
+    held = {}
+    for block in r.stdout.split("\nrule ")[1:]:
+        rule = block.split(":", 1)[0]
+        m = re.search(r"resources: .*gpu=(\d+)", block)
+        held.setdefault(rule, set()).add(int(m.group(1)) if m else 0)
+    assert held["train"] == {8} and held["evaluate"] == {1} and held["table8_throughput"] == {1}, held
+    r = snakemake("-n", "--cores", "2", "--forceall", "--config", "profile=ci")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "gpu=" not in r.stdout.replace("gpu=0", "")
+
+
 def test_tiny_notebook_parameters_are_the_profiles():
     """Every notebook parameter a profile leaves unset must not fall back to the notebook's ci
     default: the tiny analysis items run without the suite, and the budget sweep is planned."""
@@ -79,6 +95,64 @@ def test_tiny_notebook_parameters_are_the_profiles():
     sweep = snakemake("-n", "--cores", "2", "--config", "profile=tiny", "--", "results/tiny/tables/budget_sweep.csv")
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     assert "budget_sweep" in sweep.stdout
+
+
+def test_suite_items_score_every_item_when_the_profile_asks():
+    """`params: {suite: true}` alone scores each model on the whole tiny suite: not the notebook's
+    ci default of 4 items per task."""
+    prof = yaml.safe_load((ROOT / "config/workflow/ci.yaml").read_text())
+    prof["name"] = "_test_suite"
+    prof["tables"]["figure4_tokens"]["params"] = {"suite": True}
+    path = ROOT / "config/workflow/_test_suite.yaml"
+    try:
+        path.write_text(yaml.safe_dump(prof))
+        target = "results/_test_suite/tables/figure4_tokens.csv"
+        r = snakemake("-n", "-p", "--cores", "1", "--config", "profile=_test_suite", "--", target)
+    finally:
+        path.unlink(missing_ok=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmd = next(
+        line for line in r.stdout.splitlines() if "notebooks/figure4_tokens.ipynb" in line and "papermill" in line
+    )
+    params = json.loads(shlex.split(cmd.split(" > ", 1)[0])[-1])
+    assert params["suite"] is True and params["suite_limit"] is None, params
+
+
+def test_claims_take_the_roles_from_the_profiles_labels(tmp_path):
+    """A profile whose runs have other names (the paper's LRC-1.5B, abl_tinybert) gives the claims
+    their roles through `labels`; claims without a run to compare are left out, not a crash."""
+    source = "this replication (paper)"
+    pd.DataFrame(
+        [
+            {"source": source, "model": "teacher", "task": "heldout_lm", "metric": "loss_nats", "value": 2.0},
+            {"source": source, "model": "LRC-1.5B", "task": "heldout_lm", "metric": "loss_nats", "value": 2.3},
+        ]
+    ).to_csv(tmp_path / "table1_main.csv", index=False)
+    pd.DataFrame(
+        [
+            {"kind": "summary", "run": "abl_lrc", "metric": "final_train_lm_loss", "value": 3.0},
+            {"kind": "summary", "run": "abl_tinybert", "metric": "final_train_lm_loss", "value": 3.5},
+        ]
+    ).to_csv(tmp_path / "figure3_loss_curves.csv", index=False)
+    import papermill
+
+    papermill.execute_notebook(
+        str(ROOT / "notebooks/claims.ipynb"),
+        str(tmp_path / "claims.ipynb"),
+        parameters={
+            "profile": "paper",
+            "labels": {"LRC-1.5B": "lrc", "abl_lrc": "lrc", "abl_tinybert": "tinybert"},
+            "tables": {t: str(tmp_path / f"{t}.csv") for t in ("table1_main", "figure3_loss_curves")},
+            "output_csv": str(tmp_path / "claims.csv"),
+            "output_png": str(tmp_path / "claims.png"),
+        },
+        cwd=str(ROOT),
+        progress_bar=False,
+    )
+    claims = pd.read_csv(tmp_path / "claims.csv").set_index("claim")
+    assert claims.loc["LRC comes within 0.5 nats of the teacher (teacher-level quality)", "verdict"] == "holds"
+    assert claims.loc["LRC beats TinyBERT-style distillation", "margin"] == pytest.approx(0.5)
+    assert len(claims) == 2  # no baseline beside LRC in the main table: no "beats every baseline" row
 
 
 def notebook_defaults(path):
@@ -189,10 +263,35 @@ def test_unknown_profile_is_a_clear_error():
             lambda P: P["budget_trend"]["fractions"].update(runs=["prune_kd"]),
             "budget_trend.fractions run 'prune_kd' is not a hand-off run",
         ),
+        (lambda P: P.update(name="ci"), "name is 'ci', not the file's stem '_test_bad'"),
+        (lambda P: P["tables"].update(table9_main={}), "'table9_main' is not one of"),
+        (
+            lambda P: (P.pop("benchmark"), P["tables"]["table7_io_sharing"].pop("speed")),
+            "table8_throughput needs the profile's benchmark section",
+        ),
+        (lambda P: P["eval"].update(limit=0), "0 is less than the minimum of 1"),
+        (
+            lambda P: P["tables"]["figure6_alpha"].update(x={"lrc": 0.2}),
+            "table figure6_alpha gives x values, but none for run(s) ['lrc_alpha_1']",
+        ),
+        (lambda P: P["tables"]["table1_main"].update(params={"k": 5}), "table table1_main takes no params"),
+        (
+            lambda P: P["tables"]["table5_neuron_masking"]["params"].update(suite_limt=4),
+            "table table5_neuron_masking: params ['suite_limt'] are not parameters of notebooks/",
+        ),
+        (
+            lambda P: P["tables"]["table22_gram_mse"].update(runs=["lrc", "kd"]),
+            "table table22_gram_mse measures one run; it lists ['lrc', 'kd']",
+        ),
+        (
+            lambda P: P["samples"].update(heldout_prompts=0, instructions=0),
+            "samples needs heldout_prompts or instructions above 0",
+        ),
     ],
 )
 def test_bad_profile_is_a_clear_error(change, message):
     prof = yaml.safe_load((ROOT / "config/workflow/ci.yaml").read_text())
+    prof["name"] = "_test_bad"
     change(prof)
     path = ROOT / "config/workflow/_test_bad.yaml"  # profiles are looked up by name in this folder
     try:

@@ -16,14 +16,34 @@ ANALYSIS = {  # item -> the paper's CSV its notebook shows beside ours (PAPER_FI
     "table22_gram_mse": "ablations",
 }
 SUITE_ITEMS = ("figure4_tokens", "table5_neuron_masking")  # notebooks that can run the tiny suite themselves
+ONE_RUN = ("table5_neuron_masking", "table22_gram_mse")  # items that measure one LRC student
+
+
+def _notebook_parameters(name):
+    """The names the item's notebook assigns in its `parameters` cell."""
+    cells = json.loads(Path(f"notebooks/{name}.ipynb").read_text())["cells"]
+    source = next("".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    return set(re.findall(r"^(\w+)\s*=", source, flags=re.M))
+
+
+for _t, _spec in TABLES.items():
+    if "params" in _spec and _t not in ANALYSIS:
+        raise ValueError(f"profile {PROFILE}: table {_t} takes no params (only {sorted(ANALYSIS)} do)")
+    _unknown = sorted(set(_spec.get("params", {})) - _notebook_parameters(_t)) if _t in ANALYSIS else []
+    if _unknown:
+        raise ValueError(f"profile {PROFILE}: table {_t}: params {_unknown} are not parameters of notebooks/{_t}.ipynb")
+    if _t in ONE_RUN and len(_spec.get("runs", [])) != 1:
+        raise ValueError(f"profile {PROFILE}: table {_t} measures one run; it lists {_spec.get('runs', [])}")
 
 
 def _analysis_params(name):
-    """The item's notebook parameters from the profile; the suite is off unless the profile says so
-    (never the notebook's ci default)."""
+    """The item's notebook parameters from the profile; the suite is off unless the profile says so,
+    and scores every item when it does (never the notebook's ci defaults)."""
     params = dict(TABLES.get(name, {}).get("params", {}))
     if name in SUITE_ITEMS:
         params.setdefault("suite", False)
+        if params["suite"]:
+            params.setdefault("suite_limit", None)
     return params
 
 

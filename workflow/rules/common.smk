@@ -1,6 +1,7 @@
 # Profile loading, validation and the helpers the rules share.
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -17,6 +18,8 @@ if not _profile_path.is_file():
     raise ValueError(f"unknown profile {PROFILE!r}: no {_profile_path}; known profiles: {_known}")
 P = yaml.safe_load(_profile_path.read_text())
 validate(P, "../../config/workflow/schema.yaml")
+if P["name"] != PROFILE:
+    raise ValueError(f"profile {PROFILE}: name is {P['name']!r}, not the file's stem {PROFILE!r}")
 RUNS = P["runs"]
 TABLES = P["tables"]
 R = f"results/{PROFILE}"
@@ -137,6 +140,13 @@ for _t, _spec in TABLES.items():
         raise ValueError(f"profile {PROFILE}: table {_t} gives a speed for run(s) {_missing} that it does not list")
     if _spec.get("speed") and "benchmark" not in P:
         raise ValueError(f"profile {PROFILE}: table {_t} takes speeds from the benchmark, but the profile has no benchmark section")
+    _missing = [r for r in _spec.get("runs", []) if _spec.get("x") and r not in _spec["x"]]
+    if _missing:
+        raise ValueError(f"profile {PROFILE}: table {_t} gives x values, but none for run(s) {_missing}")
+if "table8_throughput" in TABLES and "benchmark" not in P:
+    raise ValueError(f"profile {PROFILE}: table8_throughput needs the profile's benchmark section")
+if P.get("samples") and not P["samples"].get("heldout_prompts", 2) + P["samples"].get("instructions", 2):
+    raise ValueError(f"profile {PROFILE}: samples needs heldout_prompts or instructions above 0")
 _missing = [m for m in P.get("samples", {}).get("models", []) if m != "teacher" and m not in RUNS]
 if _missing:
     raise ValueError(f"profile {PROFILE}: samples.models uses undefined run(s) {_missing}")
@@ -144,6 +154,12 @@ _missing = [m for m in P["eval"]["models"] if m != "teacher" and m not in RUNS]
 if _missing:
     raise ValueError(f"profile {PROFILE}: eval.models uses undefined run(s) {_missing}")
 LAUNCHER = P.get("launcher", "lrc")
+
+
+def gpus(device):
+    """Snakemake resource `gpu` of a job on `device`: jobs share a node's GPUs when snakemake runs
+    with --resources gpu=<GPUs>, and the SLURM executor asks for them (--gpus)."""
+    return 1 if str(device).startswith("cuda") else 0
 
 
 wildcard_constraints:

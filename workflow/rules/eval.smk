@@ -34,10 +34,12 @@ rule evaluate:
     log:
         "results/{profile}/logs/eval_{model}.log",
     threads: P["threads_per_run"]
+    resources:
+        gpu=gpus(P["eval"].get("device", "cpu")),
     params:
         model=lambda w: model_dir(w.model),
         suite=P["eval"]["suite"],
-        limit=("--limit %d" % P["eval"]["limit"]) if P["eval"].get("limit") else "",
+        limit=("--limit %d" % P["eval"]["limit"]) if P["eval"].get("limit") is not None else "",
         batch=P["eval"].get("batch_size", 8),
         device=P["eval"].get("device", "cpu"),
         data=_data_dir_arg(P["eval"]["suite"]),
@@ -55,6 +57,8 @@ rule evaluate_extra_suite:
     log:
         "results/{profile}/logs/eval_{model}__{suite}.log",
     threads: P["threads_per_run"]
+    resources:
+        gpu=gpus(P["eval"].get("device", "cpu")),
     params:
         model=lambda w: model_dir(w.model),
         batch=P["eval"].get("batch_size", 8),

@@ -109,6 +109,8 @@ rule table8_throughput:
     log:
         "results/{profile}/logs/table8_throughput.log",
     threads: workflow.cores
+    resources:
+        gpu=gpus(BENCH.get("device", "cpu")),
     params:
         bench=BENCH,
         shape=" ".join(f"--{k.replace('_', '-')} {BENCH[k]}" for k in ("batch_size", "grad_accum") if k in BENCH)

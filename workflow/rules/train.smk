@@ -26,6 +26,8 @@ rule train:
     log:
         "results/{profile}/logs/train_{run}.log",
     threads: P["threads_per_run"]
+    resources:
+        gpu=P.get("gpus_per_run", 0),
     params:
         config=lambda w: run_config(w.run),
         sets=lambda w: set_args(w.run),
