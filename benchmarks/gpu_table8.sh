@@ -23,7 +23,7 @@
 # Names given as arguments run only those runs, in the order given (default: all, in this order);
 # with a few minutes of GPU time: benchmarks/gpu_check.sh (b3x8_parts, b3x8_parts_eager_head,
 # b3_paired and the CUDA tests). All but b1 alternate their methods round-robin (drift hits all
-# alike). Writes CSVs and logs to ${OUT:-results/paper-1.5b/tables} and prints each run's table and last line
+# alike). Writes CSVs, printed summaries (.out) and logs to ${OUT:-results/paper-1.5b/tables} and prints each run's last lines
 # (lrc_over_bound=... lrc_over_ordinary=... lrc_tokens_per_s=... mfu=...). A failed run is
 # reported and the next one still runs; the exit status is non-zero if any failed.
 #   bash benchmarks/gpu_table8.sh            (PYTHON=python3 bash ... where `python` is not the one with torch)
@@ -39,7 +39,8 @@ run() {  # name, extra args
   local name=$1; shift
   echo "== $name: $*"
   if ! "$py" benchmarks/throughput.py --profile paper-1.5b --device cuda \
-      --output "$out/table8_throughput_$name.csv" "$@" 2> "$out/table8_throughput_$name.log" | tail -15; then
+      --output "$out/table8_throughput_$name.csv" "$@" 2> "$out/table8_throughput_$name.log" \
+      | tee "$out/table8_throughput_$name.out" | tail -15; then
     echo "== $name FAILED; the end of $out/table8_throughput_$name.log:"
     tail -25 "$out/table8_throughput_$name.log"
     failed=1

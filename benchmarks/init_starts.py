@@ -15,6 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from lrc_src.cli import int_at_least
+
 ROOT = Path(__file__).resolve().parents[1]
 STARTS = [("normal", False), ("prune", False), ("prune_scaled", False), ("pca", False), ("pca", True)]
 
@@ -23,7 +25,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/init_starts.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "config" / "tiny.yaml"), help="training config (teacher, data, d_S)")
     p.add_argument("--output", required=True, help="CSV to write")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads")
     args = p.parse_args(argv)
 
     import torch

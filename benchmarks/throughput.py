@@ -707,6 +707,11 @@ def check_args(args) -> str | None:
             return f"--{opt.replace('_', '-')} must be > 0, got {v}"
     if args.warmup < 0:
         return f"--warmup must be >= 0, got {args.warmup}"
+    accum_only = [m for m in names if m in ACCUM_ONLY]
+    if accum_only and args.grad_accum == 1:
+        return f"{accum_only} need --grad-accum > 1 (with one micro-batch every method generates once per step)"
+    if args.parts and args.grad_accum == 1:
+        return "--parts needs --grad-accum > 1: it solves for the work per micro-batch and once per step"
     if args.compile != "off" and args.warmup < 1:
         return "--compile needs --warmup >= 1: the first step of each method compiles it"
     return None

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lrc_src.cli import int_at_least
 from lrc_src.corpora import load_documents
 from lrc_src.mix import open_mix
 from lrc_src.packing import prepare_data
@@ -115,14 +116,16 @@ def timed_prepare(tokenizer, spec: dict, cache: Path, num_proc: int, seq_len: in
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=128.0, help="MB of text in the stand-in mix (default 128)")
-    ap.add_argument("--procs", type=int, default=2, help="worker processes of the parallel run (default 2)")
+    ap.add_argument(
+        "--procs", type=int_at_least(2), default=2, help="worker processes of the parallel run (>= 2, default 2)"
+    )
     ap.add_argument(
         "--text",
         choices=("python-docs", "synthetic"),
         default="python-docs",
         help="documents: the python-docs corpus (built in the cache if missing), or synthetic prose",
     )
-    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--seq-len", type=int_at_least(1), default=2048, help="tokens per packed block (default 2048)")
     ap.add_argument(
         "--cpus",
         default=None,
@@ -132,14 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         "--work", default=None, help="folder for the stand-in files and caches (default: a temp folder, removed)"
     )
     args = ap.parse_args(argv)
-    if args.procs < 2:
-        raise SystemExit(f"--procs must be >= 2 (the parallel run), got {args.procs}")
+    if not args.mb > 0:
+        ap.error(f"--mb must be > 0, got {args.mb}")
     if args.cpus:
         cpus = set()
-        for part in args.cpus.split(","):
-            lo, _, hi = part.partition("-")
-            cpus.update(range(int(lo), int(hi or lo) + 1))
-        os.sched_setaffinity(0, cpus)
+        try:
+            for part in args.cpus.split(","):
+                lo, _, hi = part.partition("-")
+                cpus.update(range(int(lo), int(hi or lo) + 1))
+            os.sched_setaffinity(0, cpus)
+        except (ValueError, OSError) as e:
+            ap.error(f"--cpus {args.cpus!r}: {e}")
 
     work = Path(args.work or tempfile.mkdtemp(prefix="lrc_tokenise_bench_"))
     work.mkdir(parents=True, exist_ok=True)

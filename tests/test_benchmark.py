@@ -107,6 +107,8 @@ def test_ci_profile_writes_every_method(tmp_path):
         (["--profile", "ci", "--methods", "lrc,foo"], "unknown method"),
         (["--profile", "paper-1.5b"], "--device cuda"),
         (["--profile", "ci", "--compile", "--warmup", "0"], "--compile needs --warmup >= 1"),
+        (["--profile", "ci", "--parts"], "--parts needs --grad-accum > 1"),
+        (["--profile", "ci", "--methods", "lrc,lrc_regen"], "['lrc_regen'] need --grad-accum > 1"),
     ],
 )
 def test_one_line_errors(args, message):
@@ -114,6 +116,24 @@ def test_one_line_errors(args, message):
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], p.stderr
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("tokenise.py", ["--mb", "0"], "--mb must be > 0"),
+        ("tokenise.py", ["--seq-len", "0"], "argument --seq-len: expected an integer >= 1"),
+        ("tokenise.py", ["--procs", "1"], "argument --procs: expected an integer >= 2"),
+        ("tokenise.py", ["--cpus", "0-x"], "--cpus '0-x'"),
+        ("init_starts.py", ["--output", "x.csv", "--threads", "-1"], "argument --threads: expected an integer >= 1"),
+    ],
+)
+def test_other_benchmarks_refuse_bad_arguments(script, args, message, tmp_path):
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert p.returncode == 2 and message in p.stderr.strip().splitlines()[-1], p.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
