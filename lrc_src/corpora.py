@@ -37,13 +37,12 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from lrc_src.fileio import rename_into_place, sha256_file
+from lrc_src.fileio import build_folder_once, sha256_file
 from lrc_src.teachers import cache_dir
 
 MIN_INFO_NODE_CHARS = 200
@@ -69,34 +68,29 @@ def corpus_folder(name: str) -> Path:
     """Folder of built-in corpus ``name`` (``documents.jsonl`` + ``manifest.json``), built once."""
     if name not in BUILTIN_CORPORA:
         raise ValueError(f"unknown built-in corpus {name!r}; known: {', '.join(BUILTIN_CORPORA)}")
-    final = cache_dir() / "corpora" / name
-    if (final / "manifest.json").is_file() and (final / "documents.jsonl").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=final.parent))
-    try:
-        packages = PYTHON_DOCS_PACKAGES if name == "python-docs" else KJV_PACKAGES
-        debs = _apt_download(packages, tmp / "debs")
-        unpacked = tmp / "unpacked"
-        for deb in debs:
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
-        docs = _python_docs_documents(unpacked) if name == "python-docs" else _kjv_documents(unpacked)
-        shutil.rmtree(unpacked)
-        write_jsonl(tmp / "documents.jsonl", docs)
-        manifest = {
-            "corpus": name,
-            "packages": [_deb_record(deb) for deb in debs],
-            "documents": len(docs),
-            "characters": sum(len(d["text"]) for d in docs),
-            "documents_sha256": documents_sha256(docs),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.chmod(0o755)
-        rename_into_place(tmp, final, marker="manifest.json")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_folder_once(cache_dir() / "corpora" / name, "manifest.json", lambda tmp: _build_corpus(name, tmp))
+
+
+def _build_corpus(name: str, tmp: Path) -> None:
+    """Download the corpus's Debian packages into ``tmp``, unpack them, and write its documents and
+    manifest (last) there."""
+    packages = PYTHON_DOCS_PACKAGES if name == "python-docs" else KJV_PACKAGES
+    debs = _apt_download(packages, tmp / "debs")
+    unpacked = tmp / "unpacked"
+    for deb in debs:
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
+    docs = _python_docs_documents(unpacked) if name == "python-docs" else _kjv_documents(unpacked)
+    shutil.rmtree(unpacked)
+    write_jsonl(tmp / "documents.jsonl", docs)
+    manifest = {
+        "corpus": name,
+        "packages": [_deb_record(deb) for deb in debs],
+        "documents": len(docs),
+        "characters": sum(len(d["text"]) for d in docs),
+        "documents_sha256": documents_sha256(docs),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _apt_download(packages: Sequence[str], dest: Path) -> list[Path]:

@@ -2,15 +2,21 @@
 
 Every output of the project (tables, suites, metrics, manifests) goes through these helpers: the
 bytes are written to a temporary file in the target's folder, flushed to disk and renamed over the
-target, so a crash or a full disk leaves either the old file or the new one, never a mix.
+target, so a crash or a full disk leaves either the old file or the new one, never a mix. The
+cached folders (teachers, corpora, token caches) are built in a temporary sibling folder and
+renamed into place, one process at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import shutil
+import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +66,50 @@ def write_if_changed(path: str | Path, data: bytes) -> bool:
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write ``frame`` as CSV (no index, ``\\n`` line ends) atomically."""
     return atomic_write_bytes(Path(path).expanduser(), frame.to_csv(index=False, lineterminator="\n").encode("utf-8"))
+
+
+@contextlib.contextmanager
+def locked(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` (created, with its folder, if missing); says on
+    stderr that it waits when another process holds it."""
+    while True:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = open(lock, "a")
+        except FileNotFoundError:  # its folder was removed by the holder that just finished: again
+            continue
+        break
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process holding {lock} ...", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def build_folder_once(final: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """``final``, unless ``final/marker`` exists: built by ``build(tmp)`` in a temporary sibling
+    folder, then renamed into place. One process builds at a time (a lock file beside it, removed
+    once the folder is in place), and a temporary folder that a killed build left is removed first."""
+    if (final / marker).is_file():
+        return final
+    lock = final.parent / f".{final.name}.lock"
+    with locked(lock):
+        if (final / marker).is_file():  # built while this process waited
+            return final
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            build(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it 0700
+            rename_into_place(tmp, final, marker)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        # Safe while held: from now on every process finds the marker before it looks for a lock.
+        lock.unlink(missing_ok=True)
+    return final
 
 
 def rename_into_place(tmp: str | Path, final: str | Path, marker: str) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -48,7 +47,7 @@ from lrc_src.corpora import (
     spec_parts,
     write_jsonl,
 )
-from lrc_src.fileio import atomic_write_bytes, atomic_write_text, rename_into_place
+from lrc_src.fileio import atomic_write_bytes, atomic_write_text, locked, rename_into_place
 from lrc_src.mix import mix_source_key, open_mix
 from lrc_src.teachers import cache_dir
 
@@ -150,7 +149,7 @@ def prepare_data(
     # Shards of an unfinished preparation: kept when it is killed, reused when it is restarted,
     # removed once the packed folder is in place. One preparation of a key at a time uses them.
     shards = final.parent / f"{key}.partial"
-    with _locked(shards):
+    with locked(shards / ".lock"):
         if not (final / "meta.json").is_file():
             for stale in final.parent.glob(f".{key}.tmp-*"):  # left by a killed run (it held the lock)
                 shutil.rmtree(stale, ignore_errors=True)
@@ -196,25 +195,6 @@ def tokenise_procs(num_proc: int | None = None) -> int:
     if not isinstance(num_proc, (int, np.integer)) or isinstance(num_proc, bool) or num_proc < 1:
         raise ValueError(f"num_proc must be a positive integer or None, got {num_proc!r}")
     return int(num_proc)
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder/.lock`` (the folder is created if missing)."""
-    while True:
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            handle = open(folder / ".lock", "a")
-        except FileNotFoundError:  # removed by a preparation that just finished: look again
-            continue
-        break
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another process preparing {folder.name} ...", file=sys.stderr, flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def _load_packed(folder: Path) -> PackedData:

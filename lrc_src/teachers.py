@@ -26,15 +26,13 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from lrc_src.fileio import rename_into_place
+from lrc_src.fileio import build_folder_once
 from lrc_src.hub import hub_offline_reason
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -123,19 +121,8 @@ def _hub_folder(repo_id: str) -> Path:
 
 
 def _cached_folder(name: str, build: Callable[[Path], None]) -> Path:
-    """``cache_dir()/teachers/<name>``, created by ``build(tmp)`` in a temp folder then renamed."""
-    final = cache_dir() / "teachers" / name
-    if (final / "config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=final.parent))
-    try:
-        build(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
-        rename_into_place(tmp, final, marker="config.json")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    """``cache_dir()/teachers/<name>``, built once by ``build(folder)``."""
+    return build_folder_once(cache_dir() / "teachers" / name, "config.json", build)
 
 
 def smollm2_gguf_path() -> Path:

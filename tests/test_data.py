@@ -8,6 +8,7 @@ download ~15 MB with ``apt-get download`` (marked slow); the rest is offline and
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import multiprocessing
 import os
@@ -20,7 +21,7 @@ import pytest
 
 from lrc_src import corpora, packing
 from lrc_src.corpora import corpus_folder, documents_sha256, load_documents
-from lrc_src.fileio import sha256_file
+from lrc_src.fileio import build_folder_once, sha256_file
 from lrc_src.mix import PAPER_SOURCES, mix_source_key, paper_mix_documents, render_conversation
 from lrc_src.packing import prepare_data
 from lrc_src.teachers import smollm2_tokenizer
@@ -84,6 +85,42 @@ def test_debian_corpus_built_with_manifest_and_reused(cache, monkeypatch, name, 
     monkeypatch.setattr(corpora.subprocess, "run", no_subprocess)
     assert load_documents(name) == docs
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def _slow_build(log: str, folder) -> None:
+    """A folder build that takes a while and says, in ``log``, that it ran."""
+    with open(log, "a") as f:
+        f.write("built\n")
+    time.sleep(0.5)
+    (folder / "marker").write_text("done")
+
+
+def test_cached_folder_is_built_once_and_cleans_up_after_a_killed_build(tmp_path):
+    """Two processes asking for the same folder build it once; a temporary folder that a killed
+    build left is removed by the next build; a failed build leaves nothing behind."""
+    final, log = tmp_path / "cache" / "thing", tmp_path / "builds.log"
+    (final.parent / ".thing.tmp-killed").mkdir(parents=True)
+    (final.parent / ".thing.tmp-killed" / "half").write_text("x")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=build_folder_once, args=(final, "marker", functools.partial(_slow_build, str(log))))
+        for _ in range(2)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert log.read_text() == "built\n" and (final / "marker").read_text() == "done"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["thing"]  # no temp folder, no lock
+
+    def fail(folder):
+        (folder / "half").write_text("x")
+        raise RuntimeError("build failed")
+
+    with pytest.raises(RuntimeError, match="build failed"):
+        build_folder_once(tmp_path / "cache" / "other", "marker", fail)
+    assert not [p for p in final.parent.iterdir() if p.name.startswith(".other.tmp-") or p.name == "other"]
 
 
 @pytest.mark.slow
