@@ -12,7 +12,7 @@ from accelerate import Accelerator
 
 from lrc_src.analysis import heldout_loss
 from lrc_src.config import ExperimentConfig
-from lrc_src.fileio import atomic_write_bytes, atomic_write_text
+from lrc_src.fileio import atomic_write_bytes, atomic_write_text, check_output_folder
 from lrc_src.runtime import resolve_mixed_precision, set_threads
 
 
@@ -70,6 +70,10 @@ def prepare_assets(cfg: ExperimentConfig, output_dir: str | Path, threads: int |
 
     set_threads(threads)
     out = Path(output_dir)
+    check_output_folder(out, "--output-dir")
+    link = out / "teacher"  # a stable path to the teacher's HF folder, for `lrc eval`
+    if link.exists() and not link.is_symlink():
+        raise ValueError(f"{str(link)!r} exists and is not the link lrc prepare writes there; move it away")
     teacher, tokenizer, train_blocks, _, heldout = load_inputs(cfg)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
     n = cfg.train.eval_batches * cfg.train.batch_size
@@ -83,9 +87,7 @@ def prepare_assets(cfg: ExperimentConfig, output_dir: str | Path, threads: int |
         "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
     }
     out.mkdir(parents=True, exist_ok=True)
-    link = out / "teacher"  # a stable path to the teacher's HF folder, for `lrc eval`
-    if link.is_symlink() or link.exists():
-        link.unlink()
+    link.unlink(missing_ok=True)
     link.symlink_to(Path(info["teacher_folder"]).resolve(), target_is_directory=True)
     if cfg.method != "sft":
         src = packed_data(cfg, tokenizer).heldout_path  # cached: returns at once

@@ -3,10 +3,11 @@ everything but the assistant replies (labels = -100 on prompt, system and paddin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from lrc_src.fileio import read_jsonl
 
 IGNORE = -100
 
@@ -34,18 +35,16 @@ def read_chat_jsonl(path: str | Path) -> list[list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"chat data {str(path)!r} does not exist")
-    convs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        msgs = row.get("messages")
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs):
-            raise ValueError(f"{path}:{n}: expected {{'messages': [{{'role': ..., 'content': ...}}, ...]}}")
-        convs.append(msgs)
+    shape = '{"messages": [{"role": ..., "content": ...}, ...]}'
+    convs = [row["messages"] for row in read_jsonl(path, _is_conversation, shape)]
     if not convs:
         raise ValueError(f"chat data {str(path)!r} has no conversations")
     return convs
+
+
+def _is_conversation(row: dict) -> bool:
+    msgs = row.get("messages")
+    return isinstance(msgs, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs)
 
 
 def _ids(tokenizer, messages, **kw) -> list[int]:
@@ -73,6 +72,16 @@ def encode_conversation(tokenizer, messages: list[dict], seq_len: int) -> tuple[
 
 
 def encode_chat_file(tokenizer, path: str | Path, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """All conversations of a chat jsonl: input_ids [N, seq_len], labels [N, seq_len]."""
-    pairs = [encode_conversation(tokenizer, c, seq_len) for c in read_chat_jsonl(path)]
-    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    """All conversations of a chat jsonl: input_ids [N, seq_len], labels [N, seq_len]. Data in which
+    no assistant token falls within seq_len (e.g. ShareGPT's human/gpt roles) is refused: SFT would
+    train on nothing."""
+    convs = read_chat_jsonl(path)
+    pairs = [encode_conversation(tokenizer, c, seq_len) for c in convs]
+    ids, labels = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    if not (labels != IGNORE).any():
+        roles = sorted({m["role"] for c in convs for m in c})
+        raise ValueError(
+            f"chat data {str(path)!r} has no assistant reply within data.seq_len={seq_len} tokens "
+            f"(roles found: {roles}; replies are the messages of role 'assistant')"
+        )
+    return ids, labels

@@ -1,6 +1,6 @@
 """Command line: `lrc train`, `lrc prepare`, `lrc export`, `lrc tiny-suite`, `lrc eval`, `lrc samples`.
 
-    lrc train --config config/tiny.yaml --output-dir runs/tiny-lrc [--set train.max_steps=20 ...]
+    lrc train --config config/tiny.yaml --output-dir runs/tiny-lrc [--set train.max_tokens=10240 ...]
     accelerate launch -m lrc_src.cli train --config config/paper-lrc-1.5b.yaml --output-dir runs/lrc-1.5b
     lrc export --run runs/tiny-lrc --output exported/
     lrc tiny-suite --heldout assets/heldout.jsonl --output assets/tiny_suite
@@ -68,24 +68,21 @@ def _export(args: argparse.Namespace) -> int:
 
 def _tiny_suite(args: argparse.Namespace) -> int:
     """Build the offline tiny eval suite from a held-out file (deterministic for a given seed)."""
+    from lrc_src.fileio import check_output_folder
     from lrc_src.tiny_suite import build_tiny_suite
 
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output {str(out)!r} exists and is not a folder")
-    try:
-        folder = build_tiny_suite(args.heldout, out, seed=args.seed)
-    except (NotADirectoryError, PermissionError) as e:  # a parent of --output is a file; no permission
-        raise ValueError(f"cannot build the tiny suite in {str(out)!r}: {e}") from None
+    check_output_folder(args.output, "--output")
+    folder = build_tiny_suite(args.heldout, Path(args.output), seed=args.seed)
     print(f"tiny suite (seed {args.seed}) from {args.heldout}: {folder}")
     return 0
 
 
 def _samples(args: argparse.Namespace) -> int:
     """Greedy continuations of a fixed prompt set by each --model, as one CSV."""
-    from lrc_src.fileio import write_csv_atomic
+    from lrc_src.fileio import check_output_file, write_csv_atomic
     from lrc_src.samples import INSTRUCTIONS, sample_prompts, samples_frame
 
+    check_output_file(args.output, "--output")
     models = {}
     for spec in args.model:
         name, sep, folder = spec.partition("=")
@@ -134,7 +131,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser, output_help: str) -> 
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.max_steps=20 --set lrc.alpha=0.5 (repeatable; values are YAML)",
+        help="override a config value, e.g. --set train.max_tokens=10240 --set lrc.alpha=0.5 "
+        "(repeatable; values are YAML)",
     )
     parser.add_argument("--output-dir", required=True, help=output_help)
     parser.add_argument(
@@ -183,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch the teacher and tokenise the data of a config once",
         description="Convert/fetch the teacher, build and tokenise the corpus (cached), and "
         "write OUTPUT_DIR/assets.json (teacher folder, held-out documents, the "
-        "teacher's held-out loss) and OUTPUT_DIR/heldout.jsonl.",
+        "teacher's held-out loss), OUTPUT_DIR/heldout.jsonl (not for method=sft, whose data is "
+        "sft.chat_data) and OUTPUT_DIR/teacher, a link to the teacher's folder (replaced on each run).",
     )
     _add_config_arguments(pr, "folder for assets.json and heldout.jsonl")
     pr.set_defaults(func=_prepare)
@@ -234,11 +233,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--heldout", required=True, metavar="FILE.jsonl", help='held-out documents, {"text": ...} per line')
     g.add_argument(
-        "--heldout-prompts", type=int_at_least(0), default=2, metavar="N", help="prompts from held-out documents"
+        "--heldout-prompts",
+        type=int_at_least(0),
+        default=2,
+        metavar="N",
+        help="prompts cut from held-out documents of at least 48 words (default %(default)s)",
     )
-    g.add_argument("--instructions", type=int_at_least(0), default=2, metavar="N", help="plain instructions to add")
-    g.add_argument("--max-new-tokens", type=int_at_least(1), default=24, metavar="N", help="greedy tokens per prompt")
-    g.add_argument("--seed", type=int, default=0, help="which held-out documents give the prompts")
+    g.add_argument(
+        "--instructions",
+        type=int_at_least(0),
+        default=2,
+        metavar="N",
+        help="plain instructions to add, at most 3 (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-new-tokens",
+        type=int_at_least(1),
+        default=24,
+        metavar="N",
+        help="greedy tokens per prompt (default %(default)s)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="which held-out documents give the prompts (default %(default)s)"
+    )
     g.add_argument("--output", required=True, help="CSV to write")
     g.set_defaults(func=_samples)
 
@@ -275,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"lrc: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. no permission, a full disk: one line, not a traceback
+        print(f"lrc: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lrc: interrupted (re-run the same command to resume)", file=sys.stderr)
         return 130

@@ -4,7 +4,7 @@ One `ExperimentConfig` describes a training run: which method, which teacher, wh
 method's settings and the optimisation budget. Unknown keys are errors naming the key; values
 are coerced to the declared types (YAML reads `1e-3` as a string; we do not).
 
-    cfg = load_config("config/tiny.yaml", overrides=["train.max_steps=10", "lrc.alpha=0.5"])
+    cfg = load_config("config/tiny.yaml", overrides=["train.max_tokens=10240", "lrc.alpha=0.5"])
 """
 
 from __future__ import annotations
@@ -252,6 +252,10 @@ class TrainConfig:
             raise ValueError(f"train.export_at={self.export_at} must list optimizer steps >= 1")
         if self.lr <= 0:
             raise ValueError(f"train.lr={self.lr} must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1): a share of the steps")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas={list(self.betas)} must both be in [0, 1)")
         for name in ("skip_tokens", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0")
@@ -273,10 +277,23 @@ class BaselineConfig:
     use_kl: bool = True  # kd/prune_kd/tinybert (scratch never uses it)
     hidden_weight: float = 1.0  # tinybert: hidden-state MSE weight
     attn_weight: float = 1.0  # tinybert: attention-map MSE weight
-    calibration_batches: int = 4  # prune_kd: batches used to score channels
+    # training batches that score the teacher's channels: prune_kd's start, and LRC's teacher-derived
+    # starts (lrc.init prune, prune_scaled, pca)
+    calibration_batches: int = 4
     # scratch / kd / prune_kd: start the student from this HF folder (an exported student of the
     # LRC student's shape) instead of the method's own start: the LRC -> KD hand-off
     init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"baseline.kl_reduction={self.kl_reduction!r} is not one of {KL_REDUCTIONS}")
+        if self.kl_temperature <= 0:
+            raise ValueError(f"baseline.kl_temperature={self.kl_temperature} must be > 0")
+        if self.calibration_batches < 1:
+            raise ValueError(f"baseline.calibration_batches={self.calibration_batches} must be >= 1")
+        for name in ("hidden_weight", "attn_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"baseline.{name}={getattr(self, name)} must be >= 0")
 
 
 @dataclass
@@ -353,7 +370,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key}={value!r}: expected a list")
-        (inner, *_) = typing.get_args(tp) or (Any,)
+        args = typing.get_args(tp) or (Any,)
+        if origin is tuple and Ellipsis not in args and len(value) != len(args):
+            raise ValueError(f"{key}={list(value)!r}: expected {len(args)} values")
+        inner = args[0]
         out = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin is dict:
@@ -377,7 +397,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                     raise ValueError
                 num = int(num)
             return num
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
             raise ValueError(f"{key}={value!r}: expected {tp.__name__}") from None
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads yes/no/on/off as booleans
@@ -397,6 +417,13 @@ def _build(cls: type, d: dict, prefix: str = "") -> Any:
         raise ValueError(
             f"unknown config key(s) {[f'{prefix}.{k}'.lstrip('.') for k in unknown]}{where}; allowed: {names}"
         )
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in d
+    ]
+    if required:
+        raise ValueError(f"config key(s) {[f'{prefix}.{k}'.lstrip('.') for k in required]} must be set")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}".lstrip(".")) for k, v in d.items()}
     return cls(**kwargs)
 
@@ -418,7 +445,11 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-4")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML (quote strings, close lists)") from None
+        out.append((key.strip(), value))
     return out
 
 
@@ -435,7 +466,26 @@ def config_from_dict(d: dict, overrides: list[str] | None = None) -> ExperimentC
             "--set data.corpus has no effect while the config sets data.mix (the hub mix replaces "
             "the corpus); add --set data.mix=null to train on data.corpus"
         )
+    train = d.get("train")
+    if any(key == "train.max_steps" for key, _ in parsed) and isinstance(train, dict) and train.get("max_tokens"):
+        raise ValueError(
+            "--set train.max_steps has no effect while the config sets train.max_tokens (which "
+            "decides the budget); set train.max_tokens instead, or add --set train.max_tokens=null"
+        )
     return _build(ExperimentConfig, d)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -444,7 +494,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     try:
-        d = yaml.safe_load(path.read_text()) or {}
+        d = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(d, dict):

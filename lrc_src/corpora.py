@@ -42,7 +42,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from lrc_src.fileio import build_folder_once, sha256_file
+from lrc_src.fileio import build_folder_once, has_text, read_jsonl, sha256_file
 from lrc_src.teachers import cache_dir
 
 MIN_INFO_NODE_CHARS = 200
@@ -228,9 +228,7 @@ def _local_documents(spec: str) -> list[dict]:
     docs: list[dict] = []
     for path in files:
         if path.endswith(".jsonl"):
-            for i, d in enumerate(read_jsonl(Path(path))):
-                if not isinstance(d.get("text"), str):
-                    raise ValueError(f'{path}: record {i + 1} has no "text" string (a local corpus .jsonl needs one)')
+            for i, d in enumerate(read_jsonl(Path(path), has_text, '{"text": "..."}')):
                 if d["text"].strip():
                     docs.append({"text": d["text"], "source": d.get("source", f"{path}:{i}")})
             continue
@@ -262,21 +260,3 @@ def write_jsonl(path: Path, docs: Iterable[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for d in docs:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of a JSON-lines file, blank lines skipped; ValueError naming the file and
-    line of one that is not a JSON object."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            out.append(record)
-    return out

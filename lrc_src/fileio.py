@@ -4,7 +4,8 @@ Every output of the project (tables, suites, metrics, manifests) goes through th
 bytes are written to a temporary file in the target's folder, flushed to disk and renamed over the
 target, so a crash or a full disk leaves either the old file or the new one, never a mix. The
 cached folders (teachers, corpora, token caches) are built in a temporary sibling folder and
-renamed into place, one process at a time.
+renamed into place, one process at a time. JSON-lines documents are read here too, with errors
+that name the file and line.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -47,6 +49,30 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _file_among_parents(path: Path) -> Path | None:
+    return next((p for p in path.parents if p.is_file()), None)
+
+
+def check_output_file(path: str | Path, option: str) -> None:
+    """ValueError, before any work, unless ``path`` can be written as a file: it is no folder and
+    none of its parents is a file."""
+    path = Path(path)
+    blocker = _file_among_parents(path)
+    if path.is_dir() or blocker is not None:
+        why = "is a folder" if path.is_dir() else f"lies under the file {str(blocker)!r}"
+        raise ValueError(f"{option} {str(path)!r} cannot be written as a file: it {why}")
+
+
+def check_output_folder(path: str | Path, option: str) -> None:
+    """ValueError, before any work, unless ``path`` can be a folder: it is no file and none of its
+    parents is a file."""
+    path = Path(path)
+    blocker = path if path.is_file() else _file_among_parents(path)
+    if blocker is not None:
+        why = "is a file" if blocker == path else f"lies under the file {str(blocker)!r}"
+        raise ValueError(f"{option} {str(path)!r} cannot be a folder: it {why}")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -129,3 +155,39 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def has_text(record: dict) -> bool:
+    """A document record: {"text": "...", ...}."""
+    return isinstance(record.get("text"), str)
+
+
+def read_jsonl(path: Path, expect: Callable[[dict], bool] | None = None, shape: str = "") -> list[dict]:
+    """The JSON objects of a JSON-lines file, blank lines skipped; ValueError naming the file and
+    line of one that is not a JSON object, or that ``expect`` refuses (the message says ``shape``)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            if expect is not None and not expect(record):
+                raise ValueError(f"{path}:{lineno}: expected {shape}")
+            out.append(record)
+    return out
+
+
+def read_heldout_texts(path: str | Path) -> list[str]:
+    """The non-empty texts of a held-out documents file (``heldout.jsonl``: {"text": ...} per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"held-out file not found: {path}")
+    texts = [d["text"] for d in read_jsonl(path, has_text, '{"text": "..."}') if d["text"].strip()]
+    if not texts:
+        raise ValueError(f"held-out file has no documents: {path}")
+    return texts

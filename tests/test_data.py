@@ -435,8 +435,8 @@ def test_bad_local_jsonl_names_the_file_and_line(cache, tmp_path):
     for lines, match in [
         ('{"text": "fine"}\n{"text": oops}\n', r"bad.jsonl:2: not valid JSON"),
         ('{"text": "fine"}\n["a list"]\n', r"bad.jsonl:2: expected a JSON object, got list"),
-        ('{"text": "fine"}\n{"body": "no text"}\n', r'bad.jsonl: record 2 has no "text" string'),
-        ('{"text": null}\n', r'bad.jsonl: record 1 has no "text" string'),
+        ('{"text": "fine"}\n\n{"body": "no text"}\n', r'bad.jsonl:3: expected {"text": "..."}'),
+        ('{"text": null}\n', r'bad.jsonl:1: expected {"text": "..."}'),
     ]:
         bad.write_text(lines)
         with pytest.raises(ValueError, match=match):

@@ -346,7 +346,11 @@ def test_cli_helpers(tiny_model, heldout, mmlu_file, tmp_path, monkeypatch, caps
     # an --output that cannot be a CSV file is refused before the model loads
     argv = ["eval", "--model", str(tiny_model), "--suite", "tiny", "--data-dir", str(tmp_path / "suite")]
     assert cli.main([*argv, "--output", str(tmp_path)]) == 2
-    assert "cannot be written as a CSV file" in capsys.readouterr().err
+    assert "cannot be written as a file: it is a folder" in capsys.readouterr().err
+    # so is a device torch does not know (lm-eval would quietly pick its own)
+    for device, message in (("gpu", "is not a torch device"), ("CPU", "is not a torch device")):
+        assert cli.main([*argv, "--output", str(out), "--device", device]) == 2
+        assert message in capsys.readouterr().err
     for bad in (["--batch-size", "-1"], ["--limit", "nan"]):
         with pytest.raises(SystemExit):
             cli.main([*argv, "--output", str(out), *bad])

@@ -93,3 +93,11 @@ def test_samples_bad_input_is_one_line(heldout, tmp_path, capsys):
             ["samples", "--model", f"a={tmp_path}", "--instructions", "-1", "--heldout", str(heldout), "--output", "x"]
         )
     assert "--instructions: expected an integer >= 0, got '-1'" in capsys.readouterr().err
+    # an --output that cannot be a file, and held-out rows without text, before any model loads
+    good = ["samples", "--model", f"a={tmp_path}", "--heldout", str(heldout)]
+    assert main([*good, "--output", str(tmp_path)]) == 2
+    assert "cannot be written as a file: it is a folder" in capsys.readouterr().err
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    assert main(["samples", "--model", f"a={tmp_path}", "--heldout", str(rows), "--output", "x.csv"]) == 2
+    assert 'rows.jsonl:2: expected {"text": "..."}' in capsys.readouterr().err

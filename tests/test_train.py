@@ -93,6 +93,19 @@ def test_sft_masks_prompt_and_learns(tmp_path):
     kept = tok.decode([int(i) for i in labels if i != -100])
     assert "hello there" in kept and "hi" not in kept.replace("hello there", "")
 
+    # ShareGPT's roles (human/gpt) leave nothing to train on: refused, not a run of zero losses
+    from lrc_src.chat import encode_chat_file
+
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    sharegpt.write_text(
+        json.dumps({"messages": [{"role": "human", "content": "hi"}, {"role": "gpt", "content": "yo"}]})
+    )
+    with pytest.raises(ValueError, match=r"no assistant reply within data.seq_len=64 .*\['gpt', 'human'\]"):
+        encode_chat_file(tok, sharegpt, 64)
+    sharegpt.write_text('{"messages": [{"role": "user"}]}\n')
+    with pytest.raises(ValueError, match="sharegpt.jsonl:1: expected"):
+        encode_chat_file(tok, sharegpt, 64)
+
 
 def test_make_optimizer_groups_and_kernels():
     """Matrices at lr, vectors at lr_norm; the fused kernel (the trainer's choice on CUDA) and the
@@ -433,7 +446,20 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     out = ["--output-dir", str(tmp_path / "afile")]
     assert main(["train", "--config", str(CI), *out, "--no-progress"]) == 2
-    assert "is a file, not a run folder" in capsys.readouterr().err
+    assert "cannot be a folder: it is a file" in capsys.readouterr().err
+    assert main(["train", "--config", str(CI), "--output-dir", str(tmp_path / "afile" / "run"), "--no-progress"]) == 2
+    assert "lies under the file" in capsys.readouterr().err
+    # lrc prepare checks its folder before it loads anything, and never deletes a real teacher/ folder
+    assert main(["prepare", "--config", str(CI), "--output-dir", str(tmp_path / "afile")]) == 2
+    assert "cannot be a folder: it is a file" in capsys.readouterr().err
+    (tmp_path / "assets" / "teacher").mkdir(parents=True)
+    assert main(["prepare", "--config", str(CI), "--output-dir", str(tmp_path / "assets")]) == 2
+    assert "is not the link lrc prepare writes there" in capsys.readouterr().err
+    assert (tmp_path / "assets" / "teacher").is_dir()
+    # baseline settings are checked with the config, before the run folder exists
+    for bad in ("baseline.kl_reduction=token-mean", "baseline.kl_temperature=0", "baseline.calibration_batches=0"):
+        assert bad.split("=")[0] in _bad(tmp_path, capsys, "--set", "method=kd", "--set", bad)
+        assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):  # argparse: usage and one error line, exit 2
         main(["train", "--config", str(CI), "--threads", "-1", "--output-dir", str(tmp_path / "t")])
     assert "--threads: expected an integer >= 1, got '-1'" in capsys.readouterr().err
@@ -479,12 +505,42 @@ def test_config_types_are_coerced_and_checked():
         config_from_dict(yaml.safe_load(CI.read_text()), ["lrc.alhpa=0.3"])
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.betas=[0.9, 0.99, 0.5]"], r"train.betas=\[0.9, 0.99, 0.5\]: expected 2 values"),
+        (["train.betas=[0.9]"], "expected 2 values"),
+        (["train.betas=[0.9, 1.0]"], r"train.betas=\[0.9, 1.0\] must both be in \[0, 1\)"),
+        (["train.warmup_ratio=2"], r"train.warmup_ratio=2.0 must be in \[0, 1\)"),
+        (["train.warmup_ratio=-0.1"], "train.warmup_ratio=-0.1"),
+        (["train.max_steps=.inf"], "train.max_steps=inf: expected"),
+        (["lrc.alpha=[1"], "--set 'lrc.alpha=\\[1': the value is not valid YAML"),
+        (["lrc={alpha: 0.5}"], r"config key\(s\) \['lrc.student_hidden_size'\] must be set"),
+    ],
+)
+def test_config_values_that_would_crash_or_mislead_later_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict(yaml.safe_load(CI.read_text()), overrides)
+
+
+def test_config_file_with_a_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text(CI.read_text() + "\nmethod: kd\n")  # CI sets method already
+    with pytest.raises(ValueError, match="key 'method' is given twice"):
+        load_config(path)
+
+
 def test_data_settings_that_would_be_ignored_or_fail_later_are_refused():
     paper = yaml.safe_load((CI.parent / "paper-lrc-1.5b.yaml").read_text())
     with pytest.raises(ValueError, match=r"data.corpus has no effect.*data.mix=null"):
         config_from_dict(paper, ["data.corpus=[kjv]"])
     cfg = config_from_dict(paper, ["data.corpus=[kjv]", "data.mix=null"])
     assert cfg.data.corpus == ["kjv"] and cfg.data.mix is None
+    # the budget is train.max_tokens whenever it is set: a max_steps override alone would do nothing
+    with pytest.raises(ValueError, match=r"train.max_steps has no effect.*train.max_tokens=null"):
+        config_from_dict(paper, ["train.max_steps=20"])
+    cfg = config_from_dict(paper, ["train.max_steps=20", "train.max_tokens=null"])
+    assert (cfg.train.max_steps, cfg.train.max_tokens) == (20, None)
     with pytest.raises(ValueError, match="data.mix_files .* data.mix, which is not set"):
         ci_cfg("data.mix_files={dclm: x.jsonl}")
     for key in ("data.seed", "train.seed"):
