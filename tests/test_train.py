@@ -528,6 +528,8 @@ def test_config_file_with_a_key_given_twice_is_refused(tmp_path):
     path.write_text(CI.read_text() + "\nmethod: kd\n")  # CI sets method already
     with pytest.raises(ValueError, match="key 'method' is given twice"):
         load_config(path)
+    with pytest.raises(ValueError, match="is a folder; give a .yaml file"):
+        load_config(tmp_path)
 
 
 def test_data_settings_that_would_be_ignored_or_fail_later_are_refused():
