@@ -1,7 +1,8 @@
 """The model card of an exported student: `student/README.md`, written from the run's own files.
 
 A student folder that leaves the run (pushed to the hub, copied to a shared drive) should say what
-it is: which teacher it was distilled from and under which licence, by which method and settings,
+it is: which teacher it was distilled from and under which licence (only what can be known: a
+base_model is a hub id, a licence one its origin states), by which method and settings,
 on how many tokens of what data, and how it scores. Everything in the card is read from the run
 folder (`config.yaml`, `run.json`, `metrics.csv`) and, once `lrc eval` has scored the student,
 from the evaluation tables it keeps beside the weights (`student/evals/<suite>.csv`); nothing is
@@ -23,14 +24,20 @@ from lrc_src.fileio import atomic_write_text
 CARD_NAME = "README.md"
 EVALS_DIR = "evals"  # inside the student folder: one CSV per suite, written by `lrc eval`
 
-# Hub ids and licences of the teachers this project names; a teacher given as a hub id is its own
-# base_model, and a local folder's licence is read from its own card when it has one.
+# The teachers this project names: their hub id (the student's base_model) and licence metadata.
 KNOWN_TEACHERS = {
-    "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
-    "meta-llama/Llama-3.2-3B-Instruct": ("meta-llama/Llama-3.2-3B-Instruct", "llama3.2"),
-    "Qwen/Qwen2.5-3B": ("Qwen/Qwen2.5-3B", "other"),  # Qwen research licence
-    "Qwen/Qwen2.5-7B": ("Qwen/Qwen2.5-7B", "apache-2.0"),
+    "smollm2-135m-instruct": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
+    "meta-llama/Llama-3.2-3B-Instruct": {"base_model": "meta-llama/Llama-3.2-3B-Instruct", "license": "llama3.2"},
+    "Qwen/Qwen2.5-3B": {
+        "base_model": "Qwen/Qwen2.5-3B",
+        "license": "other",
+        "license_name": "qwen-research",
+        "license_link": "https://huggingface.co/Qwen/Qwen2.5-3B/blob/main/LICENSE",
+    },
+    "Qwen/Qwen2.5-7B": {"base_model": "Qwen/Qwen2.5-7B", "license": "apache-2.0"},
 }
+LICENCE_KEYS = ("license", "license_name", "license_link")
+DISTILLATION = ("lrc", "kd", "tinybert", "prune_kd")  # the methods that learn from the teacher
 METHOD_NAMES = {
     "lrc": "Low-Rank Clone (LRC; Hao et al., arXiv 2505.12781)",
     "scratch": "training from scratch (LM loss only)",
@@ -41,34 +48,50 @@ METHOD_NAMES = {
 }
 
 
-def _front_matter_licence(folder: Path) -> str | None:
-    card = folder / CARD_NAME
-    if not card.is_file():
-        return None
-    text = card.read_text(encoding="utf-8")
+def _licence_of(card: Path | str | None) -> dict:
+    """The licence fields of a model card's front matter (none when there is no card)."""
+    if card is None or not Path(card).is_file():
+        return {}
+    text = Path(card).read_text(encoding="utf-8")
     if not text.startswith("---"):
-        return None
+        return {}
     meta = yaml.safe_load(text.split("---", 2)[1]) or {}
-    return meta.get("license")
+    return {k: meta[k] for k in LICENCE_KEYS if meta.get(k)}
 
 
-def teacher_identity(teacher: str, teacher_folder: str | Path | None = None) -> tuple[str, str]:
-    """(base_model, licence) of a teacher name as the config gives it."""
-    if teacher in KNOWN_TEACHERS:
-        return KNOWN_TEACHERS[teacher]
-    licence = _front_matter_licence(Path(teacher_folder)) if teacher_folder else None
-    if "/" in teacher and not Path(teacher).exists():  # a hub id
-        return teacher, licence or "other"
-    return Path(teacher).name, licence or "other"
+def _is_hub_id(name: str) -> bool:
+    return "/" in name and not Path(name).exists()
 
 
-def _datasets(data: dict) -> list[str]:
+def origin_metadata(model: str) -> dict:
+    """base_model and licence fields for a student derived from `model` (a config's teacher or
+    sft.model). base_model only when it is a hub id; the licence from the names this project
+    knows, else from the model's own card (a local folder, or the hub's copy in the local cache);
+    nothing that cannot be known (a random test teacher, a folder without a card)."""
+    if model in KNOWN_TEACHERS:
+        return dict(KNOWN_TEACHERS[model])
+    if _is_hub_id(model):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, CARD_NAME)
+        return {"base_model": model, **_licence_of(cached if isinstance(cached, str) else None)}
+    return _licence_of(Path(model) / CARD_NAME) if Path(model).is_dir() else {}
+
+
+def _training_data(cfg: dict) -> tuple[str, list[str]]:
+    """What the run trained on, in words, and its hub datasets (the card's `datasets`)."""
+    if cfg["method"] == "sft":
+        chat = str(cfg.get("sft", {}).get("chat_data") or "")
+        return chat, [chat[len("hub:") :]] if chat.startswith("hub:") else []
+    data = cfg["data"]
     if data.get("mix"):
         from lrc_src.mix import PAPER_SOURCES
 
-        return sorted({PAPER_SOURCES[name].dataset if name in PAPER_SOURCES else name for name in data["mix"]})
+        hub = sorted({PAPER_SOURCES[n].dataset for n in data["mix"] if n in PAPER_SOURCES})
+        return "mix " + ", ".join(f"{n}: {w}" for n, w in data["mix"].items()), hub
     corpus = data.get("corpus") or []
-    return [corpus] if isinstance(corpus, str) else list(corpus)
+    corpus = [corpus] if isinstance(corpus, str) else list(corpus)
+    return " + ".join(corpus), []
 
 
 def _final_heldout_loss(metrics: Path) -> float | None:
@@ -100,7 +123,7 @@ def _settings(cfg: dict) -> list[tuple[str, object]]:
     t, lrc = cfg["train"], cfg.get("lrc", {})
     rows = [
         ("method", cfg["method"]),
-        ("teacher", cfg["teacher"]),
+        ("fine-tuned from", cfg["sft"]["model"]) if cfg["method"] == "sft" else ("teacher", cfg["teacher"]),
         ("sequence length", cfg["data"]["seq_len"]),
         ("learning rate", t["lr"]),
         ("batch", f"{t['batch_size']} x {t['grad_accum']} micro-batches"),
@@ -136,29 +159,41 @@ def model_card(run_dir: str | Path, info: dict | None = None) -> str:
     student = run / "student"
     if not (student / "config.json").is_file():
         raise FileNotFoundError(f"run folder {str(run)!r} has no exported student (student/config.json)")
-    base_model, licence = teacher_identity(cfg["teacher"], cfg["teacher"] if Path(cfg["teacher"]).is_dir() else None)
+    method = cfg["method"]
+    origin = cfg["sft"]["model"] if method == "sft" else cfg["teacher"]
+    # scratch learns nothing from the teacher's weights or outputs: no base model, no inherited licence
+    upstream = origin_metadata(origin) if method != "scratch" else {}
+    data_text, hub_datasets = _training_data(cfg)
     meta = {
-        "base_model": base_model,
+        **({"base_model": upstream["base_model"]} if "base_model" in upstream else {}),
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
-        "license": licence,
-        "tags": ["distillation", "low-rank-clone"] if cfg["method"] == "lrc" else ["distillation", cfg["method"]],
-        "datasets": _datasets(cfg["data"]),
+        **{k: upstream[k] for k in LICENCE_KEYS if k in upstream},
+        "tags": ["lrc-replication", method, *(["distillation"] if method in DISTILLATION else [])]
+        + (["low-rank-clone"] if method == "lrc" else []),
+        **({"datasets": hub_datasets} if hub_datasets else {}),
     }
+    origin_name = upstream.get("base_model", origin)
+    if method == "sft":
+        what = f"Fine-tuned from `{origin}` with {METHOD_NAMES['sft']}"
+    elif method == "scratch":
+        what = f"Trained from scratch (LM loss only) in the shape of a student of {origin_name}"
+    else:
+        what = f"A student of {origin_name}, distilled with {METHOD_NAMES.get(method, method)}"
     heldout = _final_heldout_loss(run / "metrics.csv")
     lines = [
         "---",
         yaml.safe_dump(meta, sort_keys=False).strip(),
         "---",
         "",
-        f"# {run.name}: a student of {base_model}",
+        f"# {run.name}",
         "",
-        f"Distilled with {METHOD_NAMES.get(cfg['method'], cfg['method'])} by `lrc train` "
-        "(lrc-replication). This card was written from the run folder's own files.",
+        f"{what}, by `lrc train` (lrc-replication). This card was written from the run folder's own files.",
         "",
         "| | |",
         "|---|---|",
         f"| tokens trained | {info.get('tokens', '')} ({info.get('steps', '')} optimizer steps) |",
+        f"| training data | {data_text} |",
         f"| trainable parameters | {info.get('trainable_parameters', '')} |",
         f"| held-out loss (nats/token, end of training) | {_fmt(heldout) if heldout is not None else 'n/a'} |",
     ]

@@ -117,6 +117,14 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
+def _like(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A frozen teacher tensor (a bf16 teacher's bias) in the dtype of the generated weight it goes
+    with; under autocast every op casts for itself."""
+    if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
+        t = t.to(weight.dtype)
+    return t
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm/Qwen2RMSNorm: normalise in fp32, scale in the input dtype."""
     dtype = x.dtype
@@ -465,8 +473,8 @@ class LowRankClone(nn.Module):
                 key = f"{block}.{m}_proj"
                 W_T = on(TW[pre + key + ".weight"])  # [out, d_T]
                 W[pre + key + ".weight"] = _matmul(W_T, on(layer.get_submodule(block)[m]))  # [out, d_S]
-                if (bias := tl.get_submodule(key).bias) is not None:
-                    W[pre + key + ".bias"] = on(bias)  # kept: size is not d_T
+                if (bias := tl.get_submodule(key).bias) is not None:  # kept: its size is not d_T
+                    W[pre + key + ".bias"] = _like(on(bias), W[pre + key + ".weight"])
             for key, P in (
                 ("self_attn.o_proj", on(layer.self_attn.o_proj)),
                 ("mlp.down_proj", on(layer.mlp.down_proj)),

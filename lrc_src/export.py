@@ -9,6 +9,7 @@ it as an HF folder.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -111,6 +112,8 @@ def export_student(clone: LowRankClone, device: str | torch.device | None = None
     assert all(k == "lm_head.weight" for k in missing), missing  # tied head
     if clone.student_tied:
         student.tie_weights()
+    # the teacher's generation settings (stop tokens, sampling defaults), not ones rebuilt from config.json
+    student.generation_config = copy.deepcopy(clone.teacher.generation_config)
     student.eval()
     return student
 

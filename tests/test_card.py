@@ -10,10 +10,10 @@ from lrc_src.card import model_card, run_of_student, write_model_card
 from lrc_src.config import ExperimentConfig, dump_config
 
 
-def _run_folder(tmp_path, method="lrc", evals=None):
+def _run_folder(tmp_path, method="lrc", evals=None, **settings):
     run = tmp_path / f"run-{method}"
     make_teacher().save_pretrained(run / "student")
-    cfg = ExperimentConfig(method=method)
+    cfg = ExperimentConfig(method=method, **settings)
     (run / "config.yaml").write_text(dump_config(cfg))
     (run / "run.json").write_text(
         json.dumps({"status": "complete", "method": method, "steps": 30, "tokens": 30720, "trainable_parameters": 1234})
@@ -32,7 +32,7 @@ def test_card_front_matter_and_numbers_come_from_the_run(tmp_path):
     assert card.data.license == "apache-2.0"
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert {"distillation", "low-rank-clone"} <= set(card.data.tags)
-    assert card.data.datasets == ["python-docs"]
+    assert card.data.datasets is None and "| training data | python-docs |" in card.text  # no hub dataset
     assert "| tokens trained | 30720 (30 optimizer steps) |" in card.text
     assert "6.2500" in card.text  # the last held-out loss of metrics.csv
     assert "Evaluation" not in card.text
@@ -91,3 +91,39 @@ def test_lrc_eval_keeps_its_table_beside_the_student_and_updates_the_card(tmp_pa
     assert (run / "student" / "evals" / "tiny.csv").is_file()
     assert "| tiny | tiny_mmlu | acc | 0.3000 | 0.0500 |" in ModelCard.load(card).text
     assert update_student_card(tmp_path, frame) is None  # not a run's student: nothing written
+
+
+def test_card_claims_only_what_can_be_known(tmp_path):
+    """base_model only for a hub id, a licence only where the origin states one, hub datasets only;
+    scratch inherits nothing, and an SFT card names the model it fine-tuned."""
+    from lrc_src.config import DataConfig, SFTConfig
+
+    def meta(name, method="lrc", **settings):
+        return ModelCard.load(write_model_card(_run_folder(tmp_path / name, method=method, **settings))).data
+
+    random_teacher = meta("random", teacher="random-llama-micro")
+    assert random_teacher.base_model is None and random_teacher.license is None
+    folder = tmp_path / "my-teacher"
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nlicense: mit\nbase_model: someone/else\n---\n# a teacher\n")
+    local = meta("local", teacher=str(folder))
+    assert local.base_model is None and local.license == "mit"
+    hub = meta("hub", teacher="acme/not-in-the-cache")
+    assert hub.base_model == "acme/not-in-the-cache" and hub.license is None
+    qwen = meta("qwen", teacher="Qwen/Qwen2.5-3B")
+    assert (qwen.license, qwen.license_name) == ("other", "qwen-research") and qwen.license_link.startswith("https://")
+    mix = meta("mix", data=DataConfig(mix={"fineweb_edu": 1.0, "dclm": 1.0}))
+    assert mix.datasets and all("/" in d for d in mix.datasets)
+    scratch = meta("scratch", method="scratch")
+    assert scratch.base_model is None and scratch.license is None and "distillation" not in scratch.tags
+    sft = ModelCard.load(
+        write_model_card(
+            _run_folder(
+                tmp_path / "sft",
+                method="sft",
+                sft=SFTConfig(model=str(folder), chat_data="hub:HuggingFaceH4/ultrachat_200k"),
+            )
+        )
+    )
+    assert sft.data.datasets == ["HuggingFaceH4/ultrachat_200k"] and sft.data.license == "mit"
+    assert f"Fine-tuned from `{folder}`" in sft.text and "distillation" not in sft.data.tags

@@ -10,7 +10,8 @@ from conftest import make_teacher
 from test_clone import KINDS, make_clone
 from transformers import AutoModelForCausalLM
 
-from lrc_src.config import config_from_dict
+from lrc_src.clone import LowRankClone
+from lrc_src.config import LRCConfig, config_from_dict
 from lrc_src.export import student_config
 
 CI = Path(__file__).resolve().parents[1] / "config" / "ci.yaml"
@@ -29,6 +30,25 @@ def test_export_logits_equal_clone_logits(kind, ids, tmp_path):
     with torch.no_grad():
         diff = (student(ids).logits - out.logits).abs().max().item()
     assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("kind", ["qwen2-bias", "llama-bias"])
+def test_a_bf16_teacher_clones_and_exports_as_it_comes_from_the_hub(kind, ids, tmp_path):
+    """A teacher loaded in the dtype it was stored in (bf16 for Qwen2.5 and Llama-3.2): its q/k/v
+    biases join the fp32 generated weights, and the student keeps the teacher's generation settings."""
+    teacher = make_teacher(kind).to(torch.bfloat16)
+    teacher.generation_config.eos_token_id = [2, 0]
+    teacher.generation_config.temperature, teacher.generation_config.do_sample = 0.6, True
+    torch.manual_seed(0)
+    lrc = LowRankClone(teacher, LRCConfig(student_hidden_size=32))
+    out = lrc.clone(ids)
+    assert torch.isfinite(out.loss)
+    lrc.save_student(tmp_path / "student")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student", dtype=torch.float32)
+    with torch.no_grad():
+        assert (student(ids).logits - out.logits).abs().max().item() <= 1e-4
+    gen = student.generation_config
+    assert (gen.eos_token_id, gen.temperature, gen.do_sample) == ([2, 0], 0.6, True)
 
 
 def test_sliding_window_teacher_is_cloned_up_to_its_window(ids, tmp_path):
