@@ -47,16 +47,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     """Rebuild the method from a run folder's config + checkpoint and export the student."""
-    from transformers import AutoTokenizer  # noqa: F401
-
-    from lrc_src.config import load_config
     from lrc_src.train import export_run
 
     run = Path(args.run)
-    if not (run / "config.yaml").is_file():  # export_run checks the checkpoint
-        raise FileNotFoundError(f"{str(run)!r} is not a run folder (needs config.yaml and checkpoint/)")
-    cfg = load_config(run / "config.yaml")
-    export_run(cfg, run, args.output)
+    export_run(run, args.output)
     if (run / "run.json").is_file() and (run / "student" / "config.json").is_file():
         from lrc_src.card import CARD_NAME, model_card
         from lrc_src.fileio import atomic_write_text

@@ -4,7 +4,8 @@ Reads top to bottom: setup (teacher, data, method; every user error is raised he
 run folder is touched), `accelerator.prepare`, resume from the last checkpoint, the loop, save.
 The inputs come from lrc_src.assets, the method, its AdamW and schedule from lrc_src.factory, and
 each optimizer step is lrc_src.step.train_step (the step benchmarks/throughput.py times).
-`export_run` (`lrc export`) rebuilds a run folder's student from its checkpoint.
+`load_run` rebuilds a run folder's method from its last checkpoint; `export_run` (`lrc export`)
+writes its student.
 
 Run folder:
     config.yaml        the resolved config
@@ -54,7 +55,7 @@ from lrc_src.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from lrc_src.config import ExperimentConfig, dump_config, same_experiment
+from lrc_src.config import ExperimentConfig, dump_config, load_config, same_experiment
 from lrc_src.factory import build_method, lr_lambda, make_optimizer
 from lrc_src.fileio import atomic_write_text, check_output_folder
 from lrc_src.runtime import keep_freed_memory, resolve_compile, resolve_mixed_precision, set_threads
@@ -438,18 +439,31 @@ def _export_atomic(method, directory: Path, tokenizer, with_trainable: bool = Fa
     tmp.rename(directory)
 
 
-def export_run(cfg: ExperimentConfig, run_dir: str | Path, output: str | Path) -> Path:
+def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, object]:
+    """A run folder's training method with the trainable state of its last checkpoint, and its
+    tokenizer: `method(ids)` gives the loss, `method.eval_model()` the student as an HF model,
+    `method.export(folder, tokenizer)` writes it; for LRC, `method.clone` is the `LowRankClone`
+    (its projections, `clone(ids)`). E.g. `method, tokenizer = load_run("runs/lrc")`."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(run)!r} is not a run folder (needs config.yaml and checkpoint/)")
+    found = find_checkpoint(run)  # checkpoint/, or checkpoint.old/ if a save was cut off
+    if found is None:
+        raise FileNotFoundError(f"{str(run)!r} holds no checkpoint/")
+    cfg = load_config(run / "config.yaml")
+    teacher, tokenizer, train_blocks, _, _ = load_inputs(cfg)
+    method = build_method(cfg, teacher, train_blocks)
+    load_checkpoint(found, method)
+    return method, tokenizer
+
+
+def export_run(run_dir: str | Path, output: str | Path) -> Path:
     """Export the student of run_dir's last checkpoint to `output` (plain HF folder + tokenizer), a
     new folder: an existing file or non-empty folder is refused, never replaced."""
     out = Path(output)
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise ValueError(f"--output {str(out)!r} exists; lrc export writes a new folder (choose another)")
     check_output_folder(out, "--output")
-    found = find_checkpoint(Path(run_dir))  # checkpoint/, or checkpoint.old/ if a save was cut off
-    if found is None:
-        raise FileNotFoundError(f"{str(run_dir)!r} holds no checkpoint/ to export")
-    teacher, tokenizer, train_blocks, _, _ = load_inputs(cfg)
-    method = build_method(cfg, teacher, train_blocks)
-    load_checkpoint(found, method)
-    _export_atomic(method, Path(output), tokenizer)
-    return Path(output)
+    method, tokenizer = load_run(run_dir)
+    _export_atomic(method, out, tokenizer)
+    return out

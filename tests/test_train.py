@@ -584,6 +584,14 @@ def test_export_from_checkpoint_matches_final_student(tmp_path, capsys):
     b = load_file(tmp_path / "exported" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    # load_run gives the method (for LRC, the clone) as the checkpoint left it
+    from lrc_src.clone import LowRankClone
+    from lrc_src.train import load_run
+
+    method, tokenizer = load_run(run)
+    assert isinstance(method.clone, LowRankClone) and tokenizer.eos_token_id is not None
+    student = method.eval_model()
+    assert all(torch.equal(a[k], v) for k, v in student.state_dict().items() if k in a)
     # an existing --output is never replaced: not the run itself, not a file, not a former export
     before = sorted(p.name for p in run.iterdir())
     for taken in (run, run / "metrics.csv", tmp_path / "exported"):
