@@ -152,3 +152,29 @@ def test_same_corpus_spec_has_no_heldout_contamination():
     # a run on a list of corpora holds out what each holds out alone (Table 4's mix runs)
     assert analysis.heldout_documents_in_train_split(["kjv"], ["python-docs", "kjv"], 0.02, 0) == 0.0
     assert analysis.heldout_documents_in_train_split(["python-docs"], ["kjv", "python-docs"], 0.02, 1) == 0.0
+
+
+def test_heldout_documents_shared_by_another_corpus_are_counted(tmp_path):
+    """Two corpora that share documents: the share of the first's held-out documents that the
+    second trains on, against a count from each corpus's own split."""
+    from lrc_src.corpora import load_document_parts
+    from lrc_src.packing import split_documents
+
+    texts = [f"document number {i}, with some words of its own." for i in range(12)]
+    (a := tmp_path / "a").mkdir()
+    (b := tmp_path / "b").mkdir()
+    for i, t in enumerate(texts):
+        (a / f"{i:02d}.txt").write_text(t)
+        (b / f"{11 - i:02d}.txt").write_text(t)  # the same texts in another order: another split
+    (b / "12.txt").write_text("a document only the second corpus has.")
+    eval_spec, run_spec = [f"local:{a}/*.txt"], [f"local:{b}/*.txt"]
+
+    def held(spec):
+        return [d["text"] for d, h in split_documents(load_document_parts(spec), 0.25, 0) if h]
+
+    held_a, held_b = held(eval_spec), held(run_spec)
+    assert len(held_a) == 3 and len(held_b) == 3
+    trained = [t for t in held_a if t not in held_b]
+    assert trained, "the case must share a held-out document with the other corpus's training split"
+    share = analysis.heldout_documents_in_train_split(eval_spec, run_spec, 0.25, 0)
+    assert share == pytest.approx(len(trained) / len(held_a))

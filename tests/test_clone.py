@@ -20,12 +20,17 @@ def make_clone(kind="llama-gqa-tied", d_S=32, **kw):
 @pytest.mark.parametrize("kind", ["llama-mqa-untied", "llama-bias", "qwen2-bias"])
 def test_student_weights_on_a_named_device_are_the_same(kind):
     """student_weights(device=...) copies every input (projections, norms, teacher weights and
-    biases, the untied head) there and generates the same tensors."""
+    biases, the untied head) there: on the meta device every output is on meta, which a tensor
+    left behind on the CPU would not be; named as the device the parameters are on, it generates
+    the same tensors."""
     lrc = make_clone(kind, attn_projection="io")
     with torch.no_grad():
         here, there = lrc.student_weights(), lrc.student_weights(device=torch.device("cpu"))
-    assert here.keys() == there.keys()
+        meta = lrc.student_weights(device=torch.device("meta"))
+    assert here.keys() == there.keys() == meta.keys()
     assert all(there[k].device.type == "cpu" and torch.equal(there[k], here[k]) for k in here)
+    assert [k for k in meta if meta[k].device.type != "meta"] == []
+    assert all(meta[k].shape == here[k].shape for k in here)
 
 
 @pytest.mark.parametrize("kind", ["llama-gqa-tied", "llama-mqa-untied"])

@@ -81,16 +81,27 @@ def test_samples_table_is_deterministic(heldout, model_dir, tmp_path):
 
 
 def test_samples_bad_input_is_one_line(heldout, tmp_path, capsys):
-    assert main(["samples", "--model", f"a={tmp_path}", "--heldout", str(heldout), "--output", "x.csv"]) == 2
+    out = tmp_path / "x.csv"  # never written: every call fails before any output
+    assert main(["samples", "--model", f"a={tmp_path}", "--heldout", str(heldout), "--output", str(out)]) == 2
     assert "holds no model" in capsys.readouterr().err
-    assert main(["samples", "--model", "a", "--heldout", str(heldout), "--output", "x.csv"]) == 2
-    assert not (tmp_path / "x.csv").exists()
+    assert main(["samples", "--model", "a", "--heldout", str(heldout), "--output", str(out)]) == 2
+    assert not out.exists()
     twice = ["--model", f"a={tmp_path}", "--model", f"a={tmp_path}/other"]
-    assert main(["samples", *twice, "--heldout", str(heldout), "--output", "x.csv"]) == 2
+    assert main(["samples", *twice, "--heldout", str(heldout), "--output", str(out)]) == 2
     assert "the name 'a' is given twice" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(
-            ["samples", "--model", f"a={tmp_path}", "--instructions", "-1", "--heldout", str(heldout), "--output", "x"]
+            [
+                "samples",
+                "--model",
+                f"a={tmp_path}",
+                "--instructions",
+                "-1",
+                "--heldout",
+                str(heldout),
+                "--output",
+                str(out),
+            ]
         )
     assert "--instructions: expected an integer >= 0, got '-1'" in capsys.readouterr().err
     # an --output that cannot be a file, and held-out rows without text, before any model loads
@@ -99,5 +110,6 @@ def test_samples_bad_input_is_one_line(heldout, tmp_path, capsys):
     assert "cannot be written as a file: it is a folder" in capsys.readouterr().err
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"text": "fine"}\n{"body": "no text"}\n')
-    assert main(["samples", "--model", f"a={tmp_path}", "--heldout", str(rows), "--output", "x.csv"]) == 2
+    assert main(["samples", "--model", f"a={tmp_path}", "--heldout", str(rows), "--output", str(out)]) == 2
     assert 'rows.jsonl:2: expected {"text": "..."}' in capsys.readouterr().err
+    assert not out.exists()

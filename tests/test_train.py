@@ -200,7 +200,8 @@ def test_cuda_run_steps_with_fused_adamw(tmp_path):
 
 
 def test_kill_and_resume_is_exact(tmp_path):
-    """kill -9 mid-run, re-run the same command: metrics.csv equals an uninterrupted run's."""
+    """kill -9 mid-run, re-run the same command: it starts from the last checkpoint (the rows up to
+    it are kept as written, timings included) and metrics.csv equals an uninterrupted run's."""
     args = [
         "--config",
         str(CI),
@@ -219,14 +220,19 @@ def test_kill_and_resume_is_exact(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = run / "checkpoint" / "state.json"
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         if state.is_file() and json.loads(state.read_text())["step"] >= 6:
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "run.json").exists(), "the run finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL, "the run stopped before it was killed"
+    resumed_at = json.loads(state.read_text())["step"]
+    kept = read_metrics(run)[:resumed_at]
+    assert [int(r["step"]) for r in kept] == list(range(1, resumed_at + 1))
     assert subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    assert read_metrics(run)[:resumed_at] == kept  # resumed, not trained again from step 0
 
     a, b = read_metrics(ref), read_metrics(run)
     assert len(a) == len(b) == 10
@@ -714,6 +720,46 @@ def test_tinybert_kl_follows_use_kl(use_kl):
         terms["lm"] + (terms["kl"] if use_kl else 0) + 0.5 * terms["hidden"] + cfg.baseline.attn_weight * terms["attn"]
     )
     assert out.loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def _tinybert_targets(model, ids):
+    """Hidden states and attention maps from forward hooks, not from output_hidden_states /
+    output_attentions: the embedding output, each layer's output but the last, the final norm's
+    output (the last layer's, normalised, as transformers reports it), and each attention's
+    probabilities [B, H, T, T]."""
+    hidden, attn, hooks = [], [], []
+    hooks.append(model.model.embed_tokens.register_forward_hook(lambda m, a, o: hidden.append(o)))
+    for layer in model.model.layers[:-1]:
+        hooks.append(layer.register_forward_hook(lambda m, a, o: hidden.append(o[0] if isinstance(o, tuple) else o)))
+    hooks.append(model.model.norm.register_forward_hook(lambda m, a, o: hidden.append(o)))
+    for layer in model.model.layers:
+        hooks.append(layer.self_attn.register_forward_hook(lambda m, a, o: attn.append(o[1])))
+    with torch.no_grad():
+        model(input_ids=ids, output_attentions=True)
+    for h in hooks:
+        h.remove()
+    return [h.double() for h in hidden], [a.double() for a in attn]
+
+
+def test_tinybert_terms_match_naive_reference():
+    """TinyBERT's hidden-state term, sum over the L+1 states of MSE(h_S A_i, h_T), and its
+    attention term, sum over layers of MSE(attn_S, attn_T), against hooks on both models."""
+    from conftest import make_teacher
+
+    from lrc_src.factory import build_method
+
+    ids = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    method = build_method(ci_cfg("method=tinybert"), make_teacher(), ids.numpy())
+    out = method(ids)
+    s_hidden, s_attn = _tinybert_targets(method.student, ids)
+    t_hidden, t_attn = _tinybert_targets(method.teacher, ids)
+    assert len(s_hidden) == len(method.hidden_maps) == 3 and len(s_attn) == 2
+    maps = [A.detach().double() for A in method.hidden_maps]
+    hidden = sum(((hs @ A - ht) ** 2).mean().item() for hs, ht, A in zip(s_hidden, t_hidden, maps))
+    attn = sum(((a_s - a_t) ** 2).mean().item() for a_s, a_t in zip(s_attn, t_attn))
+    assert attn > 0
+    assert out.losses["hidden"].item() == pytest.approx(hidden, rel=1e-4)
+    assert out.losses["attn"].item() == pytest.approx(attn, rel=1e-4)
 
 
 def test_tinybert_refuses_to_compile(tmp_path, capsys):
