@@ -184,6 +184,8 @@ def head_losses(
         float(lm_weight),
         ignore_index,
         chunk_losses or head_chunk_losses,
+        # a Function's forward runs without grad mode and sees requires_grad only: ask here
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)),
     )
     return loss, {"kl": kl, "lm": lm}
 
@@ -349,6 +351,7 @@ class _FusedHeadLosses(torch.autograd.Function):
         lm_weight,
         ignore_index,
         chunk_losses,
+        want_grad,
     ):
         dev = hidden.device
         with torch.autocast(dev.type, enabled=False):
@@ -362,7 +365,6 @@ class _FusedHeadLosses(torch.autograd.Function):
             N = h.shape[0]
             valid = targets != ignore_index  # [N]
             n_lm = int(valid.sum())
-            want_grad = any(ctx.needs_input_grad[:3])
             G = torch.empty((N, V) if want_grad else (0,), dtype=dtype, device=dev)
             lm_c = lm_weight / max(n_lm, 1)  # d loss / d (sum of CE over rows)
             kl_c = kl_weight / kl_den  # d loss / d (sum of KL over rows)
@@ -404,7 +406,7 @@ class _FusedHeadLosses(torch.autograd.Function):
                 dw = (G.T @ h).mul_(go).to(ctx.dtypes[1])  # [V, d]
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 db = G.float().sum(0).mul_(grad_loss)
-        return dh, dw, db, *([None] * 11)
+        return dh, dw, db, *([None] * 12)
 
 
 def clone_mse(student: torch.Tensor, target: torch.Tensor, relative: bool = False) -> torch.Tensor:

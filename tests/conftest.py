@@ -70,6 +70,28 @@ def ids():
     return torch.randint(0, VOCAB, (2, 19), generator=g)
 
 
+@pytest.fixture
+def connections(monkeypatch):
+    """The addresses this test's code tried to connect to (each connection still happens): a check
+    on how often the hub is asked, where a timing would depend on the machine. The process's cached
+    hub probe is forgotten before and after, so the test's own probe is counted."""
+    import socket
+
+    from lrc_src import hub
+
+    hub._probe_endpoint.cache_clear()
+    tried = []
+    connect = socket.socket.connect
+
+    def counted(sock, address):
+        tried.append(address)
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", counted)
+    yield tried
+    hub._probe_endpoint.cache_clear()
+
+
 # One asset cache for the whole test session (teacher conversions, corpora, token caches), kept
 # in the repo's gitignored .lrc_cache unless the caller set LRC_CACHE.
 

@@ -140,10 +140,8 @@ def test_corpus_contents(cache):
 
 
 @pytest.mark.slow
-def test_kjv_packs_with_real_tokenizer(cache, tok):
-    start = time.perf_counter()
+def test_kjv_packs_with_real_tokenizer(cache, tok, monkeypatch):
     packed = prepare_data(tok, "kjv", seq_len=256, heldout_frac=0.02, seed=0)
-    first = time.perf_counter() - start
     assert packed.train.dtype == np.uint32 and packed.train.shape[1] == 256
     assert packed.train.shape[0] > 3000 and packed.heldout.shape[0] > 10
     assert int(packed.train.max()) < len(tok)
@@ -152,9 +150,14 @@ def test_kjv_packs_with_real_tokenizer(cache, tok):
     assert len(held) == packed.meta["heldout_documents"] and all(h["source"].startswith("kjv:") for h in held)
     # eos after each document
     assert int((np.asarray(packed.train) == tok.eos_token_id).sum()) >= packed.meta["train_documents"] - 2
-    start = time.perf_counter()
+    import lrc_src.packing
+
+    def tokenised_again(*args, **kwargs):
+        raise AssertionError("the cached blocks were tokenised again")
+
+    monkeypatch.setattr(lrc_src.packing, "_tokenise_and_pack", tokenised_again)
     again = prepare_data(tok, "kjv", seq_len=256, heldout_frac=0.02, seed=0)
-    assert again.directory == packed.directory and time.perf_counter() - start < min(first, 2.0)
+    assert again.directory == packed.directory
     assert isinstance(again.train, np.memmap)
 
 
@@ -525,14 +528,13 @@ def test_paper_mix_packs(cache, tok, stand_ins):
     assert b.directory == a.directory and np.array_equal(a.train, b.train)
 
 
-def test_paper_mix_offline_fails_at_once(tok, monkeypatch, stand_ins):
+def test_paper_mix_offline_fails_at_once(tok, monkeypatch, stand_ins, connections):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
     with pytest.raises(FileNotFoundError, match=r"HuggingFaceTB/smollm-corpus.*cosmopedia-v2.*offline"):
         paper_mix_documents(PAPER_MIX, tok, data_files={"openhermes": stand_ins["openhermes"]})
     with pytest.raises(FileNotFoundError, match="teknium/OpenHermes-2.5"):
         paper_mix_documents({"openhermes": 1}, tok)
-    assert time.perf_counter() - start < 5
+    assert connections == []
     with pytest.raises(ValueError, match="max_train_tokens"):
         prepare_data(tok, {"mix": PAPER_MIX}, seq_len=64)
     assert PAPER_SOURCES["dclm"].dataset == "mlfoundations/dclm-baseline-1.0"

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -397,17 +396,16 @@ def test_unknown_suite_and_bad_args(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("suite", ["paper", "paper-5shot", "safety"])
 @pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
-def test_hub_suites_fail_fast_offline(tiny_model, tmp_path, monkeypatch, suite, var):
+def test_hub_suites_fail_fast_offline(tiny_model, tmp_path, monkeypatch, connections, suite, var):
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(var, "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))  # nothing cached
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
-    started = time.perf_counter()
     with pytest.raises(suites.HubDatasetsUnavailable) as info:
         harness.evaluate(tiny_model, suite, output=tmp_path / "out.csv")
-    assert time.perf_counter() - started < 2.0
+    assert connections == []  # offline: not one connection tried
     message = str(info.value)
     assert "\n" not in message and var in message
     for dataset in suites.SUITES[suite].hub_datasets:
@@ -415,15 +413,14 @@ def test_hub_suites_fail_fast_offline(tiny_model, tmp_path, monkeypatch, suite, 
     assert not (tmp_path / "out.csv").exists()
 
 
-def test_hub_suite_fails_fast_when_unreachable(tiny_model, tmp_path, monkeypatch):
+def test_hub_suite_fails_fast_when_unreachable(tiny_model, tmp_path, monkeypatch, connections):
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
-    started = time.perf_counter()
     with pytest.raises(suites.HubDatasetsUnavailable, match="unreachable.*cais/mmlu"):
         harness.evaluate(tiny_model, "paper")
-    assert time.perf_counter() - started < 5.0
+    assert connections == [("127.0.0.1", 9)]  # one probe, no retries
 
 
 def test_cached_hub_datasets_pass_the_check(tmp_path, monkeypatch):

@@ -250,44 +250,68 @@ def test_head_losses_under_bf16_autocast_and_no_grad():
     h.grad = w.grad = None
     (ref_kl + ref_lm).backward()
     assert torch.allclose(gh, h.grad, rtol=2e-2, atol=1e-3) and torch.allclose(gw, w.grad, rtol=2e-2, atol=1e-3)
+    wanted = []  # per piece: was a gradient buffer handed over?
+
+    def spy(*args):
+        wanted.append(args[-1] is not None)
+        return losses.head_chunk_losses(*args)
+
     with torch.no_grad():
-        loss2, _ = losses.head_losses(h, w, labels, (ht, wt, None), temperature=2.0)
+        loss2, _ = losses.head_losses(h, w, labels, (ht, wt, None), temperature=2.0, chunk_losses=spy)
     assert loss2.item() == pytest.approx(
         _head_reference(h, w, None, labels, ht, wt, None, 2.0, "batchmean", 1.0, 1.0).item(), rel=1e-5
     )
+    assert wanted and not any(wanted)
+    losses.head_losses(h, w, labels, (ht, wt, None), temperature=2.0, chunk_losses=spy)
+    assert wanted[-1]  # with grad, the same call fills one
 
 
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA"))]
+)
 @pytest.mark.parametrize("tau, with_teacher", [(40.0, True), (1.0, False)])
-def test_compiled_head_chunk_losses_match_eager(tau, with_teacher, monkeypatch):
+def test_compiled_head_chunk_losses_match_eager(tau, with_teacher, device, monkeypatch):
     """The head's per-piece work through torch.compile (`compiled_head_chunk_losses`, what the
     methods run on CUDA) gives the eager loss, parts and gradients, under bf16 autocast, with
     ignored labels (the number of targets reaches the compiled copy as a tensor)."""
     V = 41
-    monkeypatch.setitem(losses.HEAD_CHUNK_ELEMENTS, "cpu", 6 * V)  # 3 chunks of 6 rows for 18 rows
-    monkeypatch.setitem(losses.HEAD_SUBCHUNK_ELEMENTS, "cpu", 3 * V)  # 2 pieces of 3 rows each
+    monkeypatch.setitem(losses.HEAD_CHUNK_ELEMENTS, device, 6 * V)  # 3 chunks of 6 rows for 18 rows
+    monkeypatch.setitem(losses.HEAD_SUBCHUNK_ELEMENTS, device, 3 * V)  # 2 pieces of 3 rows each
     g = torch.Generator().manual_seed(5)
-    h = torch.randn(2, 9, 16, generator=g).requires_grad_()
-    w = (torch.randn(V, 16, generator=g) * 0.5).requires_grad_()
-    labels = torch.randint(0, V, (2, 9), generator=g)
+    h = torch.randn(2, 9, 16, generator=g).to(device).requires_grad_()
+    w = (torch.randn(V, 16, generator=g) * 0.5).to(device).requires_grad_()
+    labels = torch.randint(0, V, (2, 9), generator=g).to(device)
     labels[1, 2:5] = -100
-    teacher = (torch.randn(2, 9, 24, generator=g), torch.randn(V, 24, generator=g) * 0.5, None)
+    teacher = (torch.randn(2, 9, 24, generator=g).to(device), (torch.randn(V, 24, generator=g) * 0.5).to(device), None)
     compiled = losses.compiled_head_chunk_losses()
-    results = []
-    for chunk_losses in (None, compiled):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+
+    def run(chunk_losses, lm_weight):
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss, parts = losses.head_losses(
-                h, w, labels, teacher if with_teacher else None, temperature=tau, chunk_losses=chunk_losses
+                h,
+                w,
+                labels,
+                teacher if with_teacher else None,
+                temperature=tau,
+                lm_weight=lm_weight,
+                chunk_losses=chunk_losses,
             )
         loss.backward()
-        results.append((loss.detach(), parts["kl"], parts["lm"], h.grad, w.grad))
+        out = (loss.detach(), parts["kl"], parts["lm"], h.grad, w.grad)
         h.grad = w.grad = None
-    (loss, kl, lm, gh, gw), (c_loss, c_kl, c_lm, c_gh, c_gw) = results
+        return out
+
+    (loss, kl, lm, gh, gw), (c_loss, c_kl, c_lm, c_gh, c_gw) = run(None, 1.0), run(compiled, 1.0)
     assert c_loss.item() == pytest.approx(loss.item(), rel=1e-5)
     assert c_kl.item() == pytest.approx(kl.item(), rel=1e-4, abs=1e-6) and c_lm.item() == pytest.approx(
         lm.item(), rel=1e-5
     )
     for got, want in ((c_gh, gh), (c_gw, gw)):  # both from bf16 gradients of the logits
         assert (got - want).norm() <= 1e-2 * want.norm(), (got - want).abs().max()
+    if with_teacher:  # at tau 40 the KL's gradient is under 1% of the whole: checked on its own
+        kl_only, c_kl_only = run(None, 0.0), run(compiled, 0.0)
+        for got, want in zip(c_kl_only[3:], kl_only[3:]):
+            assert want.norm() > 0 and (got - want).norm() <= 1e-2 * want.norm(), (got - want).abs().max()
 
 
 def test_head_losses_bad_input():
