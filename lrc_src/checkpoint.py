@@ -117,9 +117,10 @@ def _file_record(path: Path) -> dict:
 # ---------------------------------------------------------------- save
 
 
-def save_checkpoint(path: Path, method, optimizer, scheduler, step: int) -> None:
-    """Replace path/ with the state after `step` optimizer steps; a crash at any point leaves the
-    previous checkpoint (or the new one) complete, see `find_checkpoint`."""
+def save_checkpoint(path: Path, method, optimizer, scheduler, step: int, processes: int = 1) -> None:
+    """Replace path/ with the state after `step` optimizer steps of a run of `processes` data-parallel
+    processes; a crash at any point leaves the previous checkpoint (or the new one) complete, see
+    `find_checkpoint`."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -133,6 +134,7 @@ def save_checkpoint(path: Path, method, optimizer, scheduler, step: int) -> None
     state = {
         "format": FORMAT,
         "step": step,
+        "processes": processes,
         "files": files,
         "optimizer": optimizer_rest,
         "scheduler": scheduler.state_dict(),

@@ -22,7 +22,8 @@ def _train(args: argparse.Namespace) -> int:
     from lrc_src.config import load_config
     from lrc_src.train import train
 
-    cfg = load_config(args.config, args.set)
+    # --compile is train.compile=on, so config.yaml records what the run does
+    cfg = load_config(args.config, [*args.set, "train.compile=on"] if args.compile else args.set)
     out = train(
         cfg,
         args.output_dir,
@@ -30,7 +31,6 @@ def _train(args: argparse.Namespace) -> int:
         threads=args.threads,
         restart_on_config_change=args.restart_on_config_change,
         keep_memory=not args.return_freed_memory,
-        compile_layers=True if args.compile else None,
     )
     print(f"run complete: {out}")
     return 0

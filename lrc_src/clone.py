@@ -497,8 +497,7 @@ class LowRankClone(nn.Module):
         of generating per micro-batch (tested); the generation's forward and backward run once
         per optimizer step instead of once per micro-batch. Under DDP the trainer runs every
         micro-batch without DDP's gradient sync and averages the gradients itself after this
-        backward (`lrc_src.step.average_gradients`); under FSDP/DeepSpeed (sharded parameters)
-        it does not open the window.
+        backward (`lrc_src.step.average_gradients`).
         """
         assert self._window is None, "nested accumulation windows"
         self._window = {}

@@ -227,11 +227,12 @@ class TrainConfig:
     skip_tokens: int = 0
     # torch.compile the decoder layers (with CUDA also the fused head's per-chunk softmax / KL work):
     # auto | on | off. auto compiles with CUDA, where compiling the layers made every method's
-    # step 27-29% faster (results/paper-1.5b, H200), and on the CPU only for runs of at
+    # step 27-29% shorter (results/paper-1.5b, H200), and on the CPU only for runs of at
     # least CPU_COMPILE_MIN_STEPS steps (lrc_src.runtime): there a cold compile costs ~13 s and saves
-    # 7-20% of each step, and the CPU profiles' short runs keep the eager numbers they were measured
-    # with. Methods that cannot compile (tinybert) run eagerly under auto. A runtime choice: a run may
-    # resume with another value (RUNTIME_KEYS).
+    # 10-13% of each step, and the CPU profiles' short runs keep the eager numbers they were measured
+    # with; other devices compile only when asked. Methods that cannot compile (tinybert) run eagerly
+    # under auto. A runtime choice: a run may resume with another value (RUNTIME_KEYS). The CLI's
+    # --compile is train.compile=on.
     compile: bool | str = "auto"
     # experiment trackers beside metrics.csv: none | tensorboard | trackio | wandb, or a list
     # (lrc_src.trackers; offline, files inside the run folder; the `trackers` extra installs them)

@@ -42,23 +42,24 @@ def resolve_mixed_precision(choice: str, device_type: str | None = None) -> str:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (<malloc.h>)
 
 
-# On the CPU, train.compile=auto compiles runs of at least this many optimizer steps: a cold compile
-# of LRC's layers costs ~13 s at the tiny shape and saves 7-20% of a ~5-9 s step (benchmarks/README.md),
-# so it pays for itself within tens of steps; the threshold keeps the CPU profiles (30-120 steps per
-# run) eager, as their committed numbers were measured.
+# On the CPU, train.compile=auto compiles runs of at least this many optimizer steps. A cold compile
+# of LRC's layers costs ~13 s at the tiny shape and saves 10-13% of a step (0.2-0.3 s of a 2.3-s
+# step of 1,024 tokens, about 1 s of an 8-s step of 4,096; benchmarks/README.md), so it pays for
+# itself within a few dozen steps; the threshold is set well above that to keep the CPU profiles
+# (30-120 steps per run) eager, as their committed numbers were measured.
 CPU_COMPILE_MIN_STEPS = 1000
 
 
 def resolve_compile(choice: bool | str, device_type: str, total_steps: int, compilable: bool = True) -> bool:
     """train.compile -> whether to compile the decoder layers. 'on'/True compiles (a method that
     cannot compile then says so); 'auto' compiles compilable methods on CUDA, and on the CPU from
-    CPU_COMPILE_MIN_STEPS steps."""
+    CPU_COMPILE_MIN_STEPS steps; on other devices (unmeasured) only when asked."""
     if choice in (True, "on"):
         return True
     if choice in (False, "off"):
         return False
     assert choice == "auto", choice
-    return compilable and (device_type == "cuda" or total_steps >= CPU_COMPILE_MIN_STEPS)
+    return compilable and (device_type == "cuda" or (device_type == "cpu" and total_steps >= CPU_COMPILE_MIN_STEPS))
 
 
 def glibc():

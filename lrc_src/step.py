@@ -37,14 +37,12 @@ class NonFiniteLossError(RuntimeError):
     """A micro-batch's loss is NaN or infinite; raised before its backward."""
 
 
-def accumulation_window(method, grad_accum: int, unsharded: bool = True) -> Callable | None:
+def accumulation_window(method, grad_accum: int) -> Callable | None:
     """The method's accumulation window (`method.accumulation_window`, LRC: one weight generation
-    per optimizer step) if a step of grad_accum micro-batches uses it, else None.
-
-    Only with whole parameters in the process (`unsharded`: one process or DDP); under FSDP or
-    DeepSpeed, which shard them, every micro-batch generates its own."""
+    per optimizer step) if a step of grad_accum micro-batches uses it, else None. Every process
+    holds whole parameters (one process or DDP; the trainer refuses sharding launchers)."""
     window = getattr(method, "accumulation_window", None)
-    return window if grad_accum > 1 and unsharded else None
+    return window if grad_accum > 1 else None
 
 
 def average_gradients(params: list[torch.Tensor], accelerator) -> None:
@@ -81,6 +79,7 @@ def train_step(
         --parts): "forward" and "backward" per micro-batch (the first forward in a window generates
         the weights), "window" after the window's closing backward and the gradient averaging,
         "optimizer" after clipping, the optimizer and scheduler steps and zero_grad.
+    Under data parallelism the returned means are over every process's micro-batches.
     Raises NonFiniteLossError on a non-finite loss, before its backward and the optimizer step.
     """
     K = len(micro_batches)
@@ -101,6 +100,8 @@ def train_step(
             clock("backward")
     if manual_sync:
         average_gradients(params, accelerator)
+    if accelerator.num_processes > 1:  # the step's mean over every process's micro-batches
+        sums = _mean_over_processes(sums, accelerator)
     clock("window")
     grad_norm = accelerator.clip_grad_norm_(params, grad_clip)
     optimizer.step()
@@ -109,3 +110,10 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     clock("optimizer")
     return sums, grad_norm
+
+
+def _mean_over_processes(values: dict[str, float], accelerator) -> dict[str, float]:
+    """Each value averaged over the processes (one all-reduce; every process has the same keys)."""
+    flat = torch.tensor(list(values.values()), dtype=torch.float64, device=accelerator.device)
+    flat = accelerator.reduce(flat, reduction="mean")
+    return dict(zip(values, flat.tolist()))

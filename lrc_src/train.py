@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -191,15 +192,39 @@ def _accelerator(mixed_precision: str, **trackers) -> Accelerator:
     only turns on when asked: accelerate launch --cpu sets ACCELERATE_USE_CPU, plain torchrun
     would not)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(mixed_precision), cpu=world > 1 and not _has_accelerator(), **trackers
-    )
+    precision = resolve_mixed_precision(mixed_precision)
+    accelerator = Accelerator(mixed_precision=precision, cpu=world > 1 and not _has_accelerator(), **trackers)
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")  # what accelerate launch was told
+    if launcher not in (None, precision) and accelerator.is_main_process:
+        print(
+            f"lrc: train.mixed_precision={precision} (the config's) overrides the launcher's {launcher}",
+            file=sys.stderr,
+        )
     if accelerator.num_processes != world:
         raise ValueError(
             f"WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es): "
             "launch with `accelerate launch` or torchrun on a supported backend"
         )
+    _check_launch(accelerator)
     return accelerator
+
+
+def _check_launch(accelerator: Accelerator) -> None:
+    """What the launcher set up is what the trainer supports: whole parameters in every process,
+    and its own gradient accumulation (train.grad_accum) only."""
+    kind = accelerator.distributed_type
+    if kind != DistributedType.NO and kind not in DDP_TYPES:
+        # Checkpoints, the accumulation window and the gradient clipping read whole parameters.
+        raise ValueError(
+            f"accelerate's distributed_type {kind.value} shards the parameters, which lrc train does "
+            "not support: train in one process or data-parallel (config/accelerate/ddp.yaml, or torchrun)"
+        )
+    if accelerator.gradient_accumulation_steps != 1:
+        raise ValueError(
+            f"accelerate was asked for {accelerator.gradient_accumulation_steps} gradient accumulation "
+            "steps (ACCELERATE_GRADIENT_ACCUMULATION_STEPS / --gradient_accumulation_steps), which would "
+            "scale the gradients again: set train.grad_accum instead and leave accelerate's at 1"
+        )
 
 
 @dataclass
@@ -282,9 +307,7 @@ def _setup(cfg: ExperimentConfig, out: Path, keep_memory: bool, compile_layers: 
         method.compile_layers()
 
     params = method.trainable_named_parameters()
-    # whole parameters in this process (one process or DDP); FSDP/DeepSpeed shard them
-    unsharded = accelerator.num_processes == 1 or accelerator.distributed_type in DDP_TYPES
-    fused = accelerator.device.type == "cuda" and unsharded  # fused AdamW on CUDA
+    fused = accelerator.device.type == "cuda"  # fused AdamW on CUDA
     optimizer = make_optimizer(params, tc, kernel="fused" if fused else "default")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, tc.warmup_ratio))
     method, optimizer = accelerator.prepare(method, optimizer)
@@ -302,7 +325,7 @@ def _setup(cfg: ExperimentConfig, out: Path, keep_memory: bool, compile_layers: 
         tracker_names=tracker_names,
         total_steps=total_steps,
         tokens_per_step=tokens_per_step,
-        window=accumulation_window(unwrapped, tc.grad_accum, unsharded),
+        window=accumulation_window(unwrapped, tc.grad_accum),
         compiled=bool(compile_layers),
     )
 
@@ -316,7 +339,14 @@ def _resume(run: _Session, cfg: ExperimentConfig, out: Path) -> int:
         # A checkpoint at the last step is a finished run whose run.json is gone (snakemake deletes
         # a job's outputs before running it again): nothing is left to train, so its trainable state
         # suffices (the optimizer's may have been dropped) and the run is finalised again, not retrained.
-        finished = read_state(found).get("step") == run.total_steps
+        state = read_state(found)
+        finished = state.get("step") == run.total_steps
+        saved_by, processes = state.get("processes", 1), run.accelerator.num_processes
+        if not finished and saved_by != processes:  # each process's batch stream depends on it
+            raise ValueError(
+                f"{found} was saved by a run of {saved_by} process(es) and this launch has {processes}: "
+                f"resume it with {saved_by}, or delete {out} to start over"
+            )
         resume = () if finished else (run.optimizer, run.scheduler)
         start = load_checkpoint(found, run.unwrapped, *resume)
         if finished and run.accelerator.is_main_process:
@@ -394,7 +424,7 @@ def _loop(run: _Session, cfg: ExperimentConfig, out: Path, start: int, progress:
         if accelerator.is_main_process and done in tc.export_at:
             _export_atomic(run.unwrapped, out / "exports" / f"step_{done}", run.tokenizer, with_trainable=True)
         if accelerator.is_main_process and (done % tc.save_every == 0 or is_last):
-            save_checkpoint(ckpt, run.unwrapped, run.optimizer, run.scheduler, done)
+            save_checkpoint(ckpt, run.unwrapped, run.optimizer, run.scheduler, done, accelerator.num_processes)
         accelerator.wait_for_everyone()
     bar.close()
 

@@ -245,6 +245,18 @@ def test_kill_and_resume_is_exact(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_learning_rate_schedule_warms_up_then_decays_linearly_to_zero():
+    """The paper's schedule: linear warmup over ceil(warmup_ratio * steps) steps, then linear decay
+    to 0 at the last step (hand-computed factors of the base lr, by optimizer steps taken)."""
+    from lrc_src.factory import lr_lambda
+
+    f = lr_lambda(10, 0.2)  # 2 warmup steps
+    assert [f(s) for s in range(11)] == [0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0.0]
+    g = lr_lambda(4, 0.0)  # no warmup
+    assert [g(s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert lr_lambda(1000, 0.005)(0) == 0.2  # 5 warmup steps: a fifth of the lr at the first
+
+
 def _run_snippet(script: str, mode: str) -> str:
     """stdout of `python -c script mode` in a fresh process (its own allocator state)."""
     p = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -670,6 +682,10 @@ def test_ddp_accumulation_window_matches_one_process(compiled, tmp_path):
     info = json.loads((two / "run.json").read_text())
     assert info["num_processes"] == 2 and info["accumulation_window"] is True and info["compiled_layers"] is compiled
     assert json.loads((one / "run.json").read_text())["accumulation_window"] is True
+    # the logged loss and terms are each step's mean over both processes' micro-batches
+    for ra, rb in zip(read_metrics(one), read_metrics(two), strict=True):
+        for col in ("loss", "lm", "kl", "clone"):
+            assert float(rb[col]) == pytest.approx(float(ra[col]), rel=1e-5, abs=1e-6), (ra["step"], col)
     from safetensors.torch import load_file
 
     sa, sb = load_file(one / "student" / "model.safetensors"), load_file(two / "student" / "model.safetensors")
@@ -682,7 +698,8 @@ def test_ddp_accumulation_window_matches_one_process(compiled, tmp_path):
 def test_compiled_training_follows_eager(method, tmp_path):
     """train(..., compile_layers=True) (torch.compile'd decoder layers) trains like the eager run
     (fp32; 2 micro-batches, so LRC's compiled layers take the accumulation window's generated
-    weights), and either run resumes with or without it: the choice is not part of the config."""
+    weights); the choice stays out of config.yaml, which a resume compares, so either run resumes
+    with or without it."""
     from torch._dynamo.utils import counters
 
     cfg = ci_cfg(f"method={method}", "train.max_steps=3", "train.grad_accum=2", "train.mixed_precision='no'")
@@ -770,14 +787,69 @@ def test_tinybert_refuses_to_compile(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_compile_flag_reaches_train(monkeypatch, tmp_path):
+def test_cli_compile_flag_is_train_compile_on(monkeypatch, tmp_path):
+    """--compile is train.compile=on (so config.yaml records what the run does), whatever --set
+    says; without it the config decides."""
     import lrc_src.train
 
     seen = {}
-    monkeypatch.setattr(lrc_src.train, "train", lambda cfg, out, **kw: seen.update(kw) or Path(out))
-    for argv, want in ((["--compile"], True), ([], None)):  # None: train.compile decides
+    monkeypatch.setattr(lrc_src.train, "train", lambda cfg, out, **kw: seen.update(cfg=cfg, **kw) or Path(out))
+    for argv, want in (  # YAML reads on / off as true / false, which train.compile takes alike
+        (["--compile"], True),
+        ([], load_config(CI).train.compile),
+        (["--set", "train.compile=off", "--compile"], True),
+        (["--set", "train.compile=off"], False),
+    ):
         assert main(["train", "--config", str(CI), "--output-dir", str(tmp_path), *argv]) == 0
-        assert seen["compile_layers"] is want
+        assert seen["cfg"].train.compile == want and seen.get("compile_layers") is None, argv
+
+
+def test_launches_the_trainer_cannot_serve_are_refused(tmp_path, capsys, monkeypatch):
+    """Sharding launchers (DeepSpeed, FSDP) and accelerate's own gradient accumulation are one-line
+    errors before the run folder is written: the trainer reads whole parameters (checkpoints, the
+    accumulation window, clipping) and scales the gradients by train.grad_accum itself."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from lrc_src.train import _check_launch
+
+    for kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        with pytest.raises(ValueError, match=f"distributed_type {kind.value} shards the parameters"):
+            _check_launch(SimpleNamespace(distributed_type=kind, gradient_accumulation_steps=1))
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        _check_launch(SimpleNamespace(distributed_type=kind, gradient_accumulation_steps=1))
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    err = _bad(tmp_path, capsys, "--set", "train.grad_accum=4")
+    assert "accelerate was asked for 4 gradient accumulation steps" in err and "train.grad_accum" in err, err
+
+
+def test_the_configs_mixed_precision_wins_over_the_launchers_and_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # as accelerate launch --mixed_precision fp16 sets it
+    cfg = ci_cfg("train.max_steps=1", "train.eval_every=0", "train.mixed_precision='no'")
+    run = train(cfg, tmp_path / "run", progress=False)
+    assert json.loads((run / "run.json").read_text())["mixed_precision"] == "no"
+    assert "train.mixed_precision=no (the config's) overrides the launcher's fp16" in capsys.readouterr().err
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path, capsys):
+    """A checkpoint records how many data-parallel processes wrote it: each process's batch stream
+    and the tokens per step depend on it, so an unfinished run resumes only with as many."""
+    from lrc_src.checkpoint import find_checkpoint, read_state
+
+    args = ["--config", str(CI), "--set", "train.max_steps=3", "--set", "train.eval_every=0", "--no-progress"]
+    run = tmp_path / "run"
+    assert main(["train", *args, "--output-dir", str(run)]) == 0
+    state_file = find_checkpoint(run) / "state.json"
+    state = read_state(state_file.parent)
+    assert state["processes"] == 1
+    # the same run as if two processes had saved it at step 1 and stopped
+    state_file.write_text(json.dumps({**state, "step": 1, "processes": 2}))
+    (run / "run.json").unlink()
+    capsys.readouterr()
+    assert main(["train", *args, "--output-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "was saved by a run of 2 process(es) and this launch has 1: resume it with 2" in err, err
 
 
 def test_handoff_starts_from_the_exported_lrc_student_exactly(tmp_path):
