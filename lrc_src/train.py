@@ -194,18 +194,18 @@ def _accelerator(mixed_precision: str, **trackers) -> Accelerator:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     precision = resolve_mixed_precision(mixed_precision)
     accelerator = Accelerator(mixed_precision=precision, cpu=world > 1 and not _has_accelerator(), **trackers)
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")  # what accelerate launch was told
-    if launcher not in (None, precision) and accelerator.is_main_process:
-        print(
-            f"lrc: train.mixed_precision={precision} (the config's) overrides the launcher's {launcher}",
-            file=sys.stderr,
-        )
     if accelerator.num_processes != world:
         raise ValueError(
             f"WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es): "
             "launch with `accelerate launch` or torchrun on a supported backend"
         )
     _check_launch(accelerator)
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")  # what accelerate launch was told
+    if launcher not in (None, precision) and accelerator.is_main_process:
+        print(
+            f"lrc: train.mixed_precision={precision} (the config's) overrides the launcher's {launcher}",
+            file=sys.stderr,
+        )
     return accelerator
 
 
