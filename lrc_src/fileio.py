@@ -95,23 +95,47 @@ def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def locked(lock: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the file ``lock`` (created, with its folder, if missing); says on
-    stderr that it waits when another process holds it."""
+def locked(lock: Path, busy: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` (created, with its folder, if missing) for the
+    block; the file names the holder's pid and is removed when the block ends. When another process
+    holds it: wait, saying so on stderr, or, given ``busy``, raise ValueError(busy) at once."""
     while True:
         lock.parent.mkdir(parents=True, exist_ok=True)
         try:
-            handle = open(lock, "a")
+            handle = open(lock, "a+")
         except FileNotFoundError:  # its folder was removed by the holder that just finished: again
             continue
-        break
-    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if busy is not None:
+                handle.seek(0)
+                holder = handle.read().strip()
+                handle.close()
+                raise ValueError(f"{busy} (process {holder or 'starting'} holds {lock})") from None
             print(f"waiting for another process holding {lock} ...", file=sys.stderr, flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+        # The holder before us removes the file as it leaves: a lock on that removed file excludes
+        # no one, so lock the file now at the path instead.
+        if _same_file(handle, lock):
+            break
+        handle.close()
+    with handle:
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # while held, so no one can lock it and then lose it
+
+
+def _same_file(handle, path: Path) -> bool:
+    """The open file ``handle`` is the file now at ``path``."""
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def build_folder_once(final: Path, marker: str, build: Callable[[Path], None]) -> Path:
@@ -133,8 +157,6 @@ def build_folder_once(final: Path, marker: str, build: Callable[[Path], None]) -
             rename_into_place(tmp, final, marker)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        # Safe while held: from now on every process finds the marker before it looks for a lock.
-        lock.unlink(missing_ok=True)
     return final
 
 

@@ -25,6 +25,7 @@ checkpoint are dropped and recomputed), so a killed run continues exactly as if 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -58,7 +59,7 @@ from lrc_src.checkpoint import (
 )
 from lrc_src.config import ExperimentConfig, dump_config, load_config, same_experiment
 from lrc_src.factory import build_method, lr_lambda, make_optimizer
-from lrc_src.fileio import atomic_write_text, check_output_folder
+from lrc_src.fileio import atomic_write_text, check_output_folder, locked
 from lrc_src.runtime import keep_freed_memory, resolve_compile, resolve_mixed_precision, set_threads
 from lrc_src.step import DDP_TYPES, NonFiniteLossError, accumulation_window, train_step
 
@@ -274,14 +275,26 @@ def train(
         return out
     set_threads(threads)
     run = _setup(cfg, out, keep_memory, compile_layers)
-    if held == "other":  # with --restart-on-config-change (else `_run_of` refused it)
-        if run.accelerator.is_main_process:
-            _clear_run(out)
-        run.accelerator.wait_for_everyone()
-    start = _resume(run, cfg, out)
-    _loop(run, cfg, out, start, progress)
-    _finish(run, cfg, out)
+    with _hold_run_folder(run, out):
+        if held == "other":  # with --restart-on-config-change (else `_run_of` refused it)
+            if run.accelerator.is_main_process:
+                _clear_run(out)
+            run.accelerator.wait_for_everyone()
+        start = _resume(run, cfg, out)
+        _loop(run, cfg, out, start, progress)
+        _finish(run, cfg, out)
     return out
+
+
+def _hold_run_folder(run: _Session, out: Path) -> contextlib.AbstractContextManager:
+    """The main process holds out/.train.lock while the run writes its folder (removed at the end,
+    released by the system if the process is killed): a second trainer of the same folder, e.g. a
+    second command or the workers of a launcher killed alone, is refused instead of writing
+    checkpoints and metrics between this run's."""
+    if not run.accelerator.is_main_process:
+        return contextlib.nullcontext()
+    busy = f"{out} is being trained by another process: let it finish, or stop it, before training this folder"
+    return locked(out / ".train.lock", busy=busy)
 
 
 def _setup(cfg: ExperimentConfig, out: Path, keep_memory: bool, compile_layers: bool | None) -> _Session:

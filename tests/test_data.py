@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import re
+import threading
 import time
 
 import numpy as np
@@ -21,7 +22,7 @@ import pytest
 
 from lrc_src import corpora, packing
 from lrc_src.corpora import corpus_folder, documents_sha256, load_documents
-from lrc_src.fileio import build_folder_once, sha256_file
+from lrc_src.fileio import build_folder_once, locked, sha256_file
 from lrc_src.mix import PAPER_SOURCES, mix_source_key, paper_mix_documents, render_conversation
 from lrc_src.packing import prepare_data
 from lrc_src.teachers import smollm2_tokenizer
@@ -121,6 +122,38 @@ def test_cached_folder_is_built_once_and_cleans_up_after_a_killed_build(tmp_path
     with pytest.raises(RuntimeError, match="build failed"):
         build_folder_once(tmp_path / "cache" / "other", "marker", fail)
     assert not [p for p in final.parent.iterdir() if p.name.startswith(".other.tmp-") or p.name == "other"]
+
+
+def test_a_lock_is_exclusive_across_its_removal(tmp_path):
+    """The holder removes the lock file as it leaves: a waiter that was blocked on that file holds
+    the file now at the path, so a third comer is still refused while the waiter works."""
+    lock, inside, release = tmp_path / "run" / ".lock", threading.Event(), threading.Event()
+    lock.parent.mkdir()
+    lock.write_text("12345\n")  # left by a killed holder: it locks nothing
+
+    def waiter():
+        with locked(lock):
+            inside.set()
+            release.wait(30)
+
+    with locked(lock, busy="in use"):
+        assert lock.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(ValueError, match=f"in use \\(process {os.getpid()} holds"):
+            with locked(lock, busy="in use"):
+                pass
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.3)  # the waiter opens the file and blocks on it
+        assert not inside.is_set()
+    assert inside.wait(30)
+    try:
+        with pytest.raises(ValueError, match="in use"):
+            with locked(lock, busy="in use"):
+                pass
+    finally:
+        release.set()
+        thread.join(30)
+    assert not lock.exists()
 
 
 @pytest.mark.slow

@@ -852,6 +852,34 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path, capsys):
     assert "was saved by a run of 2 process(es) and this launch has 1: resume it with 2" in err, err
 
 
+def test_a_folder_being_trained_is_refused_to_a_second_trainer(tmp_path):
+    """While one trainer writes a run folder, a second one for the same folder stops with one
+    error line naming the first, and writes nothing; a killed trainer's lock is released with it."""
+    args = ["--config", str(CI), "--set", "train.max_steps=100000", "--set", "train.save_every=1", "--no-progress"]
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lrc_src.cli", "train", *args, "--output-dir", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not (run / "checkpoint" / "state.json").is_file():
+            time.sleep(0.05)
+        assert proc.poll() is None, "the first trainer stopped"
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        err = second.stderr.strip()
+        assert second.returncode == 2 and "\n" not in err and "is being trained by another process" in err, err
+        assert f"process {proc.pid} holds" in err, err
+        assert proc.poll() is None, "the refused trainer disturbed the first"
+    finally:
+        proc.kill()
+        proc.wait()
+    # a killed trainer leaves its lock file, which locks nothing: the next run takes it
+    lock = run / ".train.lock"
+    assert lock.read_text().strip() == str(proc.pid)
+    other = ["--config", str(CI), "--set", "train.max_steps=2", "--no-progress", "--restart-on-config-change"]
+    assert main(["train", *other, "--output-dir", str(run)]) == 0
+    assert not lock.exists() and len(read_metrics(run)) == 2
+
+
 def test_handoff_starts_from_the_exported_lrc_student_exactly(tmp_path):
     """The LRC -> KD hand-off: a prune_kd run with baseline.init_from starts from the exported LRC
     student bit for bit (its first logits equal the LRC method's own student's), and with
