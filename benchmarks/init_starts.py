@@ -42,7 +42,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         base = load_config(args.config)
-        teacher, _, train_blocks, _, held = load_inputs(base)
+        inputs = load_inputs(base)
+        teacher, train_blocks, held = inputs.teacher, inputs.train, inputs.heldout
     except (FileNotFoundError, ValueError) as e:
         print(f"init_starts.py: error: {e}", file=sys.stderr)
         return 2

@@ -64,7 +64,11 @@ def student_like(teacher: PreTrainedModel, d_S: int, seed: int) -> PreTrainedMod
 
 
 def hard_prune(
-    teacher: PreTrainedModel, d_S: int, calibration_ids: torch.Tensor, init: str = "prune", untie_lm_head: bool = False
+    teacher: PreTrainedModel,
+    d_S: int,
+    calibration_ids: torch.Tensor | None,
+    init: str = "prune",
+    untie_lm_head: bool = False,
 ) -> PreTrainedModel:
     """The teacher with all but the d_S most important hidden channels removed (Minitron-style).
 
@@ -72,11 +76,13 @@ def hard_prune(
     the kept channels and the norms keep the teacher's weights there (tested against slicing).
     init="prune_scaled" rescales the norms, init="pca" rotates instead of selecting (see
     LRCConfig.init): the control "same start, no clone loss" for those LRC starts.
+    calibration_ids: [B, T]; None gives the pruned student's architecture only, for weights loaded next.
     """
     if init == "normal":
         raise ValueError("hard_prune needs a teacher-derived start: init='prune', 'prune_scaled' or 'pca'")
     lrc = LowRankClone(teacher, LRCConfig(student_hidden_size=d_S, init=init, untie_lm_head=untie_lm_head))
-    lrc.init_from_teacher(calibration_ids)
+    if calibration_ids is not None:
+        lrc.init_from_teacher(calibration_ids)
     return lrc.export_student()
 
 

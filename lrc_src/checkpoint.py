@@ -117,10 +117,12 @@ def _file_record(path: Path) -> dict:
 # ---------------------------------------------------------------- save
 
 
-def save_checkpoint(path: Path, method, optimizer, scheduler, step: int, processes: int = 1) -> None:
+def save_checkpoint(
+    path: Path, method, optimizer, scheduler, step: int, processes: int = 1, inputs: dict | None = None
+) -> None:
     """Replace path/ with the state after `step` optimizer steps of a run of `processes` data-parallel
-    processes; a crash at any point leaves the previous checkpoint (or the new one) complete, see
-    `find_checkpoint`."""
+    processes, trained on `inputs` (`assets.Inputs.identity`, checked by `check_inputs`); a crash at
+    any point leaves the previous checkpoint (or the new one) complete, see `find_checkpoint`."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -135,6 +137,7 @@ def save_checkpoint(path: Path, method, optimizer, scheduler, step: int, process
         "format": FORMAT,
         "step": step,
         "processes": processes,
+        "inputs": inputs or {},
         "files": files,
         "optimizer": optimizer_rest,
         "scheduler": scheduler.state_dict(),
@@ -152,6 +155,27 @@ def save_checkpoint(path: Path, method, optimizer, scheduler, step: int, process
     tmp.rename(path)
     _fsync(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+INPUT_CHANGES = {
+    "teacher": "the teacher loaded now is not the one it was trained with (other weights under the same "
+    "name, or a relative path read from another folder)",
+    "data": "the training data tokenised now is not what it was trained on (an edited corpus, or a "
+    "relative glob read from another folder)",
+}
+
+
+def check_inputs(path: Path, state: dict, identity: dict, what: tuple[str, ...]) -> None:
+    """ValueError if the inputs named in `what` ("teacher", "data") differ from those recorded in the
+    checkpoint's state: a run continues, and a clone is exported, only with what it was trained on.
+    A checkpoint that records none is taken as it is."""
+    recorded = state.get("inputs") or {}
+    for key in what:
+        if key in recorded and recorded[key] != identity.get(key):
+            raise ValueError(
+                f"{path}: {INPUT_CHANGES[key]}; give the run the inputs it was trained with, or train "
+                "again in another folder"
+            )
 
 
 def drop_optimizer_state(path: Path) -> None:

@@ -14,6 +14,7 @@ User errors (bad config, missing files, bad values) print one line `lrc: error: 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def _train(args: argparse.Namespace) -> int:
         restart_on_config_change=args.restart_on_config_change,
         keep_memory=not args.return_freed_memory,
     )
-    print(f"run complete: {out}")
+    if os.environ.get("RANK", "0") == "0":  # once for a data-parallel launch
+        print(f"run complete: {out}")
     return 0
 
 

@@ -201,7 +201,7 @@ class TrainConfig:
     """Optimisation budget and schedule (paper: AdamW 0.9/0.999, wd 0, 0.5% warmup, linear decay)."""
 
     max_steps: int | None = None  # optimizer steps; or set max_tokens
-    max_tokens: int | None = None  # total training tokens (overrides max_steps when set)
+    max_tokens: int | None = None  # total training tokens, rounded up to whole steps (overrides max_steps)
     batch_size: int = 4  # sequences per micro-batch per process
     grad_accum: int = 1
     lr: float = 1e-4

@@ -232,7 +232,13 @@ def _local_documents(spec: str) -> list[dict]:
                 if d["text"].strip():
                     docs.append({"text": d["text"], "source": d.get("source", f"{path}:{i}")})
             continue
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:  # a compressed or binary file, or another encoding: not text to train on
+            raise ValueError(
+                f"corpus {spec!r}: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                "convert it to UTF-8 or leave it out of the glob"
+            ) from None
         if len(files) == 1:
             blocks = [b.strip() for b in re.split(r"\n\s*\n", text)]
             docs.extend({"text": b, "source": f"{path}:{i}"} for i, b in enumerate(blocks) if b)

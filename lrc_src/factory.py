@@ -25,12 +25,18 @@ from lrc_src.config import ExperimentConfig
 from lrc_src.export import student_config
 
 
-def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray) -> torch.nn.Module:
-    """The method module for cfg.method (see lrc_src.baselines for what each one trains)."""
+def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray | None) -> torch.nn.Module:
+    """The method module for cfg.method (see lrc_src.baselines for what each one trains).
+
+    train_blocks: [N, T], whose first batches calibrate the teacher-derived starts (lrc.init,
+    prune_kd's pruning); None for a method whose trainable state is loaded from a checkpoint next
+    (`train.load_run`): the same module, its start left undrawn, and no data needed."""
     b, d_S, seed = cfg.baseline, cfg.lrc.student_hidden_size, cfg.train.seed
     kd = dict(kl_temperature=b.kl_temperature, kl_reduction=b.kl_reduction)
 
-    def calibration() -> torch.Tensor:  # the first calibration_batches training batches: [N, T]
+    def calibration() -> torch.Tensor | None:  # the first calibration_batches training batches: [N, T]
+        if train_blocks is None:
+            return None
         n = b.calibration_batches * cfg.train.batch_size
         return torch.from_numpy(np.asarray(train_blocks[:n], dtype=np.int64))
 
@@ -40,8 +46,9 @@ def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray) -> to
     if cfg.method == "lrc":
         torch.manual_seed(seed)
         clone = LowRankClone(teacher, cfg.lrc)
-        clone.check_length(train_blocks.shape[1])  # here, before the trainer writes the run folder
-        if cfg.lrc.init != "normal":
+        if train_blocks is not None:
+            clone.check_length(train_blocks.shape[1])  # here, before the trainer writes the run folder
+        if cfg.lrc.init != "normal" and train_blocks is not None:
             clone.init_from_teacher(calibration())
         return LRCMethod(clone)
     if cfg.method == "scratch":

@@ -188,8 +188,12 @@ def read_jsonl(path: Path, expect: Callable[[dict], bool] | None = None, shape: 
     """The JSON objects of a JSON-lines file, blank lines skipped; ValueError naming the file and
     line of one that is not a JSON object, or that ``expect`` refuses (the message says ``shape``)."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:  # e.g. a compressed file named .jsonl
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:

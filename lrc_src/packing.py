@@ -91,6 +91,7 @@ def prepare_data(
     seed: int = 0,
     max_train_tokens: int | None = None,
     num_proc: int | None = None,
+    progress: bool = True,
 ) -> PackedData:
     """Tokenise, split (by document) and pack ``corpus`` into ``seq_len`` blocks, cached on disk.
 
@@ -110,6 +111,7 @@ def prepare_data(
         num_proc: worker processes that tokenise (1: in this process). None: the environment
             variable ``LRC_TOKENISE_PROCS``, else the CPUs this process may use (at most
             ``MAX_DEFAULT_PROCS``). Does not change the result, nor the cache key.
+        progress: show a progress bar while tokenising.
 
     Raises:
         ValueError: bad ``seq_len``/``heldout_frac``/``max_train_tokens``/``num_proc``, an empty
@@ -161,7 +163,7 @@ def prepare_data(
                 else:
                     items, n_docs = _split_stream(open_mix(corpus, tokenizer, seed), heldout_frac, seed), None
                 meta = _tokenise_and_pack(
-                    tokenizer, items, n_docs, seq_len, seed, max_train_tokens, tmp, shards, num_proc
+                    tokenizer, items, n_docs, seq_len, seed, max_train_tokens, tmp, shards, num_proc, progress=progress
                 )
                 meta.update(
                     key=key,
@@ -418,6 +420,7 @@ def _tokenise_and_pack(
     shards: Path,
     num_proc: int = 1,
     chunk_chars: int | None = None,
+    progress: bool = True,
 ) -> dict:
     """Tokenise ``(document, is_heldout)`` pairs into shards in ``shards`` (reusing those an
     interrupted run finished), then write the train/held-out arrays to ``out``."""
@@ -434,7 +437,11 @@ def _tokenise_and_pack(
     train_tokens = held_tokens = 0
     t0 = time.perf_counter()
     bar = tqdm(
-        total=n_docs, unit="doc", desc=f"tokenising ({num_proc} process{'es' * (num_proc > 1)})", mininterval=1.0
+        total=n_docs,
+        unit="doc",
+        desc=f"tokenising ({num_proc} process{'es' * (num_proc > 1)})",
+        mininterval=1.0,
+        disable=not progress,
     )
     chunks = _chunks(items, CHUNK_CHARS if chunk_chars is None else chunk_chars)
     with contextlib.closing(_tokenised_chunks(tokenizer, chunks, shards, num_proc, prefix, suffix)) as done:

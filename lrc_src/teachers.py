@@ -24,6 +24,7 @@ so a killed conversion never leaves a half-written teacher behind.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import os
 from collections.abc import Callable
@@ -215,15 +216,47 @@ def load_teacher(name: str, dtype: torch.dtype = torch.float32):
         ValueError: the tokenizer has more tokens than the model's vocabulary (a model vocabulary
             larger than the tokenizer, such as Qwen2.5's padded embedding, is fine).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = teacher_folder(name)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder, name=str(name))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     check_vocab(model, tokenizer, name=str(name))
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+# What a saved tokenizer leaves in its folder: one of these, whatever its kind.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def load_tokenizer(folder: str | Path, name: str = "teacher"):
+    """The tokenizer saved in ``folder``; a folder without one is a FileNotFoundError that says
+    so (transformers would look for a converter package instead)."""
+    from transformers import AutoTokenizer
+
+    if Path(folder).is_dir() and not any((Path(folder) / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{name!r}: the folder {str(folder)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the model's tokenizer there too (tokenizer.save_pretrained)"
+        )
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@torch.no_grad()
+def fingerprint(model, samples: int = 4096) -> str:
+    """A digest of a model's weights from at most ``samples`` evenly spaced values of each parameter
+    (with names, shapes and dtypes): cheap for a 7B teacher, and it tells two models apart, two random
+    initialisations of one config included. A checkpoint records its teacher's, so that a run
+    continues only with the teacher it was trained with."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // samples)][:samples].float().cpu().contiguous()
+        digest.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        digest.update(picked.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_vocab(model, tokenizer, name: str = "teacher") -> None:

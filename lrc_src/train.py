@@ -47,9 +47,10 @@ from tqdm.auto import tqdm
 
 from lrc_src import trackers
 from lrc_src.analysis import heldout_loss
-from lrc_src.assets import load_inputs
+from lrc_src.assets import load_inputs, load_models
 from lrc_src.card import write_model_card
 from lrc_src.checkpoint import (
+    check_inputs,
     discard_stale_copies,
     drop_optimizer_state,
     find_checkpoint,
@@ -62,8 +63,10 @@ from lrc_src.factory import build_method, lr_lambda, make_optimizer
 from lrc_src.fileio import atomic_write_text, check_output_folder, locked
 from lrc_src.runtime import keep_freed_memory, resolve_compile, resolve_mixed_precision, set_threads
 from lrc_src.step import DDP_TYPES, NonFiniteLossError, accumulation_window, train_step
+from lrc_src.teachers import fingerprint
 
 TIMING_COLUMNS = ("tokens_per_s", "elapsed_s")  # the only columns that differ between reruns
+LOCK = ".train.lock"  # in the run folder while a trainer writes it (`_hold_run_folder`)
 
 
 # ---------------------------------------------------------------- setup helpers
@@ -163,6 +166,14 @@ def _run_of(out: Path, cfg: ExperimentConfig, restart_on_config_change: bool) ->
     setup has succeeded)."""
     check_output_folder(out, "--output-dir")
     if not (out / "config.yaml").is_file():
+        # A run writes config.yaml first (after its lock), so other files here are someone else's,
+        # which the run's student/, metrics.csv or run.json could replace.
+        others = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
+        if others:
+            raise ValueError(
+                f"--output-dir {str(out)!r} holds files but no run ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}): choose a new or empty folder"
+            )
         return "none"
     if same_experiment((out / "config.yaml").read_text(), cfg):
         return "same"
@@ -174,11 +185,13 @@ def _run_of(out: Path, cfg: ExperimentConfig, restart_on_config_change: bool) ->
 
 
 def _clear_run(out: Path) -> None:
-    """Delete a run's outputs (the folder stays), for a restart under another config."""
-    for name in ("run.json", "metrics.csv", "config.yaml"):
+    """Delete a run's outputs (the folder stays), for a restart under another config; config.yaml
+    last, so that a clear cut off part-way leaves a run folder, which the next restart clears."""
+    for name in ("run.json", "metrics.csv"):
         (out / name).unlink(missing_ok=True)
     for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "exports", "student", "trackers"):
         shutil.rmtree(out / name, ignore_errors=True)
+    (out / "config.yaml").unlink(missing_ok=True)
 
 
 def _is_complete(out: Path) -> bool:
@@ -241,6 +254,7 @@ class _Session:
     batches: Batches
     heldout: np.ndarray
     tokenizer: object
+    identity: dict[str, str]  # the teacher's and the data's, recorded in each checkpoint (`Inputs`)
     tracker_names: list[str]
     total_steps: int
     tokens_per_step: int
@@ -274,7 +288,7 @@ def train(
     if held == "same" and _is_complete(out):
         return out
     set_threads(threads)
-    run = _setup(cfg, out, keep_memory, compile_layers)
+    run = _setup(cfg, out, keep_memory, compile_layers, progress)
     with _hold_run_folder(run, out):
         if held == "other":  # with --restart-on-config-change (else `_run_of` refused it)
             if run.accelerator.is_main_process:
@@ -294,10 +308,12 @@ def _hold_run_folder(run: _Session, out: Path) -> contextlib.AbstractContextMana
     if not run.accelerator.is_main_process:
         return contextlib.nullcontext()
     busy = f"{out} is being trained by another process: let it finish, or stop it, before training this folder"
-    return locked(out / ".train.lock", busy=busy)
+    return locked(out / LOCK, busy=busy)
 
 
-def _setup(cfg: ExperimentConfig, out: Path, keep_memory: bool, compile_layers: bool | None) -> _Session:
+def _setup(
+    cfg: ExperimentConfig, out: Path, keep_memory: bool, compile_layers: bool | None, progress: bool = True
+) -> _Session:
     """Teacher, data, method, optimizer and schedule, prepared by accelerate. Everything that can
     fail on user input happens here, before the run folder is written."""
     tc = cfg.train
@@ -306,10 +322,11 @@ def _setup(cfg: ExperimentConfig, out: Path, keep_memory: bool, compile_layers: 
     if keep_memory and accelerator.device.type == "cpu":
         keep_freed_memory()
     torch.manual_seed(tc.seed)
-    teacher, tokenizer, train_blocks, train_labels, heldout = load_inputs(cfg)
+    inputs = load_inputs(cfg, progress=progress and accelerator.is_main_process)
     skip = tc.skip_tokens // cfg.micro_tokens()  # whole micro-batches (checked by the config)
-    batches = Batches(train_blocks, tc.batch_size, tc.seed, train_labels, skip=skip)
-    method = build_method(cfg, teacher, train_blocks).to(accelerator.device)
+    batches = Batches(inputs.train, tc.batch_size, tc.seed, inputs.labels, skip=skip)
+    identity = inputs.identity()  # before the teacher moves: the same on every device
+    method = build_method(cfg, inputs.teacher, inputs.train).to(accelerator.device)
     tokens_per_step = cfg.step_tokens(accelerator.num_processes)
     total_steps = math.ceil(tc.max_tokens / tokens_per_step) if tc.max_tokens else tc.max_steps
     if compile_layers is None:
@@ -333,8 +350,9 @@ def _setup(cfg: ExperimentConfig, out: Path, keep_memory: bool, compile_layers: 
         scheduler=scheduler,
         params=params,
         batches=batches,
-        heldout=heldout,
-        tokenizer=tokenizer,
+        heldout=inputs.heldout,
+        tokenizer=inputs.tokenizer,
+        identity=identity,
         tracker_names=tracker_names,
         total_steps=total_steps,
         tokens_per_step=tokens_per_step,
@@ -360,6 +378,7 @@ def _resume(run: _Session, cfg: ExperimentConfig, out: Path) -> int:
                 f"{found} was saved by a run of {saved_by} process(es) and this launch has {processes}: "
                 f"resume it with {saved_by}, or delete {out} to start over"
             )
+        check_inputs(found, state, run.identity, what=("teacher",) if finished else ("teacher", "data"))
         resume = () if finished else (run.optimizer, run.scheduler)
         start = load_checkpoint(found, run.unwrapped, *resume)
         if finished and run.accelerator.is_main_process:
@@ -384,6 +403,13 @@ def _loop(run: _Session, cfg: ExperimentConfig, out: Path, start: int, progress:
     manual_sync = run.window is not None and accelerator.num_processes > 1
     trainable = [p for _, p in run.params]
     show = progress and accelerator.is_main_process
+    budget, available = run.total_steps * run.tokens_per_step, run.batches.blocks.size
+    if budget > available and accelerator.is_main_process and start == 0:
+        print(
+            f"lrc: note: the run's {budget:,} tokens pass {budget / available:.1f} times over the "
+            f"{available:,} tokens of its training blocks (a larger corpus or data.max_train_tokens gives more)",
+            file=sys.stderr,
+        )
     bar = tqdm(total=run.total_steps, initial=start, desc=cfg.method, unit="step", disable=not show, dynamic_ncols=True)
     t_last, tokens_last, t0 = time.perf_counter(), start * run.tokens_per_step, time.perf_counter()
     for step in range(start, run.total_steps):
@@ -437,7 +463,9 @@ def _loop(run: _Session, cfg: ExperimentConfig, out: Path, start: int, progress:
         if accelerator.is_main_process and done in tc.export_at:
             _export_atomic(run.unwrapped, out / "exports" / f"step_{done}", run.tokenizer, with_trainable=True)
         if accelerator.is_main_process and (done % tc.save_every == 0 or is_last):
-            save_checkpoint(ckpt, run.unwrapped, run.optimizer, run.scheduler, done, accelerator.num_processes)
+            save_checkpoint(
+                ckpt, run.unwrapped, run.optimizer, run.scheduler, done, accelerator.num_processes, run.identity
+            )
         accelerator.wait_for_everyone()
     bar.close()
 
@@ -494,8 +522,9 @@ def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, object]:
     if found is None:
         raise FileNotFoundError(f"{str(run)!r} holds no checkpoint/")
     cfg = load_config(run / "config.yaml")
-    teacher, tokenizer, train_blocks, _, _ = load_inputs(cfg)
-    method = build_method(cfg, teacher, train_blocks)
+    teacher, tokenizer = load_models(cfg)  # no data: the checkpoint holds every trainable tensor
+    check_inputs(found, read_state(found), {"teacher": fingerprint(teacher)}, what=("teacher",))
+    method = build_method(cfg, teacher, None)
     load_checkpoint(found, method)
     return method, tokenizer
 

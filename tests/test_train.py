@@ -1,6 +1,7 @@
 """The trainer on the ci teacher: every method learns, kill -9 + resume is exact, bad input fails cleanly."""
 
 import csv
+import gzip
 import json
 import os
 import shutil
@@ -492,6 +493,39 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
     assert "config file" in _bad(tmp_path, capsys, config=tmp_path / "missing.yaml")
 
 
+def test_inputs_that_would_mislead_are_refused_before_anything_is_written(tmp_path, capsys):
+    """Text that is not text, a teacher folder without a tokenizer, a held-out split smaller than
+    one block (its loss would be nan everywhere), a folder of someone else's files."""
+    from lrc_src.teachers import TOKENIZER_FILES, teacher_folder
+
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    (gz / "a.txt").write_text("In the beginning " * 200)
+    (gz / "b.txt.gz").write_bytes(gzip.compress(b"In the beginning " * 200))
+    err = _bad(tmp_path, capsys, "--set", f"data.corpus=['local:{gz}/*']")
+    assert "b.txt.gz is not UTF-8 text (byte 0x8b at offset 1)" in err, err
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(teacher_folder("random-llama-micro"), no_tokenizer)
+    for name in (*TOKENIZER_FILES, "special_tokens_map.json"):
+        (no_tokenizer / name).unlink(missing_ok=True)
+    assert "has no tokenizer" in _bad(tmp_path, capsys, "--set", f"teacher={no_tokenizer}")
+
+    short = tmp_path / "short"
+    short.mkdir()
+    for i in range(60):  # 60 one-line documents: 1 held out, fewer tokens than one 64-token block
+        (short / f"{i:02d}.txt").write_text(f"Verse {i}: and the evening and the morning were the day.")
+    err = _bad(tmp_path, capsys, "--set", f"data.corpus=['local:{short}/*']")
+    assert "less than one block of data.seq_len=64" in err, err
+
+    mine = tmp_path / "mine"
+    (mine / "student").mkdir(parents=True)
+    (mine / "student" / "keep.txt").write_text("mine")
+    assert main(["train", "--config", str(CI), "--output-dir", str(mine), "--no-progress"]) == 2
+    assert "holds files but no run (student)" in capsys.readouterr().err
+    assert [p.name for p in mine.rglob("*")] == ["student", "keep.txt"]
+
+
 def test_vocab_mismatch_fails(tmp_path, capsys):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -880,6 +914,62 @@ def test_a_folder_being_trained_is_refused_to_a_second_trainer(tmp_path):
     assert not lock.exists() and len(read_metrics(run)) == 2
 
 
+def test_a_run_continues_only_with_the_teacher_and_data_it_was_trained_on(tmp_path, capsys):
+    """A checkpoint records its teacher and data: an unfinished run whose corpus was edited, or whose
+    teacher folder holds other weights, is refused in one line. Export needs no data (a start drawn
+    from the data is replaced by the checkpoint), but refuses another teacher."""
+    from transformers import AutoModelForCausalLM
+
+    from lrc_src.corpora import load_documents
+    from lrc_src.teachers import teacher_folder
+    from lrc_src.train import load_run
+
+    teacher, text = tmp_path / "teacher", tmp_path / "text"
+    shutil.copytree(teacher_folder("random-llama-micro"), teacher)
+    text.mkdir()
+    for i, doc in enumerate(load_documents("kjv")[:40]):
+        (text / f"{i:02d}.txt").write_text(doc["text"])
+    mine = ["--set", f"teacher={teacher}", "--set", f"data.corpus=['local:{text}/*.txt']"]
+    runs = {}
+    for method in ("lrc", "prune_kd"):  # both start from the data (lrc.init=pca: a PCA of its activations)
+        args = ["--config", str(CI), *mine, "--set", f"method={method}", "--set", "lrc.init=pca"]
+        args += ["--set", "train.max_steps=3", "--set", "train.keep_optimizer_state=true", "--no-progress"]
+        runs[method] = (tmp_path / method, args)
+        assert main(["train", *args, "--output-dir", str(tmp_path / method)]) == 0
+    run, args = runs["lrc"]
+    state_file = run / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert set(state["inputs"]) == {"teacher", "data"}
+    state_file.write_text(json.dumps({**state, "step": 1}))  # as if stopped after step 1
+    (run / "run.json").unlink()
+    capsys.readouterr()
+
+    first = text / "00.txt"
+    original = first.read_text()
+    first.write_text(original + " And it was so.")
+    assert main(["train", *args, "--output-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the training data tokenised now is not what it was trained on" in err, err
+    first.write_text(original)
+
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3
+    model.save_pretrained(teacher)
+    assert main(["train", *args, "--output-dir", str(run)]) == 2
+    assert "the teacher loaded now is not the one it was trained with" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="the teacher loaded now"):
+        load_run(run)
+
+    shutil.copytree(teacher_folder("random-llama-micro"), teacher, dirs_exist_ok=True)
+    shutil.rmtree(text)  # the data is gone: export needs only the teacher and the checkpoint
+    for method, (folder, _) in runs.items():
+        assert main(["export", "--run", str(folder), "--output", str(tmp_path / f"{method}-export")]) == 0
+        got = load_file(tmp_path / f"{method}-export" / "model.safetensors")
+        want = load_file(folder / "student" / "model.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), method
+
+
 def test_handoff_starts_from_the_exported_lrc_student_exactly(tmp_path):
     """The LRC -> KD hand-off: a prune_kd run with baseline.init_from starts from the exported LRC
     student bit for bit (its first logits equal the LRC method's own student's), and with
@@ -890,7 +980,8 @@ def test_handoff_starts_from_the_exported_lrc_student_exactly(tmp_path):
 
     lrc_cfg = ci_cfg("train.max_steps=3", "lrc.init=pca", "lrc.untie_lm_head=true", "train.save_every=100")
     first = train(lrc_cfg, tmp_path / "lrc", progress=False)
-    teacher, _, blocks, _, _ = load_inputs(lrc_cfg)
+    inputs = load_inputs(lrc_cfg)
+    teacher, blocks = inputs.teacher, inputs.train
     lrc = build_method(lrc_cfg, teacher, blocks)  # the first phase's method, at its final trainable state
     state = load_file(first / "checkpoint" / "trainable.safetensors")
     with torch.no_grad():
