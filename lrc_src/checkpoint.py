@@ -121,7 +121,7 @@ def save_checkpoint(
     path: Path, method, optimizer, scheduler, step: int, processes: int = 1, inputs: dict | None = None
 ) -> None:
     """Replace path/ with the state after `step` optimizer steps of a run of `processes` data-parallel
-    processes, trained on `inputs` (`assets.Inputs.identity`, checked by `check_inputs`); a crash at
+    processes, trained on `inputs` (`assets.Inputs.identity`, compared by `changed_inputs`); a crash at
     any point leaves the previous checkpoint (or the new one) complete, see `find_checkpoint`."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -162,20 +162,19 @@ INPUT_CHANGES = {
     "name, or a relative path read from another folder)",
     "data": "the training data tokenised now is not what it was trained on (an edited corpus, or a "
     "relative glob read from another folder)",
+    "start": "the student it started from (baseline.init_from) holds other weights now (that run was trained again?)",
 }
 
 
-def check_inputs(path: Path, state: dict, identity: dict, what: tuple[str, ...]) -> None:
-    """ValueError if the inputs named in `what` ("teacher", "data") differ from those recorded in the
-    checkpoint's state: a run continues, and a clone is exported, only with what it was trained on.
-    A checkpoint that records none is taken as it is."""
+def changed_inputs(state: dict, identity: dict, what: tuple[str, ...]) -> str | None:
+    """How the inputs named in `what` ("teacher", "data", "start") differ from those a checkpoint's
+    state records (the first that does, described), or None: a run continues, and a clone is
+    exported, only with what it was trained on. An input the checkpoint does not record passes."""
     recorded = state.get("inputs") or {}
     for key in what:
         if key in recorded and recorded[key] != identity.get(key):
-            raise ValueError(
-                f"{path}: {INPUT_CHANGES[key]}; give the run the inputs it was trained with, or train "
-                "again in another folder"
-            )
+            return INPUT_CHANGES[key]
+    return None
 
 
 def drop_optimizer_state(path: Path) -> None:

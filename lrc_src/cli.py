@@ -279,6 +279,11 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _one_line(error: Exception) -> str:
+    """An error's message on one line (a library's own messages may span several)."""
+    return " ".join(str(error).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -286,10 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"lrc: error: {e}", file=sys.stderr)
+        print(f"lrc: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. no permission, a full disk: one line, not a traceback
-        print(f"lrc: error: {e}", file=sys.stderr)
+        print(f"lrc: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("lrc: interrupted (re-run the same command to resume)", file=sys.stderr)

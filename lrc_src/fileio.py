@@ -100,17 +100,18 @@ def locked(lock: Path, busy: str | None = None) -> Iterator[None]:
     block; the file names the holder's pid and is removed when the block ends. When another process
     holds it: wait, saying so on stderr, or, given ``busy``, raise ValueError(busy) at once."""
     while True:
-        lock.parent.mkdir(parents=True, exist_ok=True)
         try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
             handle = open(lock, "a+")
-        except FileNotFoundError:  # its folder was removed by the holder that just finished: again
+        except (FileNotFoundError, FileExistsError):  # its folder was being removed by a holder: again
+            if lock.parent.is_file():
+                raise
             continue
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if busy is not None:
-                handle.seek(0)
-                holder = handle.read().strip()
+                holder = _holder_of(handle)
                 handle.close()
                 raise ValueError(f"{busy} (process {holder or 'starting'} holds {lock})") from None
             print(f"waiting for another process holding {lock} ...", file=sys.stderr, flush=True)
@@ -127,7 +128,30 @@ def locked(lock: Path, busy: str | None = None) -> Iterator[None]:
         try:
             yield
         finally:
-            lock.unlink(missing_ok=True)  # while held, so no one can lock it and then lose it
+            # While held, and only if the path is still this file: a holder that removed the folder
+            # (a finished build) may see a newcomer's lock file there, which is not its own.
+            if _same_file(handle, lock):
+                lock.unlink(missing_ok=True)
+
+
+def lock_holder(lock: Path) -> str | None:
+    """Who holds the lock on the file ``lock`` (its pid, or "starting"), or None when no one does;
+    reads only, so a command can refuse before it loads anything."""
+    try:
+        handle = open(lock)
+    except FileNotFoundError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: two lookers never block each other
+        except BlockingIOError:
+            return _holder_of(handle) or "starting"
+        return None
+
+
+def _holder_of(handle) -> str:
+    handle.seek(0)
+    return handle.read().strip()
 
 
 def _same_file(handle, path: Path) -> bool:

@@ -227,8 +227,9 @@ def load_teacher(name: str, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
-# What a saved tokenizer leaves in its folder: one of these, whatever its kind.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+# What a saved tokenizer leaves in its folder: one of these, whatever its kind (fast, SentencePiece,
+# byte-level BPE, WordPiece); tokenizer_config.json alone holds no vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def load_tokenizer(folder: str | Path, name: str = "teacher"):

@@ -34,7 +34,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +50,7 @@ from lrc_src.analysis import heldout_loss
 from lrc_src.assets import load_inputs, load_models
 from lrc_src.card import write_model_card
 from lrc_src.checkpoint import (
-    check_inputs,
+    changed_inputs,
     discard_stale_copies,
     drop_optimizer_state,
     find_checkpoint,
@@ -60,7 +60,7 @@ from lrc_src.checkpoint import (
 )
 from lrc_src.config import ExperimentConfig, dump_config, load_config, same_experiment
 from lrc_src.factory import build_method, lr_lambda, make_optimizer
-from lrc_src.fileio import atomic_write_text, check_output_folder, locked
+from lrc_src.fileio import atomic_write_text, check_output_folder, lock_holder, locked
 from lrc_src.runtime import keep_freed_memory, resolve_compile, resolve_mixed_precision, set_threads
 from lrc_src.step import DDP_TYPES, NonFiniteLossError, accumulation_window, train_step
 from lrc_src.teachers import fingerprint
@@ -167,8 +167,9 @@ def _run_of(out: Path, cfg: ExperimentConfig, restart_on_config_change: bool) ->
     check_output_folder(out, "--output-dir")
     if not (out / "config.yaml").is_file():
         # A run writes config.yaml first (after its lock), so other files here are someone else's,
-        # which the run's student/, metrics.csv or run.json could replace.
-        others = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
+        # which the run's student/, metrics.csv or run.json could replace (hidden ones, like the
+        # lock or a .gitkeep, it never writes).
+        others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
         if others:
             raise ValueError(
                 f"--output-dir {str(out)!r} holds files but no run ({', '.join(others[:3])}"
@@ -275,8 +276,10 @@ def train(
     """Train cfg.method; resume if output_dir holds a checkpoint of the same config (one at the last
     step, without run.json, only writes the student and run.json again). Returns output_dir.
 
-    A folder holding a run of a different config is an error, unless restart_on_config_change:
-    then that run is deleted and training starts again (the workflow's choice: it owns its folders).
+    A folder holding a run of a different config, or a checkpoint of other inputs (teacher, data,
+    start: `assets.Inputs`), is an error, unless restart_on_config_change: then that run is deleted
+    and training starts again (the workflow's choice: it owns its folders). So is a folder that
+    another process is training, always.
     keep_memory: on the CPU, `keep_freed_memory()` (faster steps; resident memory stays at its peak).
     compile_layers: torch.compile the method's decoder layers (`compile_layers()` of the method:
         regional compilation, one graph for all layers; with CUDA the fused head's per-chunk work
@@ -287,10 +290,21 @@ def train(
     held = _run_of(out, cfg, restart_on_config_change)
     if held == "same" and _is_complete(out):
         return out
+    holder = lock_holder(out / LOCK) if os.environ.get("RANK", "0") == "0" else None
+    if holder is not None:  # refused before setup loads a teacher into memory that run may need
+        raise ValueError(f"{_busy(out)} (process {holder} holds {out / LOCK})")
     set_threads(threads)
     run = _setup(cfg, out, keep_memory, compile_layers, progress)
     with _hold_run_folder(run, out):
-        if held == "other":  # with --restart-on-config-change (else `_run_of` refused it)
+        # Again, now that no one else writes here: another trainer may have done so during setup.
+        held = _run_of(out, cfg, restart_on_config_change)
+        if held == "same" and _is_complete(out):
+            return out
+        changed = _changed_inputs(run, out) if held == "same" else None
+        if changed and not restart_on_config_change:
+            raise ValueError(f"{changed}: give the run the inputs it was trained with, or train it again")
+        run.accelerator.wait_for_everyone()  # every process has read the folder before it changes
+        if held == "other" or changed:  # with --restart-on-config-change: trained again, from the start
             if run.accelerator.is_main_process:
                 _clear_run(out)
             run.accelerator.wait_for_everyone()
@@ -300,15 +314,32 @@ def train(
     return out
 
 
-def _hold_run_folder(run: _Session, out: Path) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _hold_run_folder(run: _Session, out: Path) -> Iterator[None]:
     """The main process holds out/.train.lock while the run writes its folder (removed at the end,
     released by the system if the process is killed): a second trainer of the same folder, e.g. a
     second command or the workers of a launcher killed alone, is refused instead of writing
     checkpoints and metrics between this run's."""
-    if not run.accelerator.is_main_process:
-        return contextlib.nullcontext()
-    busy = f"{out} is being trained by another process: let it finish, or stop it, before training this folder"
-    return locked(out / LOCK, busy=busy)
+    main = run.accelerator.is_main_process
+    with locked(out / LOCK, busy=_busy(out)) if main else contextlib.nullcontext():
+        run.accelerator.wait_for_everyone()  # the other processes go on once the folder is held
+        yield
+
+
+def _busy(out: Path) -> str:
+    return f"{out} is being trained by another process: let it finish, or stop it, before training this folder"
+
+
+def _changed_inputs(run: _Session, out: Path) -> str | None:
+    """How the teacher, data or start of this session differ from those of the folder's checkpoint,
+    or None; a finished run's data no longer matters (it is finalised again, not trained)."""
+    found = find_checkpoint(out)
+    if found is None:
+        return None
+    state = read_state(found)
+    finished = state.get("step") == run.total_steps
+    why = changed_inputs(state, run.identity, ("teacher", "start") if finished else ("teacher", "start", "data"))
+    return f"{found}: {why}" if why else None
 
 
 def _setup(
@@ -326,7 +357,10 @@ def _setup(
     skip = tc.skip_tokens // cfg.micro_tokens()  # whole micro-batches (checked by the config)
     batches = Batches(inputs.train, tc.batch_size, tc.seed, inputs.labels, skip=skip)
     identity = inputs.identity()  # before the teacher moves: the same on every device
-    method = build_method(cfg, inputs.teacher, inputs.train).to(accelerator.device)
+    method = build_method(cfg, inputs.teacher, inputs.train)
+    if cfg.baseline.init_from is not None:  # the student it starts from, before a checkpoint replaces it
+        identity["start"] = fingerprint(method.student)
+    method = method.to(accelerator.device)
     tokens_per_step = cfg.step_tokens(accelerator.num_processes)
     total_steps = math.ceil(tc.max_tokens / tokens_per_step) if tc.max_tokens else tc.max_steps
     if compile_layers is None:
@@ -378,7 +412,6 @@ def _resume(run: _Session, cfg: ExperimentConfig, out: Path) -> int:
                 f"{found} was saved by a run of {saved_by} process(es) and this launch has {processes}: "
                 f"resume it with {saved_by}, or delete {out} to start over"
             )
-        check_inputs(found, state, run.identity, what=("teacher",) if finished else ("teacher", "data"))
         resume = () if finished else (run.optimizer, run.scheduler)
         start = load_checkpoint(found, run.unwrapped, *resume)
         if finished and run.accelerator.is_main_process:
@@ -405,9 +438,12 @@ def _loop(run: _Session, cfg: ExperimentConfig, out: Path, start: int, progress:
     show = progress and accelerator.is_main_process
     budget, available = run.total_steps * run.tokens_per_step, run.batches.blocks.size
     if budget > available and accelerator.is_main_process and start == 0:
+        more = "a larger corpus or data.max_train_tokens"
+        if cfg.method == "sft":
+            more = "more conversations in sft.chat_data"
         print(
             f"lrc: note: the run's {budget:,} tokens pass {budget / available:.1f} times over the "
-            f"{available:,} tokens of its training blocks (a larger corpus or data.max_train_tokens gives more)",
+            f"{available:,} tokens of its training blocks ({more} gives more)",
             file=sys.stderr,
         )
     bar = tqdm(total=run.total_steps, initial=start, desc=cfg.method, unit="step", disable=not show, dynamic_ncols=True)
@@ -523,7 +559,9 @@ def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, object]:
         raise FileNotFoundError(f"{str(run)!r} holds no checkpoint/")
     cfg = load_config(run / "config.yaml")
     teacher, tokenizer = load_models(cfg)  # no data: the checkpoint holds every trainable tensor
-    check_inputs(found, read_state(found), {"teacher": fingerprint(teacher)}, what=("teacher",))
+    why = changed_inputs(read_state(found), {"teacher": fingerprint(teacher)}, ("teacher",))
+    if why:
+        raise ValueError(f"{found}: {why}: give it the teacher it was trained with")
     method = build_method(cfg, teacher, None)
     load_checkpoint(found, method)
     return method, tokenizer

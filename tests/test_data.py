@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import threading
 import time
 
@@ -147,6 +148,32 @@ def test_a_lock_is_exclusive_across_its_removal(tmp_path):
         assert not inside.is_set()
     assert inside.wait(30)
     try:
+        with pytest.raises(ValueError, match="in use"):
+            with locked(lock, busy="in use"):
+                pass
+    finally:
+        release.set()
+        thread.join(30)
+    assert not lock.exists()
+
+
+def test_a_holder_that_removed_its_lock_leaves_a_newcomers_alone(tmp_path):
+    """A holder that removes the lock's folder (a finished build) and a newcomer that then locks a
+    new file there: the holder, leaving, must not remove the newcomer's lock."""
+    lock, inside, release = tmp_path / "shards" / ".lock", threading.Event(), threading.Event()
+
+    def newcomer():
+        with locked(lock):
+            inside.set()
+            release.wait(30)
+
+    with locked(lock):
+        shutil.rmtree(lock.parent)
+        thread = threading.Thread(target=newcomer)
+        thread.start()
+        assert inside.wait(30)
+    try:
+        assert lock.read_text() == f"{os.getpid()}\n"  # the newcomer's (a thread: the same pid)
         with pytest.raises(ValueError, match="in use"):
             with locked(lock, busy="in use"):
                 pass

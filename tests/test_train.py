@@ -507,8 +507,9 @@ def test_inputs_that_would_mislead_are_refused_before_anything_is_written(tmp_pa
 
     no_tokenizer = tmp_path / "no-tokenizer"
     shutil.copytree(teacher_folder("random-llama-micro"), no_tokenizer)
-    for name in (*TOKENIZER_FILES, "special_tokens_map.json"):
+    for name in TOKENIZER_FILES:  # tokenizer_config.json stays: it holds no vocabulary
         (no_tokenizer / name).unlink(missing_ok=True)
+    assert (no_tokenizer / "tokenizer_config.json").is_file()
     assert "has no tokenizer" in _bad(tmp_path, capsys, "--set", f"teacher={no_tokenizer}")
 
     short = tmp_path / "short"
@@ -960,14 +961,59 @@ def test_a_run_continues_only_with_the_teacher_and_data_it_was_trained_on(tmp_pa
     assert "the teacher loaded now is not the one it was trained with" in capsys.readouterr().err
     with pytest.raises(ValueError, match="the teacher loaded now"):
         load_run(run)
+    # the workflow's choice: a run of other inputs is trained again from the start, like one of another config
+    assert main(["train", *args, "--output-dir", str(run), "--restart-on-config-change"]) == 0
+    assert [r["step"] for r in read_metrics(run)] == ["1", "2", "3"]
+    assert json.loads(state_file.read_text())["inputs"]["teacher"] != state["inputs"]["teacher"]
 
-    shutil.copytree(teacher_folder("random-llama-micro"), teacher, dirs_exist_ok=True)
     shutil.rmtree(text)  # the data is gone: export needs only the teacher and the checkpoint
     for method, (folder, _) in runs.items():
+        if method == "prune_kd":  # trained with the first teacher
+            shutil.copytree(teacher_folder("random-llama-micro"), teacher, dirs_exist_ok=True)
         assert main(["export", "--run", str(folder), "--output", str(tmp_path / f"{method}-export")]) == 0
         got = load_file(tmp_path / f"{method}-export" / "model.safetensors")
         want = load_file(folder / "student" / "model.safetensors")
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), method
+
+
+def test_a_hand_off_is_trained_again_when_the_run_it_starts_from_was(tmp_path, capsys):
+    """A run started from another run's student (baseline.init_from) records that start: once the
+    first run is trained again, the hand-off's checkpoint is refused, or trained again from the new
+    start under --restart-on-config-change (the workflow), not finalised as it was."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    base = ["--config", str(CI), "--set", "train.max_steps=2", "--no-progress"]
+    handoff = [*base, "--set", "method=prune_kd", "--set", f"baseline.init_from={first / 'student'}"]
+    assert main(["train", *base, "--output-dir", str(first)]) == 0
+    assert main(["train", *handoff, "--output-dir", str(second)]) == 0
+    before = load_file(second / "student" / "model.safetensors")
+    again = [*base, "--set", "lrc.alpha=0.5", "--restart-on-config-change"]
+    assert main(["train", *again, "--output-dir", str(first)]) == 0
+    (second / "run.json").unlink()  # what snakemake does to a job whose input changed
+    capsys.readouterr()
+    assert main(["train", *handoff, "--output-dir", str(second)]) == 2
+    assert "the student it started from (baseline.init_from) holds other weights now" in capsys.readouterr().err
+    assert main(["train", *handoff, "--output-dir", str(second), "--restart-on-config-change"]) == 0
+    after = load_file(second / "student" / "model.safetensors")
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_trainer_that_finds_the_folder_written_during_its_setup_checks_it_again(tmp_path, monkeypatch):
+    """Two commands into one new folder: the one whose setup ends second finds the other's run there
+    once it holds the folder, and refuses a run of another config instead of finalising it as its own."""
+    import lrc_src.train as trainer
+
+    out, setup = tmp_path / "run", trainer._setup
+
+    def slow_setup(*args, **kwargs):  # the other command runs to the end meanwhile
+        session = setup(*args, **kwargs)
+        monkeypatch.setattr(trainer, "_setup", setup)
+        train(ci_cfg("train.max_steps=2", "lrc.alpha=0.5"), out, progress=False)
+        return session
+
+    monkeypatch.setattr(trainer, "_setup", slow_setup)
+    with pytest.raises(ValueError, match="holds a run of a different config"):
+        train(ci_cfg("train.max_steps=2"), out, progress=False)
+    assert "alpha: 0.5" in (out / "config.yaml").read_text()
 
 
 def test_handoff_starts_from_the_exported_lrc_student_exactly(tmp_path):
