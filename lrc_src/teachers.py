@@ -248,8 +248,9 @@ def load_tokenizer(folder: str | Path, name: str = "teacher"):
 @torch.no_grad()
 def fingerprint(model, samples: int = 4096) -> str:
     """A digest of a model's weights from at most ``samples`` evenly spaced values of each parameter
-    (with names, shapes and dtypes): cheap for a 7B teacher, and it tells two models apart, two random
-    initialisations of one config included. A checkpoint records its teacher's, so that a run
+    (with names, shapes and dtypes): cheap for a 7B teacher. It tells apart models whose weights
+    differ broadly (another checkpoint or fine-tune, two random initialisations of one config), not
+    an edit of a few values between the samples. A checkpoint records its teacher's, so that a run
     continues only with the teacher it was trained with."""
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
