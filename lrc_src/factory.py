@@ -48,8 +48,8 @@ def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray | None
         clone = LowRankClone(teacher, cfg.lrc)
         if train_blocks is not None:
             clone.check_length(train_blocks.shape[1])  # here, before the trainer writes the run folder
-        if cfg.lrc.init != "normal" and train_blocks is not None:
-            clone.init_from_teacher(calibration())
+            if cfg.lrc.init != "normal":
+                clone.init_from_teacher(calibration())
         return LRCMethod(clone)
     if cfg.method == "scratch":
         return StudentKD(student_like(teacher, d_S, seed))

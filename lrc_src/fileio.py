@@ -111,9 +111,9 @@ def locked(lock: Path, busy: str | None = None) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if busy is not None:
-                holder = _holder_of(handle)
+                error = _held(busy, handle, lock)
                 handle.close()
-                raise ValueError(f"{busy} (process {holder or 'starting'} holds {lock})") from None
+                raise error from None
             print(f"waiting for another process holding {lock} ...", file=sys.stderr, flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
         # The holder before us removes the file as it leaves: a lock on that removed file excludes
@@ -134,24 +134,25 @@ def locked(lock: Path, busy: str | None = None) -> Iterator[None]:
                 lock.unlink(missing_ok=True)
 
 
-def lock_holder(lock: Path) -> str | None:
-    """Who holds the lock on the file ``lock`` (its pid, or "starting"), or None when no one does;
-    reads only, so a command can refuse before it loads anything."""
+def refuse_if_locked(lock: Path, busy: str) -> None:
+    """Raise ValueError(busy), as `locked` would, if another process holds the lock on the file
+    ``lock``; reads only, so a command can refuse before it loads anything."""
     try:
         handle = open(lock)
     except FileNotFoundError:
-        return None
+        return
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: two lookers never block each other
         except BlockingIOError:
-            return _holder_of(handle) or "starting"
-        return None
+            raise _held(busy, handle, lock) from None
 
 
-def _holder_of(handle) -> str:
+def _held(busy: str, handle, lock: Path) -> ValueError:
+    """The error for a lock another process holds, naming it (the pid it wrote, if yet)."""
     handle.seek(0)
-    return handle.read().strip()
+    holder = handle.read().strip() or "starting"
+    return ValueError(f"{busy} (process {holder} holds {lock})")
 
 
 def _same_file(handle, path: Path) -> bool:

@@ -60,7 +60,7 @@ from lrc_src.checkpoint import (
 )
 from lrc_src.config import ExperimentConfig, dump_config, load_config, same_experiment
 from lrc_src.factory import build_method, lr_lambda, make_optimizer
-from lrc_src.fileio import atomic_write_text, check_output_folder, lock_holder, locked
+from lrc_src.fileio import atomic_write_text, check_output_folder, locked, refuse_if_locked
 from lrc_src.runtime import keep_freed_memory, resolve_compile, resolve_mixed_precision, set_threads
 from lrc_src.step import DDP_TYPES, NonFiniteLossError, accumulation_window, train_step
 from lrc_src.teachers import fingerprint
@@ -290,9 +290,8 @@ def train(
     held = _run_of(out, cfg, restart_on_config_change)
     if held == "same" and _is_complete(out):
         return out
-    holder = lock_holder(out / LOCK) if os.environ.get("RANK", "0") == "0" else None
-    if holder is not None:  # refused before setup loads a teacher into memory that run may need
-        raise ValueError(f"{_busy(out)} (process {holder} holds {out / LOCK})")
+    if os.environ.get("RANK", "0") == "0":  # refused before setup loads a teacher into memory that run may need
+        refuse_if_locked(out / LOCK, _busy(out))
     set_threads(threads)
     run = _setup(cfg, out, keep_memory, compile_layers, progress)
     with _hold_run_folder(run, out):

@@ -125,32 +125,45 @@ def test_cached_folder_is_built_once_and_cleans_up_after_a_killed_build(tmp_path
     assert not [p for p in final.parent.iterdir() if p.name.startswith(".other.tmp-") or p.name == "other"]
 
 
-def test_a_lock_is_exclusive_across_its_removal(tmp_path):
-    """The holder removes the lock file as it leaves: a waiter that was blocked on that file holds
-    the file now at the path, so a third comer is still refused while the waiter works."""
-    lock, inside, release = tmp_path / "run" / ".lock", threading.Event(), threading.Event()
-    lock.parent.mkdir()
-    lock.write_text("12345\n")  # left by a killed holder: it locks nothing
+def _holder_thread(lock):
+    """A thread that takes ``lock`` (waiting if need be) and holds it until ``release`` is set:
+    (thread, inside: set once it holds it, release)."""
+    inside, release = threading.Event(), threading.Event()
 
-    def waiter():
+    def hold():
         with locked(lock):
             inside.set()
             release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    return thread, inside, release
+
+
+def _assert_refused(lock):
+    with pytest.raises(ValueError, match="in use"):
+        with locked(lock, busy="in use"):
+            pass
+
+
+def test_a_lock_is_exclusive_across_its_removal(tmp_path):
+    """The holder removes the lock file as it leaves: a waiter that was blocked on that file holds
+    the file now at the path, so a third comer is still refused while the waiter works."""
+    lock = tmp_path / "run" / ".lock"
+    lock.parent.mkdir()
+    lock.write_text("12345\n")  # left by a killed holder: it locks nothing
 
     with locked(lock, busy="in use"):
         assert lock.read_text() == f"{os.getpid()}\n"
         with pytest.raises(ValueError, match=f"in use \\(process {os.getpid()} holds"):
             with locked(lock, busy="in use"):
                 pass
-        thread = threading.Thread(target=waiter)
-        thread.start()
+        thread, inside, release = _holder_thread(lock)
         time.sleep(0.3)  # the waiter opens the file and blocks on it
         assert not inside.is_set()
     assert inside.wait(30)
     try:
-        with pytest.raises(ValueError, match="in use"):
-            with locked(lock, busy="in use"):
-                pass
+        _assert_refused(lock)
     finally:
         release.set()
         thread.join(30)
@@ -160,23 +173,14 @@ def test_a_lock_is_exclusive_across_its_removal(tmp_path):
 def test_a_holder_that_removed_its_lock_leaves_a_newcomers_alone(tmp_path):
     """A holder that removes the lock's folder (a finished build) and a newcomer that then locks a
     new file there: the holder, leaving, must not remove the newcomer's lock."""
-    lock, inside, release = tmp_path / "shards" / ".lock", threading.Event(), threading.Event()
-
-    def newcomer():
-        with locked(lock):
-            inside.set()
-            release.wait(30)
-
+    lock = tmp_path / "shards" / ".lock"
     with locked(lock):
         shutil.rmtree(lock.parent)
-        thread = threading.Thread(target=newcomer)
-        thread.start()
+        thread, inside, release = _holder_thread(lock)
         assert inside.wait(30)
     try:
         assert lock.read_text() == f"{os.getpid()}\n"  # the newcomer's (a thread: the same pid)
-        with pytest.raises(ValueError, match="in use"):
-            with locked(lock, busy="in use"):
-                pass
+        _assert_refused(lock)
     finally:
         release.set()
         thread.join(30)
