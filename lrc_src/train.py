@@ -17,7 +17,8 @@ Run folder:
     student/           the final student as a plain HF folder with tokenizer, and its model card
                        README.md (lrc_src.card; `lrc eval` adds its scores)
     trackers/          TensorBoard / Trackio / W&B files when train.log_with names trackers
-    run.json           written last: {"status": "complete", ...}; its absence means incomplete
+    run.json           written last: {"status": "complete", ..., the sha256 of the trainable state
+                       and of metrics.csv}; its absence means incomplete
 
 Re-running the same command on the same folder resumes from checkpoint/ (metrics rows after the
 checkpoint are dropped and recomputed), so a killed run continues exactly as if uninterrupted.
@@ -50,6 +51,7 @@ from lrc_src.analysis import heldout_loss
 from lrc_src.assets import load_inputs, load_models
 from lrc_src.card import write_model_card
 from lrc_src.checkpoint import (
+    TRAINABLE,
     changed_inputs,
     discard_stale_copies,
     drop_optimizer_state,
@@ -60,7 +62,7 @@ from lrc_src.checkpoint import (
 )
 from lrc_src.config import ExperimentConfig, dump_config, load_config, same_experiment
 from lrc_src.factory import build_method, lr_lambda, make_optimizer
-from lrc_src.fileio import atomic_write_text, check_output_folder, locked, refuse_if_locked
+from lrc_src.fileio import atomic_write_text, check_output_folder, locked, refuse_if_locked, sha256_file
 from lrc_src.runtime import keep_freed_memory, resolve_compile, resolve_mixed_precision, set_threads
 from lrc_src.step import DDP_TYPES, NonFiniteLossError, accumulation_window, train_step
 from lrc_src.teachers import fingerprint
@@ -419,6 +421,8 @@ def _resume(run: _Session, cfg: ExperimentConfig, out: Path) -> int:
                 "checkpoint (delete the folder to train it again)",
                 file=sys.stderr,
             )
+        elif run.accelerator.is_main_process:  # the log of a resumed job says where it went on
+            print(f"{out}: resuming from the checkpoint of step {start} of {run.total_steps}", file=sys.stderr)
     if run.accelerator.is_main_process:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
     return start
@@ -524,6 +528,11 @@ def _finish(run: _Session, cfg: ExperimentConfig, out: Path) -> None:
             "num_processes": accelerator.num_processes,
             "accumulation_window": run.window is not None,  # student weights generated once per optimizer step
             "compiled_layers": run.compiled,  # in the session that finished it (resumes may differ)
+            # What the run learned and logged: a run trained again to another result gets another
+            # record, so the workflow rebuilds what reads it (snakemake skips a job whose newer
+            # input has the same content); finishing it again from its checkpoint keeps the record.
+            "trainable_sha256": read_state(ckpt)["files"][TRAINABLE]["sha256"],
+            "metrics_sha256": sha256_file(out / "metrics.csv"),
         }
         write_model_card(out, info)
         atomic_write_text(out / "run.json", json.dumps(info, indent=2))

@@ -380,14 +380,15 @@ def test_save_cut_off_anywhere_keeps_a_complete_checkpoint(tmp_path, monkeypatch
     assert ("checkpoint.old", 2) in outcomes and ("checkpoint", 2) in outcomes and ("checkpoint", 3) in outcomes
 
 
-def test_run_stopped_by_a_failed_save_resumes_exactly(interrupted, reference, tmp_path):
-    """The run whose step-4 save hit a full disk: re-running the command resumes from step 2 and
-    ends with the uninterrupted run's metrics and student."""
+def test_run_stopped_by_a_failed_save_resumes_exactly(interrupted, reference, tmp_path, capsys):
+    """The run whose step-4 save hit a full disk: re-running the command resumes from step 2 (and
+    says so) and ends with the uninterrupted run's metrics and student."""
     run = tmp_path / "run"
     shutil.copytree(interrupted, run)
     rows_before = read_metrics(run)
     assert [r["step"] for r in rows_before] == ["1", "2", "3", "4"]
     assert main(["train", *ARGS, "--output-dir", str(run)]) == 0
+    assert f"{run}: resuming from the checkpoint of step 2 of " in capsys.readouterr().err
     assert read_metrics(run)[:2] == rows_before[:2]  # kept, timings too: it resumed at step 2
     assert_same_numbers(reference, run)
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["state.json", "trainable.safetensors"]

@@ -359,6 +359,23 @@ def test_rerun_of_complete_run_is_a_no_op(tmp_path):
     assert len(read_metrics(run)) == 3 and "max_steps: 3" in (run / "config.yaml").read_text()
 
 
+def test_a_run_trained_again_to_another_result_gets_another_record(tmp_path):
+    """run.json is all the workflow's rules read of a run, and snakemake skips a job whose newer
+    input has the same bytes: a run trained again to another result must get another record."""
+    from lrc_src.fileio import sha256_file
+
+    run = train(ci_cfg("train.max_steps=2"), tmp_path / "r", progress=False)
+    first = json.loads((run / "run.json").read_text())
+    assert first["trainable_sha256"] == sha256_file(run / "checkpoint" / "trainable.safetensors")
+    assert first["metrics_sha256"] == sha256_file(run / "metrics.csv")
+    train(ci_cfg("train.max_steps=2", "lrc.alpha=0.5"), run, progress=False, restart_on_config_change=True)
+    second = json.loads((run / "run.json").read_text())
+    assert second["trainable_sha256"] != first["trainable_sha256"]
+    assert second["metrics_sha256"] != first["metrics_sha256"]
+    same = [k for k in first if not k.endswith("_sha256")]
+    assert {k: first[k] for k in same} == {k: second[k] for k in same}  # only the digests tell them apart
+
+
 @pytest.mark.parametrize("keep", [False, True])
 def test_finished_run_without_its_record_is_finalised_again_not_retrained(keep, tmp_path, capsys):
     """snakemake --forceall deletes run.json before the rule runs again: the finished checkpoint

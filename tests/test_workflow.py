@@ -1,6 +1,7 @@
 """The replication DAG: the ci profile end to end, dry runs of tiny and paper, profile validation,
 notebook hygiene, environment.yml agreeing with pyproject.toml."""
 
+import ast
 import json
 import os
 import re
@@ -230,6 +231,10 @@ def test_unknown_profile_is_a_clear_error():
     r = snakemake("-n", "--cores", "1", "--config", "profile=huge")
     assert r.returncode != 0
     assert "unknown profile 'huge'" in r.stderr + r.stdout
+    # a misspelt --config key would otherwise be ignored, and the default profile planned
+    r = snakemake("-n", "--cores", "1", "--config", "profle=ci")
+    assert r.returncode != 0
+    assert "unknown --config key(s) ['profle']; known: ['profile', 'sweep_max_tokens']" in r.stderr + r.stdout
 
 
 @pytest.mark.parametrize(
@@ -287,6 +292,20 @@ def test_unknown_profile_is_a_clear_error():
             lambda P: P["samples"].update(heldout_prompts=0, instructions=0),
             "samples needs heldout_prompts or instructions above 0",
         ),
+        (  # one line naming the file and the key, not snakemake's message with the whole schema
+            lambda P: P.update(descripton="x"),
+            "config/workflow/_test_bad.yaml: (top level): Additional properties are not allowed "
+            "('descripton' was unexpected)\n",
+        ),
+        (lambda P: P["eval"].update(limt=4), "config/workflow/_test_bad.yaml: eval: Additional properties"),
+        (  # a run's own key, found when the DAG is built, not when its training job starts
+            lambda P: P["runs"]["lrc_alpha_1"].update({"lrc.alpah": 1.0}),
+            "profile _test_bad: run lrc_alpha_1: unknown config key(s) ['lrc.alpah'] in lrc",
+        ),
+        (  # the same in a run the budget sweep trains again at other budgets
+            lambda P: P["runs"]["prune_kd"].update({"train.sed": 1}),
+            "profile _test_bad: run prune_kd: unknown config key(s) ['train.sed'] in train",
+        ),
     ],
 )
 def test_bad_profile_is_a_clear_error(change, message):
@@ -327,11 +346,27 @@ def _strings(value):
             yield from _strings(v)
 
 
+def _imported_modules(notebook):
+    """lrc_src/<module>.py of each lrc_src module a notebook's code cells import."""
+    found = set()
+    for cell in json.loads(notebook.read_text())["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        for node in ast.walk(ast.parse("".join(cell["source"]))):
+            if isinstance(node, ast.ImportFrom) and node.module == "lrc_src":
+                found |= {f"lrc_src/{a.name}.py" for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lrc_src."):
+                found.add(f"lrc_src/{node.module.split('.')[1]}.py")
+    assert found, notebook  # every notebook computes with lrc_src
+    return found
+
+
 @pytest.mark.parametrize("profile", ["ci", "tiny"])
 def test_every_file_a_rule_reads_is_declared(profile):
-    """Each papermill rule declares the notebook it executes and every file its parameters name
-    (the paper's numbers, eval CSVs, the tiny suite, other tables, finished runs); lrc eval reads
-    the tiny suite from a declared folder that rule tiny_suite builds, never as a side effect."""
+    """Each papermill rule declares the notebook it executes, the lrc_src modules it imports, and
+    every file its parameters name (the paper's numbers, eval CSVs, the tiny suite, other tables,
+    finished runs); lrc eval reads the tiny suite from a declared folder that rule tiny_suite
+    builds, never as a side effect."""
     r = snakemake(
         "-n",
         "-p",
@@ -365,6 +400,7 @@ def test_every_file_a_rule_reads_is_declared(profile):
         notebooks += 1
         notebook = re.search(r"(notebooks/\w+\.ipynb) results/", cmd).group(1)
         assert notebook in inputs, (rule, notebook)
+        assert _imported_modules(ROOT / notebook) <= inputs, (rule, notebook, inputs)
         params = json.loads(re.search(r"-y '(.*)' >", cmd).group(1))
         for key, value in params.items():
             if key.startswith("output") or key == "assets":
@@ -533,6 +569,22 @@ def test_ci_dag_end_to_end():
     assert forced.returncode == 0, (forced.stdout[-2000:], forced.stderr[-4000:])
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
     assert (run / "metrics.csv").read_bytes() == metrics and (run / "student/model.safetensors").read_bytes() == student
+    again = snakemake("-n", "--cores", "2", "--config", "profile=ci")
+    assert "Nothing to be done" in again.stdout + again.stderr  # the same record: nothing reads it again
+    # a run trained again to another result (another record) is read again by what reads it
+    record = ROOT / "results/ci/runs/kd/run.json"
+    kept = record.read_bytes()
+    try:
+        info = json.loads(kept)
+        record.write_text(json.dumps({**info, "trainable_sha256": "0" * 64}, indent=2))
+        planned = {
+            rule for rule, _, _ in _planned_jobs(snakemake("-n", "-p", "--cores", "2", "--config", "profile=ci").stdout)
+        }
+        assert {"evaluate", "table1_main", "claims"} <= planned and "train" not in planned, planned
+    finally:
+        record.write_bytes(kept)
+    again = snakemake("-n", "--cores", "2", "--config", "profile=ci")
+    assert "Nothing to be done" in again.stdout + again.stderr
 
 
 def test_notebook_sources_are_output_free_and_parametrised():

@@ -27,6 +27,7 @@ def _sweep_params():
 rule budget_sweep:
     input:
         notebook="notebooks/budget_sweep.ipynb",
+        code=notebook_code("notebooks/budget_sweep.ipynb"),
         assets="results/{profile}/assets/assets.json",
         runs=[run_done(n) for n in SWEEP],
         evals=list(_sweep_evals().values()),
@@ -69,6 +70,7 @@ def _trend_params():
 rule budget_trend:
     input:
         notebook="notebooks/budget_trend.ipynb",
+        code=notebook_code("notebooks/budget_trend.ipynb"),
         assets="results/{profile}/assets/assets.json",
         sweep="results/{profile}/tables/budget_sweep.csv",
         runs=[run_done(n) for n in FRACTIONS],

@@ -11,13 +11,33 @@ from snakemake.utils import validate
 from lrc_src.config import load_config
 from lrc_src.report import PAPER_FILES  # the paper's numbers (reference/), read by the table notebooks
 
+# The keys `--config` takes (a misspelt one would be ignored, and the default profile run).
+CONFIG_KEYS = ("profile", "sweep_max_tokens")
+_unknown = sorted(set(config) - set(CONFIG_KEYS))
+if _unknown:
+    raise ValueError(f"unknown --config key(s) {_unknown}; known: {list(CONFIG_KEYS)}")
 PROFILE = str(config.get("profile", "tiny"))
 _profile_path = Path("config/workflow") / f"{PROFILE}.yaml"
 if not _profile_path.is_file():
     _known = sorted(p.stem for p in Path("config/workflow").glob("*.yaml") if p.stem not in ("default", "schema"))
     raise ValueError(f"unknown profile {PROFILE!r}: no {_profile_path}; known profiles: {_known}")
 P = yaml.safe_load(_profile_path.read_text())
-validate(P, "../../config/workflow/schema.yaml")
+
+
+def _schema_error(profile, path):
+    """The schema's most relevant complaint about a profile, as one line naming its file and key."""
+    import jsonschema
+
+    schema = yaml.safe_load(Path("config/workflow/schema.yaml").read_text())
+    error = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(schema)(schema).iter_errors(profile))
+    where = ".".join(str(k) for k in error.absolute_path) or "(top level)"
+    return f"{path}: {where}: {error.message}"
+
+
+try:
+    validate(P, "../../config/workflow/schema.yaml")  # also fills in the schema's defaults
+except Exception as e:  # snakemake's WorkflowError carries the whole schema; name the key instead
+    raise ValueError(_schema_error(P, _profile_path)) from None
 if P["name"] != PROFILE:
     raise ValueError(f"profile {PROFILE}: name is {P['name']!r}, not the file's stem {PROFILE!r}")
 RUNS = P["runs"]
@@ -54,8 +74,12 @@ def overrides(run):
 
 
 def resolved(run):
-    """The run's typed config (lrc_src.config), as `lrc train` will see it."""
-    return load_config(RUNS[run].get("config", P["train_config"]), overrides(run))
+    """The run's typed config (lrc_src.config), as `lrc train` will see it; a bad key or value is
+    an error naming the run."""
+    try:
+        return load_config(RUNS[run].get("config", P["train_config"]), overrides(run))
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"profile {PROFILE}: run {run}: {e}") from None
 
 
 def budget(cfg):
@@ -153,7 +177,21 @@ if _missing:
 _missing = [m for m in P["eval"]["models"] if m != "teacher" and m not in RUNS]
 if _missing:
     raise ValueError(f"profile {PROFILE}: eval.models uses undefined run(s) {_missing}")
+for _r in RUNS:  # every run's config as `lrc train` will read it: a misspelt key fails here, not in its job
+    resolved(_r)
 LAUNCHER = P.get("launcher", "lrc")
+
+
+def notebook_code(notebook):
+    """The lrc_src modules a notebook imports (`from lrc_src import a, b`, `from lrc_src.c import
+    ...`): inputs of its rule, so that a change to what computes a table makes it again. What
+    those modules import in turn, the training code among it, is not: after changing that, rerun
+    with --forcerun (e.g. `--forcerun train` retrains, from scratch, under the changed code)."""
+    source = "\n".join("".join(c["source"]) for c in json.loads(Path(notebook).read_text())["cells"])
+    names = set()
+    for dotted, imported in re.findall(r"^\s*from lrc_src(\.\w+)? import ([\w, ]+)", source, flags=re.M):
+        names |= {dotted[1:]} if dotted else {n.strip() for n in imported.split(",")}
+    return sorted(f"lrc_src/{n}.py" for n in names)
 
 
 def gpus(device):

@@ -1,8 +1,8 @@
 # One rule per paper item: a papermill-executed notebook writes the tidy CSV and figure; the
 # executed notebook is kept under results/<profile>/notebooks/. Which runs feed which item is in
 # the profile (config/workflow/<profile>.yaml, `tables:`). Each rule's inputs are everything its
-# notebook reads: the notebook itself, the run folders (run.json marks a finished run), the eval
-# CSVs, the paper's numbers (reference/) and other tables.
+# notebook reads: the notebook itself and the lrc_src modules it imports, the run folders
+# (run.json marks a finished run), the eval CSVs, the paper's numbers (reference/) and other tables.
 
 PAPERMILL = "papermill --cwd . --no-progress-bar --log-level WARNING"
 THROUGHPUT_CSV = f"{R}/tables/table8_throughput.csv"  # rule table8_throughput's output; Table 7's speeds
@@ -17,7 +17,8 @@ def _table_evals(name, teacher=True):
 
 def _table_inputs(name, notebook, paper=None, evals=False):
     """A table notebook's inputs; `paper`: which of the paper's CSVs it shows (PAPER_FILES key)."""
-    ins = {"notebook": notebook, "assets": f"{R}/assets/assets.json", "runs": [run_done(r) for r in table_runs(name)]}
+    ins = {"notebook": notebook, "code": notebook_code(notebook), "assets": f"{R}/assets/assets.json",
+           "runs": [run_done(r) for r in table_runs(name)]}
     if paper:
         ins["paper"] = PAPER_FILES[paper]
     if evals:
@@ -133,6 +134,7 @@ def _claims_tables():
 rule claims:
     input:
         notebook="notebooks/claims.ipynb",
+        code=notebook_code("notebooks/claims.ipynb"),
         tables=list(_claims_tables().values()),
     output:
         csv="results/{profile}/tables/claims.csv",
