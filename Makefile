@@ -1,10 +1,5 @@
-# Two commands on a fresh machine (see README):
-#   make test       - create .venv, install the package with test deps, run the tests + nbval
-#   make replicate  - create .venv, install, run the default (tiny) profile with snakemake
-#   make sweep      - the profile's budget sweep (not part of the tiny profile's hour)
-#   make test-fast  - the developer loop: unit tests only (no subprocess, workflow or notebook runs)
-#   make lint       - ruff (lint + format check) and output-free notebook sources
-#   make lab        - JupyterLab on notebooks/ in the same venv
+# Two commands on a fresh machine (see README): `make replicate` and `make test`; `make help`
+# (or a bare `make`) lists them all.
 PYTHON  ?= python3
 VENV    ?= .venv
 PY       = $(VENV)/bin/python
@@ -21,7 +16,25 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Python then caches the modules a run imports, on first import, which needs bytecode writing on.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: venv test test-fast lint lab replicate sweep
+.PHONY: help targets venv test test-fast lint lab replicate sweep
+
+help:
+	@echo "make replicate  create .venv, install, run a profile's workflow: PROFILE=tiny (default), ci, cpu-full;"
+	@echo "                CORES=all; results in results/<profile>/ (interrupted training resumes)"
+	@echo "make sweep      the profile's budget sweep (for tiny, outside make replicate)"
+	@echo "make targets    the tables, figures and evaluations of PROFILE, each with its status"
+	@echo "make test       create .venv, install, run every test, then nbval on the notebooks (what CI runs)"
+	@echo "make test-fast  the developer loop: unit tests only (no subprocess, workflow or notebook runs)"
+	@echo "make lint       ruff (lint + format check) and output-free notebook sources"
+	@echo "make lab        JupyterLab on notebooks/ in the same venv"
+	@echo "make venv       create .venv and install the package with its test and workflow extras"
+
+# What `make replicate` builds for PROFILE (tables, figures, evaluations), with snakemake's status of
+# each, and the command that rebuilds one.
+targets: venv
+	@$(SMK) --summary --cores 1 --config profile=$(PROFILE) 2>/dev/null \
+	  | awk -F '\t' '$$1 == "output_file" || $$1 ~ /\/(tables|figures|evals)\// { printf "%-60s %-28s %s\n", $$1, $$5, $$6 }'
+	@echo "rebuild one: $(VENV)/bin/snakemake <output_file> --cores $(CORES) --config profile=$(PROFILE)"
 
 venv: $(VENV)/.installed
 
@@ -71,7 +84,8 @@ lab: venv
 # what changed. prepare, tiny_suite and train write only uncommitted assets and run folders: they run
 # whenever their output is missing or out of date (training resumes from its checkpoint, the tiny
 # suite is deterministic and verified against its manifest when read), so an interrupted
-# `make replicate` goes on where it stopped.
+# `make replicate` goes on where it stopped: finished runs are kept, an unfinished one resumes from
+# its checkpoint, and every evaluation and table is made again (they take minutes, not hours).
 SMK        = HF_HUB_OFFLINE=$(if $(filter paper,$(PROFILE)),0,1) $(VENV)/bin/snakemake
 OUTPUT_RULES = $(filter-out all prepare tiny_suite train,$(shell $(VENV)/bin/snakemake --list-rules 2>/dev/null))
 done_here  = $(wildcard results/$(PROFILE)/$(1))
@@ -79,6 +93,7 @@ done_here  = $(wildcard results/$(PROFILE)/$(1))
 replicate: venv
 	$(SMK) --cores $(CORES) --config profile=$(PROFILE) $(if $(call done_here,.replicated),,--forcerun $(OUTPUT_RULES))
 	touch results/$(PROFILE)/.replicated
+	@echo "results: results/$(PROFILE)/ (tables/, figures/, notebooks/, evals/; logs/ per job); git diff results/ shows what changed"
 
 # The budget sweep (each method re-trained at several token budgets and seeds): for the tiny
 # profile it is outside `make replicate`'s hour; name its output to build it (and what it needs).

@@ -121,7 +121,9 @@ def int_at_least(minimum: int):
 
 def _add_config_arguments(parser: argparse.ArgumentParser, output_help: str) -> None:
     """--config, --set, --output-dir, --threads: shared by `train` and `prepare`."""
-    parser.add_argument("--config", required=True, help="YAML profile, e.g. config/tiny.yaml")
+    parser.add_argument(
+        "--config", required=True, help="training config (YAML), e.g. config/tiny.yaml (not a workflow profile)"
+    )
     parser.add_argument(
         "--set",
         action="append",
