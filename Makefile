@@ -32,7 +32,7 @@ help:
 # What `make replicate` builds for PROFILE (tables, figures, evaluations), with snakemake's status of
 # each, and the command that rebuilds one.
 targets: venv
-	@$(SMK) --summary --cores 1 --config profile=$(PROFILE) 2>/dev/null \
+	@$(SMK) --summary --cores 1 --config profile=$(PROFILE) \
 	  | awk -F '\t' '$$1 == "output_file" || $$1 ~ /\/(tables|figures|evals)\// { printf "%-60s %-28s %s\n", $$1, $$5, $$6 }'
 	@echo "rebuild one: $(VENV)/bin/snakemake <output_file> --cores $(CORES) --config profile=$(PROFILE)"
 

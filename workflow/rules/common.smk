@@ -185,8 +185,8 @@ LAUNCHER = P.get("launcher", "lrc")
 def notebook_code(notebook):
     """The lrc_src modules a notebook imports (`from lrc_src import a, b`, `from lrc_src.c import
     ...`): inputs of its rule, so that a change to what computes a table makes it again. What
-    those modules import in turn, the training code among it, is not: after changing that, rerun
-    with --forcerun (e.g. `--forcerun train` retrains, from scratch, under the changed code)."""
+    those modules import in turn, the training code among it, is not (config/README.md, "What
+    runs again", says how to retrain a run under changed code)."""
     source = "\n".join("".join(c["source"]) for c in json.loads(Path(notebook).read_text())["cells"])
     names = set()
     for dotted, imported in re.findall(r"^\s*from lrc_src(\.\w+)? import ([\w, ]+)", source, flags=re.M):
