@@ -20,7 +20,9 @@ unexport PYTHONDONTWRITEBYTECODE
 
 help:
 	@echo "make replicate  create .venv, install, run a profile's workflow: PROFILE=tiny (default), ci, cpu-full;"
-	@echo "                CORES=all; results in results/<profile>/ (interrupted training resumes)"
+	@echo "                CORES=all; results in results/<profile>/ (interrupted training resumes)."
+	@echo "                PROFILE=paper turns the hub on, but its GPU jobs need --resources gpu=<GPUs>:"
+	@echo "                run it with snakemake as config/workflow/paper.yaml's header shows"
 	@echo "make sweep      the profile's budget sweep (for tiny, outside make replicate)"
 	@echo "make targets    the tables, figures and evaluations of PROFILE, each with its status"
 	@echo "make test       create .venv, install, run every test, then nbval on the notebooks (what CI runs)"
@@ -76,7 +78,9 @@ lab: venv
 	$(PY) -m ipykernel install --user --name lrc --display-name "Python (lrc)"
 	cd notebooks && $(CURDIR)/$(VENV)/bin/jupyter lab $(LAB_ARGS)
 
-# The default profile runs offline; the paper profile needs the hub (run snakemake directly).
+# The CPU profiles run offline; PROFILE=paper turns the hub on, where its teachers and data are.
+# The paper profile is best run with snakemake directly, as config/workflow/paper.yaml's header
+# shows: its jobs hold GPUs (snakemake resource gpu), which only --resources gpu=<GPUs> shares out.
 # A checkout carries the committed results/<profile>/ tables and evals, which snakemake would keep
 # as they are (their run folders are not committed). So until `make replicate` has finished in
 # this checkout (marked by results/<profile>/.replicated, not committed), every rule that writes a

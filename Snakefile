@@ -15,9 +15,9 @@ configfile: "config/workflow/default.yaml"
 
 include: "workflow/rules/common.smk"  # profile loading and validation, shared helpers
 include: "workflow/rules/train.smk"  # prepare (teacher, corpus, held-out documents), train
-include: "workflow/rules/eval.smk"  # tiny_suite, evaluate, evaluate_extra_suite
+include: "workflow/rules/eval.smk"  # tiny_suite, evaluate, evaluate_extra_suite, samples
 include: "workflow/rules/tables.smk"  # Tables 1, 3, 7, 8, Figures 3, 6, 7, KL sweep, claims
-include: "workflow/rules/budget.smk"  # budget_sweep
+include: "workflow/rules/budget.smk"  # budget_sweep, budget_trend
 include: "workflow/rules/analysis.smk"  # Figure 4, Tables 4, 5, 21, 22
 
 

@@ -10,7 +10,7 @@ def _sweep_evals():
     if not SWEEP:
         return {}
     top = max(P["budget_sweep"]["tokens"])
-    every = P["budget_sweep"].get("eval_largest", False)
+    every = P["budget_sweep"]["eval_largest"]
     return {n: f"{R}/evals/{n}.csv" for n, r in SWEEP.items()
             if n in P["eval"]["models"] or (every and r["tokens"] == top)}
 
@@ -27,7 +27,7 @@ def _sweep_params():
 rule budget_sweep:
     input:
         notebook="notebooks/budget_sweep.ipynb",
-        code=notebook_code("notebooks/budget_sweep.ipynb"),
+        code=lrc_imports("notebooks/budget_sweep.ipynb"),
         assets="results/{profile}/assets/assets.json",
         runs=[run_done(n) for n in SWEEP],
         evals=list(_sweep_evals().values()),
@@ -58,7 +58,7 @@ def _trend_params():
     bt = P["budget_trend"]
     params = {"profile": PROFILE, "sweep_csv": f"{R}/tables/budget_sweep.csv", "compare": bt["compare"],
               "fractions": {n: {"dir": run_dir(n), **r} for n, r in FRACTIONS.items()},
-              "endpoint_evals": _endpoint_evals(), "n_boot": bt.get("bootstrap", 2000),
+              "endpoint_evals": _endpoint_evals(), "n_boot": bt["bootstrap"],
               "assets": f"{R}/assets/assets.json", "output_csv": f"{R}/tables/budget_trend.csv",
               "output_differences_csv": f"{R}/tables/budget_trend_differences.csv",
               "output_fractions_csv": f"{R}/tables/handoff_fraction.csv",
@@ -70,7 +70,7 @@ def _trend_params():
 rule budget_trend:
     input:
         notebook="notebooks/budget_trend.ipynb",
-        code=notebook_code("notebooks/budget_trend.ipynb"),
+        code=lrc_imports("notebooks/budget_trend.ipynb"),
         assets="results/{profile}/assets/assets.json",
         sweep="results/{profile}/tables/budget_sweep.csv",
         runs=[run_done(n) for n in FRACTIONS],

@@ -35,7 +35,9 @@ def _schema_error(profile, path):
 
 
 try:
-    validate(P, "../../config/workflow/schema.yaml")  # also fills in the schema's defaults
+    # set_default: fills in each key the schema gives a `default:`, so the rules read those keys
+    # directly (P["eval"]["batch_size"]) and the defaults live in one place
+    validate(P, "../../config/workflow/schema.yaml", set_default=True)
 except Exception as e:  # snakemake's WorkflowError carries the whole schema; name the key instead
     raise ValueError(_schema_error(P, _profile_path)) from None
 if P["name"] != PROFILE:
@@ -169,7 +171,7 @@ for _t, _spec in TABLES.items():
         raise ValueError(f"profile {PROFILE}: table {_t} gives x values, but none for run(s) {_missing}")
 if "table8_throughput" in TABLES and "benchmark" not in P:
     raise ValueError(f"profile {PROFILE}: table8_throughput needs the profile's benchmark section")
-if P.get("samples") and not P["samples"].get("heldout_prompts", 2) + P["samples"].get("instructions", 2):
+if P.get("samples") and not P["samples"]["heldout_prompts"] + P["samples"]["instructions"]:
     raise ValueError(f"profile {PROFILE}: samples needs heldout_prompts or instructions above 0")
 _missing = [m for m in P.get("samples", {}).get("models", []) if m != "teacher" and m not in RUNS]
 if _missing:
@@ -179,15 +181,17 @@ if _missing:
     raise ValueError(f"profile {PROFILE}: eval.models uses undefined run(s) {_missing}")
 for _r in RUNS:  # every run's config as `lrc train` will read it: a misspelt key fails here, not in its job
     resolved(_r)
-LAUNCHER = P.get("launcher", "lrc")
+LAUNCHER = P["launcher"]
 
 
-def notebook_code(notebook):
-    """The lrc_src modules a notebook imports (`from lrc_src import a, b`, `from lrc_src.c import
-    ...`): inputs of its rule, so that a change to what computes a table makes it again. What
-    those modules import in turn, the training code among it, is not (config/README.md, "What
-    runs again", says how to retrain a run under changed code)."""
-    source = "\n".join("".join(c["source"]) for c in json.loads(Path(notebook).read_text())["cells"])
+def lrc_imports(path):
+    """The lrc_src modules a notebook (.ipynb) or script (.py) imports (`from lrc_src import a, b`,
+    `from lrc_src.c import ...`, at any indent): inputs of its rule, so that a change to what
+    computes a table makes it again. What those modules import in turn, the training code among
+    it, is not (config/README.md, "What runs again", says how to retrain a run under changed code)."""
+    source = Path(path).read_text()
+    if path.endswith(".ipynb"):
+        source = "\n".join("".join(c["source"]) for c in json.loads(source)["cells"])
     names = set()
     for dotted, imported in re.findall(r"^\s*from lrc_src(\.\w+)? import ([\w, ]+)", source, flags=re.M):
         names |= {dotted[1:]} if dotted else {n.strip() for n in imported.split(",")}
@@ -273,10 +277,10 @@ def notebook_params(name, **extra):
 def all_outputs():
     outs = [f"{R}/tables/{t}.csv" for t in TABLES]
     outs += [f"{R}/evals/{m}.csv" for m in P["eval"]["models"]]
-    outs += [f"{R}/evals/{m}__{s}.csv" for m in P["eval"]["models"] for s in P["eval"].get("extra_suites", [])]
+    outs += [f"{R}/evals/{m}__{s}.csv" for m in P["eval"]["models"] for s in P["eval"]["extra_suites"]]
     if P.get("samples"):
         outs.append(f"{R}/tables/samples.csv")
-    if SWEEP and P["budget_sweep"].get("in_all", True):
+    if SWEEP and P["budget_sweep"]["in_all"]:
         outs.append(f"{R}/tables/budget_sweep.csv")
         if P.get("budget_trend"):
             outs.append(f"{R}/tables/budget_trend.csv")

@@ -35,13 +35,13 @@ rule evaluate:
         "results/{profile}/logs/eval_{model}.log",
     threads: P["threads_per_run"]
     resources:
-        gpu=gpus(P["eval"].get("device", "cpu")),
+        gpu=gpus(P["eval"]["device"]),
     params:
         model=lambda w: model_dir(w.model),
         suite=P["eval"]["suite"],
-        limit=("--limit %d" % P["eval"]["limit"]) if P["eval"].get("limit") is not None else "",
-        batch=P["eval"].get("batch_size", 8),
-        device=P["eval"].get("device", "cpu"),
+        limit=("--limit %d" % P["eval"]["limit"]) if P["eval"]["limit"] is not None else "",
+        batch=P["eval"]["batch_size"],
+        device=P["eval"]["device"],
         data=_data_dir_arg(P["eval"]["suite"]),
     shell:
         "OMP_NUM_THREADS={threads} lrc eval --model {params.model} --suite {params.suite} {params.limit} "
@@ -58,14 +58,14 @@ rule evaluate_extra_suite:
         "results/{profile}/logs/eval_{model}__{suite}.log",
     threads: P["threads_per_run"]
     resources:
-        gpu=gpus(P["eval"].get("device", "cpu")),
+        gpu=gpus(P["eval"]["device"]),
     params:
         model=lambda w: model_dir(w.model),
-        batch=P["eval"].get("batch_size", 8),
-        device=P["eval"].get("device", "cpu"),
+        batch=P["eval"]["batch_size"],
+        device=P["eval"]["device"],
         data=lambda w: _data_dir_arg(w.suite),
     wildcard_constraints:
-        suite="|".join(P["eval"].get("extra_suites", []) or ["__none__"]),
+        suite="|".join(P["eval"]["extra_suites"] or ["__none__"]),
     shell:
         "OMP_NUM_THREADS={threads} lrc eval --model {params.model} --suite {wildcards.suite} "
         "--batch-size {params.batch} {params.data} --model-name {wildcards.model} --device {params.device} "
@@ -86,9 +86,10 @@ rule samples:
     threads: P["threads_per_run"]
     params:
         models=lambda w: " ".join(f"--model {m}={model_dir(m)}" for m in P["samples"]["models"]),
-        heldout_prompts=P.get("samples", {}).get("heldout_prompts", 2),
-        instructions=P.get("samples", {}).get("instructions", 2),
-        max_new=P.get("samples", {}).get("max_new_tokens", 24),
+        # read when a job is planned: every profile defines the rule, not every one has `samples:`
+        heldout_prompts=lambda w: P["samples"]["heldout_prompts"],
+        instructions=lambda w: P["samples"]["instructions"],
+        max_new=lambda w: P["samples"]["max_new_tokens"],
     shell:
         "OMP_NUM_THREADS={threads} lrc samples {params.models} --heldout {input.heldout} "
         "--heldout-prompts {params.heldout_prompts} --instructions {params.instructions} "

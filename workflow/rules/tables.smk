@@ -17,7 +17,7 @@ def _table_evals(name, teacher=True):
 
 def _table_inputs(name, notebook, paper=None, evals=False):
     """A table notebook's inputs; `paper`: which of the paper's CSVs it shows (PAPER_FILES key)."""
-    ins = {"notebook": notebook, "code": notebook_code(notebook), "assets": f"{R}/assets/assets.json",
+    ins = {"notebook": notebook, "code": lrc_imports(notebook), "assets": f"{R}/assets/assets.json",
            "runs": [run_done(r) for r in table_runs(name)]}
     if paper:
         ins["paper"] = PAPER_FILES[paper]
@@ -93,13 +93,15 @@ BENCH_SCRIPT = "benchmarks/throughput.py"
 
 
 def _bench_inputs():
-    """The benchmark script and the train config of its profile (benchmarks/throughput.py PROFILES)."""
+    """The benchmark script, the lrc_src modules it imports and the train config of its profile
+    (benchmarks/throughput.py PROFILES)."""
     from benchmarks.throughput import PROFILES
 
     if BENCH["profile"] not in PROFILES:
         raise ValueError(f"profile {PROFILE}: benchmark.profile {BENCH['profile']!r} is not one of "
                          f"{BENCH_SCRIPT}'s profiles {sorted(PROFILES)}")
-    return {"script": BENCH_SCRIPT, "config": os.path.relpath(PROFILES[BENCH["profile"]])}
+    return {"script": BENCH_SCRIPT, "code": lrc_imports(BENCH_SCRIPT),
+            "config": os.path.relpath(PROFILES[BENCH["profile"]])}
 
 
 rule table8_throughput:
@@ -126,7 +128,7 @@ def _claims_tables():
     """The tables the claims notebook reads: every item's, and the budget trend's when the sweep is
     part of the profile's default target."""
     tables = {t: f"{R}/tables/{t}.csv" for t in TABLES if t != "claims"}
-    if SWEEP and P.get("budget_trend") and P["budget_sweep"].get("in_all", True):
+    if SWEEP and P.get("budget_trend") and P["budget_sweep"]["in_all"]:
         tables["budget_trend"] = f"{R}/tables/budget_trend.csv"
     return tables
 
@@ -134,7 +136,7 @@ def _claims_tables():
 rule claims:
     input:
         notebook="notebooks/claims.ipynb",
-        code=notebook_code("notebooks/claims.ipynb"),
+        code=lrc_imports("notebooks/claims.ipynb"),
         tables=list(_claims_tables().values()),
     output:
         csv="results/{profile}/tables/claims.csv",

@@ -27,7 +27,7 @@ rule train:
         "results/{profile}/logs/train_{run}.log",
     threads: P["threads_per_run"]
     resources:
-        gpu=P.get("gpus_per_run", 0),
+        gpu=P["gpus_per_run"],
     params:
         config=lambda w: run_config(w.run),
         sets=lambda w: set_args(w.run),
