@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     from lrc_src.assets import load_inputs
     from lrc_src.config import load_config
     from lrc_src.factory import build_method
-    from lrc_src.report import write_csv
+    from lrc_src.fileio import write_csv_atomic
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         print(f"{init:13s} untie={untie!s:5s} held-out loss {rows[-1]['value']:.3f}", flush=True)
     import pandas as pd
 
-    write_csv(pd.DataFrame(rows), args.output)
+    write_csv_atomic(pd.DataFrame(rows), args.output)
     print(f"wrote {args.output}")
     return 0
 

@@ -14,8 +14,8 @@ builds is timed on the same random token batches (fixed seed):
     bound      the teacher's forward (inference mode) + one `scratch` step on the same batch: what
                LRC costs at least, since it must run the teacher and train a student of this shape
     lrc_regen  (only with --grad-accum > 1) lrc generating the student's weights for every
-               micro-batch (no accumulation window): the before/after of generating them once per
-               optimizer step
+               micro-batch (no accumulation window): lrc's step beside it shows what generating
+               them once per optimizer step saves
 
 With --grad-accum K a timed step is K micro-batches (forward + backward each, loss / K) and one
 optimizer step, for every method; the bound runs the teacher's forward and the student's
@@ -95,9 +95,10 @@ steps it speeds up. `--compile both` times every
 method twice in the same rounds, eagerly and compiled: one module and one optimizer per method, its
 eager twin running the compiled code's original Python under torch.compiler.set_stance("force_eager")
 (so does its bound, through the compiled teacher). A compiled row's over_eager_paired_median/_min/_max
-is its step over its eager twin's step of the same round: a before/after of compiling that the
-machine's drift between processes does not touch. Each method's compiled row pairs with the
-compiled bound, its eager row with the eager bound, and the last line reports the compiled ones.
+is its step over its eager twin's step of the same round: what compiling gains, measured in one
+process and round so that the machine's drift between processes does not touch it. Each method's
+compiled row pairs with the compiled bound, its eager row with the eager bound, and the last line
+reports the compiled ones.
 
 Paired ratios (columns over_bound_paired_median/_min/_max, round-robin schedule only): every round
 times each method once, so the method's step divided by the bound's step of the same round is a
@@ -254,7 +255,9 @@ def paper_teacher_config():
 
 def matmul_params(tcfg, hidden: int) -> int:
     """P_X: parameters in the matmuls of a model of tcfg's shape with hidden size `hidden` (layers + LM head)."""
-    hd = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+    from lrc_src.export import head_dim
+
+    hd = head_dim(tcfg)
     q, kv = tcfg.num_attention_heads * hd, tcfg.num_key_value_heads * hd
     per_layer = hidden * q + 2 * hidden * kv + q * hidden + 3 * hidden * tcfg.intermediate_size
     return tcfg.num_hidden_layers * per_layer + tcfg.vocab_size * hidden
@@ -262,8 +265,10 @@ def matmul_params(tcfg, hidden: int) -> int:
 
 def model_flops(method: str, tcfg, d_S: int, batch: int, seq: int) -> float:
     """Model FLOPs of one training step of `method` (formula in the module docstring)."""
+    from lrc_src.export import head_dim
+
     n = batch * seq
-    hd = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+    hd = head_dim(tcfg)
     L, d_T = tcfg.num_hidden_layers, tcfg.hidden_size
     attn_fwd = 2.0 * batch * L * seq**2 * tcfg.num_attention_heads * hd
     train_student = 6.0 * n * matmul_params(tcfg, d_S) + 3 * attn_fwd
@@ -786,7 +791,7 @@ def setup(args) -> Bench | str:
         return f"profile {args.profile} (a 3B teacher at seq 2048) runs only with --device cuda"
     device = torch.device(args.device)
     base = load_config(PROFILES[args.profile])
-    set_threads(args.threads or getattr(base.train, "threads", None))
+    set_threads(args.threads)
     kept = device.type == "cpu" and not args.return_freed_memory and keep_freed_memory()  # as the trainer
     mp = resolve_mixed_precision(args.mixed_precision, device.type)
     adamw = args.adamw if args.adamw != "auto" else ("fused" if device.type == "cuda" else "default")  # as the trainer
@@ -834,7 +839,7 @@ def load_bench_teacher(bench: Bench) -> str | None:
             return f"cannot load teacher {base.teacher!r}: {e}"
         teacher = teacher.to(device)
     if bench.compiling:  # the bound's teacher forward (kd's and prune_kd's too: one shared teacher)
-        from lrc_src.baselines import compile_decoder_layers
+        from lrc_src.runtime import compile_decoder_layers
 
         compile_decoder_layers(teacher)
     bench.teacher = teacher

@@ -25,11 +25,10 @@ from lrc_src.losses import lm_loss
 
 
 def load_model(path: str | Path):
-    """A saved HF causal LM in fp32, eval mode, no gradients."""
-    from transformers import AutoModelForCausalLM
+    """A saved HF causal LM (`lrc_src.teachers.load_model_folder`) in fp32, eval mode, no gradients."""
+    from lrc_src.teachers import load_model_folder
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    return model.eval().requires_grad_(False)
+    return load_model_folder(path, torch.float32).eval().requires_grad_(False)
 
 
 def heldout_blocks(
@@ -42,13 +41,12 @@ def heldout_blocks(
     n_blocks: keep the first n (default: train.eval_batches * train.batch_size, the blocks
         the trainer's `heldout_loss` column uses).
     """
-    from transformers import AutoTokenizer
-
     from lrc_src.assets import packed_data
     from lrc_src.config import load_config
+    from lrc_src.teachers import load_tokenizer
 
     cfg = load_config(config_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir)
     data = packed_data(cfg, tokenizer, list(corpus) if corpus is not None else None)
     n = cfg.train.eval_batches * cfg.train.batch_size if n_blocks is None else n_blocks
     return np.asarray(data.heldout[:n], dtype=np.int64)  # [N, T]
@@ -252,6 +250,8 @@ def ffn_gram_mse(reference, other) -> list[dict]:
 
 
 def random_like(model, seed: int):
-    """A freshly initialised model of model's class and config (the `scratch` baseline's init)."""
-    torch.manual_seed(seed)
-    return type(model)(model.config).eval().requires_grad_(False)
+    """A freshly initialised model of model's class and config, eval mode, no gradients (the
+    `scratch` baseline's init, `lrc_src.baselines.random_init`)."""
+    from lrc_src.baselines import random_init
+
+    return random_init(type(model), model.config, seed).eval().requires_grad_(False)

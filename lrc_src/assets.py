@@ -18,7 +18,14 @@ from lrc_src.analysis import heldout_loss
 from lrc_src.config import ExperimentConfig
 from lrc_src.fileio import atomic_write_bytes, atomic_write_text, check_output_folder
 from lrc_src.runtime import resolve_mixed_precision, set_threads
-from lrc_src.teachers import check_context, fingerprint, load_teacher, load_tokenizer, teacher_folder
+from lrc_src.teachers import (
+    check_context,
+    fingerprint,
+    load_model_folder,
+    load_teacher,
+    load_tokenizer,
+    teacher_folder,
+)
 
 
 @dataclass
@@ -41,12 +48,10 @@ class Inputs:
 def load_models(cfg: ExperimentConfig):
     """(teacher, tokenizer) of cfg, checked against data.seq_len; for method=sft the model being
     fine-tuned and its tokenizer."""
-    from lrc_src.baselines import load_causal_lm  # transformers' model classes load only when used
-
     if cfg.method == "sft":
         if not cfg.sft.chat_data:
             raise ValueError("method=sft needs sft.chat_data (a jsonl of {'messages': [...]})")
-        model = load_causal_lm(cfg.sft.model)
+        model = load_model_folder(cfg.sft.model)
         tokenizer = load_tokenizer(cfg.sft.model, name=cfg.sft.model)
     else:
         model, tokenizer = load_teacher(cfg.teacher)

@@ -1,5 +1,7 @@
-"""The baselines LRC is compared against at equal tokens (spec section 2), and the shared
-method interface the trainer drives.
+"""The baselines LRC is compared against at equal training tokens, and the shared method interface
+the trainer drives. They are the kinds of method the paper (arXiv 2505.12781) compares LRC with:
+training from scratch, knowledge distillation, TinyBERT-style feature distillation and
+Minitron-style pruning followed by distillation; sft is the fine-tuning stage.
 
 Every method is an nn.Module with
     forward(input_ids [B, T], labels [B, T] | None) -> MethodOutput(loss, losses: dict of scalars)
@@ -13,9 +15,12 @@ Every method is an nn.Module with
             + attn_weight * sum_i E(att^S_i, att^T_i): a learned d_S -> d_T map A_i per layer for
             the hidden states (embedding output and every layer output) and the attention
             probabilities [B, H, T, T] of every layer (heads are shared).
-  prune_kd  Minitron-style hard pruning: keep the d_S hidden channels with the largest mean
-            |RMSNorm output| of the teacher on calibration batches (the same channels in the
-            embeddings, every weight and every norm), then KL + LM.
+  prune_kd  LRC's teacher-derived start (lrc.init; normal means prune) exported once as a plain
+            student (`hard_prune`), then KL + LM: the control "LRC's start, no clone loss".
+            init=prune is Minitron-style hard pruning: keep the d_S hidden channels with the largest
+            mean |RMSNorm output| of the teacher on calibration batches (the same channels in the
+            embeddings, every weight and every norm); prune_scaled also rescales the kept norms and
+            pca rotates instead of selecting (LRCConfig.init).
   sft       supervised fine-tuning of an HF model, LM loss on the assistant tokens only.
 """
 
@@ -27,11 +32,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
-from lrc_src.clone import COMPILE_DEFAULTS, LowRankClone, LRCConfig
+from lrc_src.clone import LowRankClone, LRCConfig
 from lrc_src.export import SUPPORTED_CONFIGS, student_config
 from lrc_src.losses import clone_mse, compiled_head_for, head_losses, kl_loss, lm_loss
+from lrc_src.runtime import compile_decoder_layers
 
 
 @dataclass
@@ -46,21 +52,16 @@ def _fusable(model: nn.Module) -> bool:
     return type(model.config) in SUPPORTED_CONFIGS and isinstance(getattr(model, "lm_head", None), nn.Linear)
 
 
-def compile_decoder_layers(model: PreTrainedModel | None, **options) -> None:
-    """torch.compile each decoder layer of an HF causal LM in place (regional compilation: the
-    layers share one compiled graph). options: passed to torch.compile, over COMPILE_DEFAULTS: static
-    shapes, so that a teacher's and a student's layers (one code object, two hidden sizes) each get
-    a graph for their own shapes instead of one graph for dynamic shapes."""
-    if model is not None:
-        for layer in model.model.layers:
-            layer.compile(**{**COMPILE_DEFAULTS, **options})
+def random_init(model_class: type[PreTrainedModel], config: PretrainedConfig, seed: int) -> PreTrainedModel:
+    """A freshly initialised model_class(config), its weights drawn after torch.manual_seed(seed)
+    (the config's initializer_range): the random start of scratch, kd and tinybert."""
+    torch.manual_seed(seed)
+    return model_class(config)
 
 
 def student_like(teacher: PreTrainedModel, d_S: int, seed: int) -> PreTrainedModel:
     """A randomly initialised model of the LRC student's shape (same validation as LRC)."""
-    scfg = student_config(teacher.config, d_S)
-    torch.manual_seed(seed)
-    return type(teacher)(scfg)
+    return random_init(type(teacher), student_config(teacher.config, d_S), seed)
 
 
 def hard_prune(
@@ -101,6 +102,8 @@ class StudentKD(nn.Module):
         self.teacher = teacher
         if teacher is not None:
             teacher.eval().requires_grad_(False)
+        # the fused head (`head_losses` on the decoders' outputs) when every model allows it
+        self._fused = _fusable(student) and (teacher is None or _fusable(teacher))
         self.kl_temperature, self.kl_reduction = kl_temperature, kl_reduction
         self._head_chunk = None  # the head's per-chunk fp32 work compiled (compile_layers); None: eager
 
@@ -116,7 +119,7 @@ class StudentKD(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> MethodOutput:
         labels = input_ids if labels is None else labels
-        if not (_fusable(self.student) and (self.teacher is None or _fusable(self.teacher))):
+        if not self._fused:
             return self._forward_logits(input_ids, labels)
         # the decoders' final-norm outputs; head_losses forms the logits chunk by chunk
         h_s = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, d_S]
@@ -245,10 +248,3 @@ class LRCMethod(nn.Module):
 
     def export(self, directory: str | Path, tokenizer=None) -> Path:
         return self.clone.save_student(directory, tokenizer)
-
-
-def load_causal_lm(folder: str | Path) -> PreTrainedModel:
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"model folder {str(folder)!r} has no config.json")
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

@@ -17,7 +17,7 @@ def read_hub_chats(dataset_id: str, split: str = "train_sft") -> list[list[dict]
     train_sft split). Offline it fails at once naming the dataset."""
     from lrc_src.hub import hub_offline_reason
 
-    reason = hub_offline_reason()
+    reason = hub_offline_reason(datasets=True)
     if reason:
         raise FileNotFoundError(
             f"chat dataset {dataset_id!r} needs the Hugging Face hub, which is unavailable ({reason})"
@@ -62,8 +62,16 @@ def encode_conversation(tokenizer, messages: list[dict], seq_len: int) -> tuple[
         if m["role"] != "assistant":
             continue
         start = len(_ids(tokenizer, messages[:j], add_generation_prompt=True))
-        end = len(_ids(tokenizer, messages[: j + 1]))
-        assert ids[:end] == _ids(tokenizer, messages[: j + 1]), "chat template is not prefix-stable"
+        prefix = _ids(tokenizer, messages[: j + 1])
+        end = len(prefix)
+        if ids[:end] != prefix:
+            raise ValueError(
+                f"the chat template of the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} is not "
+                f"prefix-stable: rendered alone, the conversation up to its message {j} (an assistant reply) "
+                "is not the start of the whole conversation's rendering, so the reply's tokens cannot be "
+                "located; SFT needs a template under which a conversation's first messages render the same "
+                "whatever follows them"
+            )
         labels[start:end] = ids[start:end]
     ids, labels = ids[:seq_len], labels[:seq_len]
     pad = seq_len - len(ids)

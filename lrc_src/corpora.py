@@ -42,7 +42,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from lrc_src.fileio import build_folder_once, has_text, read_jsonl, sha256_file
+from lrc_src.fileio import build_folder_once, has_text, read_jsonl, sha256_file, write_jsonl
 from lrc_src.teachers import cache_dir
 
 MIN_INFO_NODE_CHARS = 200
@@ -254,15 +254,3 @@ def documents_sha256(docs: Iterable[dict]) -> str:
         h.update(d["text"].encode("utf-8"))
         h.update(b"\x1e")
     return h.hexdigest()
-
-
-# ============================================================================================
-# Document files and folders (also used by lrc_src.packing for its cache)
-# ============================================================================================
-
-
-def write_jsonl(path: Path, docs: Iterable[dict]) -> None:
-    """One JSON object per line, UTF-8 (non-ASCII kept as is)."""
-    with open(path, "w", encoding="utf-8") as f:
-        for d in docs:
-            f.write(json.dumps(d, ensure_ascii=False) + "\n")

@@ -12,17 +12,11 @@ import math
 import numpy as np
 import torch
 
-from lrc_src.baselines import (
-    LRCMethod,
-    StudentKD,
-    TinyBERTStyle,
-    hard_prune,
-    load_causal_lm,
-    student_like,
-)
+from lrc_src.baselines import LRCMethod, StudentKD, TinyBERTStyle, hard_prune, student_like
 from lrc_src.clone import LowRankClone
 from lrc_src.config import ExperimentConfig
 from lrc_src.export import student_config
+from lrc_src.teachers import load_model_folder
 
 
 def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray | None) -> torch.nn.Module:
@@ -71,7 +65,7 @@ def build_method(cfg: ExperimentConfig, teacher, train_blocks: np.ndarray | None
 def start_from(folder: str, teacher, d_S: int):
     """The exported student in `folder` as the start of a plain student (baseline.init_from): loaded
     in fp32 exactly as saved, after checking it has the LRC student's shape for this teacher."""
-    student = load_causal_lm(folder)
+    student = load_model_folder(folder)
     want = student_config(teacher.config, d_S)
     got = student.config
     for key in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"):

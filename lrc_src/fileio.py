@@ -1,11 +1,15 @@
-"""Writing files so that a reader never sees half of one, and reading their digests.
+"""Writing files so that a reader never sees half of one, reading them back, and their digests.
 
-Every output of the project (tables, suites, metrics, manifests) goes through these helpers: the
-bytes are written to a temporary file in the target's folder, flushed to disk and renamed over the
-target, so a crash or a full disk leaves either the old file or the new one, never a mix. The
-cached folders (teachers, corpora, token caches) are built in a temporary sibling folder and
-renamed into place, one process at a time. JSON-lines documents are read here too, with errors
-that name the file and line.
+`atomic_write_bytes` and the helpers built on it (text, CSV, JSON lines) write the bytes to a
+temporary file in the target's folder, flush them to disk and rename it over the target, so a
+crash or a full disk leaves either the old file or the new one, never a mix; the project's tables,
+evaluation CSVs, tiny suites, run records and manifests are written through them. A folder written
+as a whole (a cached teacher, corpus or token cache, built one process at a time by
+`build_folder_once`; a checkpoint; a run's exported student) is built under a temporary name and
+renamed into place, so the files inside it may be written plainly. Not covered: the trainer's
+metrics.csv, which grows by one appended row per logged step. JSON-lines files are read here too,
+with errors that name the file and line, and so are the data files that installed wheels ship
+(`package_file`).
 """
 
 from __future__ import annotations
@@ -13,14 +17,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -34,13 +39,23 @@ def _umask() -> int:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder + rename."""
+    with _atomic_file(path) as handle:
+        handle.write(data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
+    """A binary file to write that replaces ``path`` (folders created) when the block ends without
+    an error: a temporary file in the same folder, flushed to disk, then renamed over ``path``;
+    removed if the block or the rename fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -48,7 +63,6 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
 
 
 def _file_among_parents(path: Path) -> Path | None:
@@ -210,9 +224,14 @@ def has_text(record: dict) -> bool:
 
 
 def read_jsonl(path: Path, expect: Callable[[dict], bool] | None = None, shape: str = "") -> list[dict]:
-    """The JSON objects of a JSON-lines file, blank lines skipped; ValueError naming the file and
-    line of one that is not a JSON object, or that ``expect`` refuses (the message says ``shape``)."""
-    out = []
+    """The JSON objects of a JSON-lines file (`iter_jsonl`) as a list."""
+    return list(iter_jsonl(path, expect, shape))
+
+
+def iter_jsonl(path: str | Path, expect: Callable[[dict], bool] | None = None, shape: str = "") -> Iterator[dict]:
+    """The JSON objects of a JSON-lines file, one at a time, blank lines skipped; ValueError naming
+    the file and line of one that is not a JSON object, or that ``expect`` refuses (the message
+    says ``shape``)."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -229,8 +248,26 @@ def read_jsonl(path: Path, expect: Callable[[dict], bool] | None = None, shape: 
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             if expect is not None and not expect(record):
                 raise ValueError(f"{path}:{lineno}: expected {shape}")
-            out.append(record)
-    return out
+            yield record
+
+
+def _jsonl_line(record: dict, sort_keys: bool) -> bytes:
+    return (json.dumps(record, ensure_ascii=False, sort_keys=sort_keys) + "\n").encode("utf-8")
+
+
+def jsonl_bytes(records: Iterable[dict], sort_keys: bool = False) -> bytes:
+    """JSON lines: one object per line, UTF-8 with non-ASCII kept as is (sort_keys: canonical
+    bytes, equal records giving equal bytes)."""
+    return b"".join(_jsonl_line(r, sort_keys) for r in records)
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict], sort_keys: bool = False) -> Path:
+    """Write ``records`` as `jsonl_bytes` to ``path`` atomically, one line at a time (the records
+    are never held as one string)."""
+    with _atomic_file(path) as handle:
+        for record in records:
+            handle.write(_jsonl_line(record, sort_keys))
+    return Path(path)
 
 
 def read_heldout_texts(path: str | Path) -> list[str]:
@@ -242,3 +279,17 @@ def read_heldout_texts(path: str | Path) -> list[str]:
     if not texts:
         raise ValueError(f"held-out file has no documents: {path}")
     return texts
+
+
+def package_file(module: str, relative: str, needed_by: str) -> Path:
+    """The file ``relative`` inside the installed package ``module`` (a data file its wheel ships),
+    found without importing the package. FileNotFoundError when the package or the file is missing,
+    with ``needed_by`` (what needs it and how to install it) after the reason."""
+    spec = importlib.util.find_spec(module)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        candidate = Path(location) / relative
+        if candidate.is_file():
+            return candidate
+    reason = f"module {module!r} in {locations[0]} has no {relative}" if locations else f"module {module!r} not found"
+    raise FileNotFoundError(f"{reason}: {needed_by}")

@@ -69,12 +69,15 @@ def check_model_dir(model_dir: str | Path) -> Path:
     * the config is a causal-LM one: its ``model_type`` has an ``AutoModelForCausalLM`` class
       and its ``architectures`` (when listed) include a ``...ForCausalLM``/``...LMHeadModel``;
       encoder models such as BERT are refused (``ValueError``);
-    * weights and tokenizer files are there (``FileNotFoundError``).
+    * weights and a tokenizer (one of :data:`lrc_src.teachers.TOKENIZER_FILES`) are there
+      (``FileNotFoundError``).
     """
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
+
+    from lrc_src.teachers import TOKENIZER_FILES  # here: it imports torch
 
     path = Path(model_dir).expanduser()
     if not path.exists():
@@ -116,9 +119,8 @@ def check_model_dir(model_dir: str | Path) -> Path:
     )
     if not any((path / name).is_file() for name in weight_files):
         raise FileNotFoundError(f"{path} has no model weights (model.safetensors or pytorch_model.bin)")
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if not any((path / name).is_file() for name in tokenizer_files):
-        raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     return path
 
 

@@ -11,7 +11,6 @@ of :func:`lrc_src.packing.prepare_data` to train on it.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from lrc_src.fileio import sha256_file
+from lrc_src.fileio import iter_jsonl, sha256_file
 from lrc_src.hub import hub_offline_reason
 
 
@@ -46,6 +45,8 @@ PAPER_SOURCES: dict[str, HubSource] = {
     "openhermes": HubSource("teknium/OpenHermes-2.5", kind="chat"),
 }
 OPENHERMES_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+# Documents each source's streaming shuffle buffer holds (a mix spec's "shuffle_buffer" overrides it).
+SHUFFLE_BUFFER = 10_000
 
 
 def paper_mix_documents(
@@ -53,7 +54,7 @@ def paper_mix_documents(
     tokenizer=None,
     seed: int = 0,
     data_files: Mapping[str, str | os.PathLike] | None = None,
-    shuffle_buffer: int = 10_000,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
 ) -> Iterator[dict]:
     """Stream documents ``{"text", "source"}`` of the paper's mix, interleaved by weight.
 
@@ -127,7 +128,7 @@ def _source_records(name: str, local: str | os.PathLike | None, tokenizer, seed:
         # IterableDataset wrapper so the shuffle below is the same as for the hub.
         ds = datasets.IterableDataset.from_generator(_read_local_records, gen_kwargs={"path": str(path)})
     else:
-        reason = hub_offline_reason()
+        reason = hub_offline_reason(datasets=True)
         if reason is not None:
             raise FileNotFoundError(
                 f"mix source {name!r} streams the hub dataset {src.label} but the hub is offline "
@@ -147,10 +148,7 @@ def _read_local_records(path: str) -> Iterator[dict]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             yield from batch.to_pylist()
     else:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
+        yield from iter_jsonl(path)
 
 
 def _records_to_documents(name: str, src: HubSource, records: Iterable[dict], tokenizer) -> Iterator[dict]:
@@ -210,7 +208,7 @@ def mix_source_key(corpus: Mapping[str, Any], max_train_tokens: int | None, toke
             sources[name] = {"data_files": str(path.resolve()), "sha256": sha256_file(path)}
         elif name in PAPER_SOURCES:
             sources[name] = {"hub": PAPER_SOURCES[name].label}
-    key = {"mix": mix, "sources": sources, "shuffle_buffer": int(corpus.get("shuffle_buffer", 10_000))}
+    key = {"mix": mix, "sources": sources, "shuffle_buffer": int(corpus.get("shuffle_buffer", SHUFFLE_BUFFER))}
     if any(PAPER_SOURCES[n].kind == "chat" and w > 0 for n, w in mix.items()):
         template = getattr(tokenizer, "chat_template", None) or ""
         key["chat_template_sha256"] = hashlib.sha256(str(template).encode()).hexdigest()
@@ -224,5 +222,5 @@ def open_mix(corpus: Mapping[str, Any], tokenizer, seed: int) -> Iterator[dict]:
         tokenizer,
         seed=seed,
         data_files=corpus.get("data_files"),
-        shuffle_buffer=int(corpus.get("shuffle_buffer", 10_000)),
+        shuffle_buffer=int(corpus.get("shuffle_buffer", SHUFFLE_BUFFER)),
     )

@@ -45,9 +45,8 @@ from lrc_src.corpora import (
     flatten_parts,
     load_document_parts,
     spec_parts,
-    write_jsonl,
 )
-from lrc_src.fileio import atomic_write_bytes, atomic_write_text, locked, rename_into_place
+from lrc_src.fileio import atomic_write_bytes, atomic_write_text, locked, rename_into_place, write_jsonl
 from lrc_src.mix import mix_source_key, open_mix
 from lrc_src.teachers import cache_dir
 
@@ -501,9 +500,15 @@ def _pack_shards(
     train = np.lib.format.open_memmap(train_path, mode="w+", dtype=np.uint32, shape=(n_blocks, seq_len))
     carry, done, held_parts = np.zeros(0, dtype=np.uint32), 0, []
     for index, record in records:
-        tokens = np.load(_shard_path(folder, index), mmap_mode="r")
+        shard = _shard_path(folder, index)
+        tokens = np.load(shard, mmap_mode="r")
         n_train = record["train_tokens"]
-        assert len(tokens) == n_train + record["heldout_tokens"], f"shard {index} does not match its record"
+        if len(tokens) != n_train + record["heldout_tokens"]:
+            raise ValueError(
+                f"{shard} holds {len(tokens)} tokens but its record {shard.with_suffix('.json')} counts "
+                f"{n_train} + {record['heldout_tokens']}: a damaged shard (the unfinished preparation's "
+                "shards are removed; run again to tokenise anew)"
+            )
         held_parts.append(np.array(tokens[n_train:]))
         if done < n_blocks:
             stream = np.concatenate([carry, tokens[:n_train]])

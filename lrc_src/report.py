@@ -29,22 +29,23 @@ def project_root(start: str | Path | None = None) -> Path:
     raise FileNotFoundError(f"no project root (a folder with Snakefile) above {here}")
 
 
-def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write a table as the notebooks do: :func:`lrc_src.fileio.write_csv_atomic` (no index)."""
-    return write_csv_atomic(df, path)
+# The notebooks write their tables with report.write_csv: the project's one CSV writer.
+write_csv = write_csv_atomic
 
 
 # ---------------------------------------------------------------- runs
 
 
 def read_run(run_dir: str | Path) -> tuple[pd.DataFrame, dict]:
-    """metrics.csv as a frame (numeric) and run.json; raises if the run is not complete."""
+    """metrics.csv as a frame (numeric) and run.json; FileNotFoundError or ValueError naming run.json
+    when the run is missing or not complete."""
     run_dir = Path(run_dir)
     info_path = run_dir / "run.json"
     if not info_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no run.json: the run is missing or incomplete")
     info = json.loads(info_path.read_text())
-    assert info.get("status") == "complete", f"{run_dir}: {info}"
+    if info.get("status") != "complete":
+        raise ValueError(f"{info_path}: the run is not complete (status {info.get('status')!r})")
     metrics = pd.read_csv(run_dir / "metrics.csv")
     return metrics, info
 
@@ -104,7 +105,9 @@ def read_evals(evals: dict[str, str | Path]) -> pd.DataFrame:
     frames = []
     for name, path in evals.items():
         df = pd.read_csv(path)
-        assert {"task", "metric", "value"} <= set(df.columns), path
+        missing = sorted({"task", "metric", "value"} - set(df.columns))
+        if missing:
+            raise ValueError(f"{path} is not an `lrc eval` CSV: it has no column {', '.join(missing)}")
         df["model"] = name
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
@@ -209,19 +212,6 @@ def suite_summary(suite: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def sweep_markdown(sweep: pd.DataFrame, metric: str = "heldout_loss") -> str:
-    """Pipe table: one row per method, one column per budget, cells "mean (min-max)" over seeds."""
-    summ = sweep_summary(sweep, metric)
-    budgets = sorted(summ.tokens.unique())
-    methods = list(dict.fromkeys(sweep.method))
-    cell = {
-        (r.method, r.tokens): (f"{r.mean:.3f} ({r.min:.3f}-{r.max:.3f})" if r.n > 1 else f"{r.mean:.3f}")
-        for r in summ.itertuples()
-    }
-    rows = [{"method": m, **{f"{int(t):,} tokens": cell.get((m, t), "") for t in budgets}} for m in methods]
-    return markdown_table(pd.DataFrame(rows))
-
-
 # ---------------------------------------------------------------- paper
 
 
@@ -253,34 +243,3 @@ def claim_row(claim: str, paper_evidence: str, measured: str, margin: float, tol
         "tolerance": tol,
         "verdict": verdict,
     }
-
-
-def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
-    """A small pipe table (no tabulate dependency)."""
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
-        cells = [
-            floatfmt.format(v) if isinstance(v, float) and np.isfinite(v) else ("" if isinstance(v, float) else str(v))
-            for v in r.values
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def results_summary(results_dir: str | Path) -> str:
-    """Markdown summary of a profile's committed results (main table + claims), for the README."""
-    d = Path(results_dir)
-    main = pd.read_csv(d / "tables" / "table1_main.csv")
-    ours = main[main.source.str.startswith("this replication")]
-    ours = ours.assign(col=ours.task + " " + ours.metric)
-    keep = ["heldout_lm loss_nats", "tiny_heldout_ppl bits_per_byte", "tiny_continuation acc_norm", "tiny_mmlu acc"]
-    wide = ours.pivot_table(index="model", columns="col", values="value")[[c for c in keep if c in set(ours.col)]]
-    order = ["teacher"] + [m for m in wide.index if m != "teacher"]
-    wide = wide.loc[order].reset_index()
-    out = [markdown_table(wide)]
-    claims_path = d / "tables" / "claims.csv"
-    if claims_path.is_file():
-        claims = pd.read_csv(claims_path)
-        out += ["", markdown_table(claims[["claim", "measured_here", "verdict"]])]
-    return "\n".join(out)

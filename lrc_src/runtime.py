@@ -1,8 +1,10 @@
-"""The process's runtime settings for training and its benchmark: CPU threads, the glibc allocator
-(`keep_freed_memory`), and the mixed precision that 'auto' means on a device.
+"""How training and its benchmark run on a device: CPU threads, the glibc allocator
+(`keep_freed_memory`), the mixed precision that 'auto' means on a device (`resolve_mixed_precision`),
+and whether and how the decoder layers are compiled (`resolve_compile`, `compile_decoder_layers`).
 
-None of them changes a number the run computes: they choose how fast it computes them (and, for
-mixed precision, the config's choice is the one the run records).
+Threads and the allocator choose only how fast a run computes: the same values, bit for bit. Mixed
+precision and compiling can change the numbers themselves (bf16 autocast; compiled kernels that
+fuse and round differently), so 'auto' resolves them by device and the run records what it used.
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ from __future__ import annotations
 import ctypes
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def set_threads(n: int | None) -> None:
@@ -45,8 +51,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (<malloc.h>)
 # On the CPU, train.compile=auto compiles runs of at least this many optimizer steps. A cold compile
 # of LRC's layers costs ~13 s at the tiny shape and saves 10-13% of a step (0.2-0.3 s of a 2.3-s
 # step of 1,024 tokens, about 1 s of an 8-s step of 4,096; benchmarks/README.md), so it pays for
-# itself within a few dozen steps; the threshold is set well above that to keep the CPU profiles
-# (30-120 steps per run) eager, as their committed numbers were measured.
+# itself within a few dozen steps. The threshold is set well above that so that the CPU profiles
+# (30-120 steps per run) stay eager: compiled layers round differently, and those profiles'
+# committed results (results/<profile>/) are eager runs, which a rerun must reproduce.
 CPU_COMPILE_MIN_STEPS = 1000
 
 
@@ -60,6 +67,23 @@ def resolve_compile(choice: bool | str, device_type: str, total_steps: int, comp
         return False
     assert choice == "auto", choice
     return compilable and (device_type == "cuda" or (device_type == "cpu" and total_steps >= CPU_COMPILE_MIN_STEPS))
+
+
+# torch.compile options of every compiled layer (`compile_decoder_layers`, LowRankClone.compile_layers):
+# training shapes are fixed, and a new shape (or a teacher's and a student's layers sharing one code
+# object) gets its own static graph
+COMPILE_DEFAULTS = {"dynamic": False}
+
+
+def compile_decoder_layers(model: PreTrainedModel | None, **options) -> None:
+    """torch.compile each decoder layer of an HF causal LM in place (regional compilation: the
+    layers share one compiled graph); None does nothing. options: passed to torch.compile, over
+    COMPILE_DEFAULTS: static shapes, so that a teacher's and a student's layers (one
+    code object, two hidden sizes) each get a graph for their own shapes instead of one graph for
+    dynamic shapes."""
+    if model is not None:
+        for layer in model.model.layers:
+            layer.compile(**{**COMPILE_DEFAULTS, **options})
 
 
 def glibc():

@@ -84,15 +84,15 @@ def samples_frame(
 ) -> pd.DataFrame:
     """One row per (model, prompt): the model's greedy continuation. `models` maps a name to an HF
     folder holding the model and its tokenizer (a run's student/ or the profile's teacher)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from lrc_src.teachers import load_model_folder, load_tokenizer
 
     rows = []
     for name, folder in models.items():
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"model {name!r}: {str(folder)!r} holds no model (no config.json)")
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tokenizer = load_tokenizer(folder, name=name)
+        model = load_model_folder(folder, torch.float32)
         for p, text in zip(prompts, greedy_continuations(model, tokenizer, prompts, max_new_tokens)):
             rows.append({"model": name, "kind": p["kind"], "prompt": p["prompt"], "output": text})
     return pd.DataFrame(rows, columns=list(COLUMNS))

