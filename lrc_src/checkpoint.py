@@ -9,8 +9,8 @@
                                 scheduler's state and the RNG states (torch, CUDA, numpy, python)
 
 No file is unpickled: a run folder from elsewhere (a shared drive, a downloaded artifact) can hold
-wrong numbers, never code. Checkpoints of earlier versions (optimizer.pt, scheduler.pt, rng.pt:
-pickles) are refused with a message saying how to go on.
+wrong numbers, never code. A checkpoint in the pickled format (optimizer.pt, scheduler.pt,
+rng.pt) is refused with a message saying how to go on.
 
 A save writes checkpoint.tmp/, renames checkpoint/ -> checkpoint.old/ and checkpoint.tmp/ ->
 checkpoint/, then removes checkpoint.old/; at every moment one of checkpoint/ and checkpoint.old/
@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from lrc_src.fileio import atomic_write_text, sha256_file
 
-FORMAT = 2  # state.json's "format"; the pickle checkpoints before it had none
+FORMAT = 2  # state.json's "format"; the pickled format's state.json has none
 STATE = "state.json"
 TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"

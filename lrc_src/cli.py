@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the decoder layers (teacher and student side by side for LRC; one graph "
         "for all layers) and, with CUDA, the fused head's softmax / KL work: fused elementwise "
         "kernels, less Python per layer; the first step compiles (seconds to minutes). Same as "
-        "--set train.compile=on (default auto: on with CUDA); a run resumes with or without it",
+        "--set train.compile=on (default auto: on with CUDA, and on the CPU for runs of at least "
+        "1,000 steps); a run resumes with or without it",
     )
     t.set_defaults(func=_train)
 
@@ -182,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         "teacher's held-out loss), OUTPUT_DIR/heldout.jsonl (not for method=sft, whose data is "
         "sft.chat_data) and OUTPUT_DIR/teacher, a link to the teacher's folder (replaced on each run).",
     )
-    _add_config_arguments(pr, "folder for assets.json and heldout.jsonl")
+    _add_config_arguments(pr, "folder for assets.json, heldout.jsonl and the teacher link")
     pr.set_defaults(func=_prepare)
 
     e = sub.add_parser(
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "AutoModelForCausalLM.from_pretrained and no custom code.",
     )
     e.add_argument("--run", required=True, help="run folder written by `lrc train`")
-    e.add_argument("--output", required=True, help="folder to write the student to")
+    e.add_argument("--output", required=True, help="a new folder to write the student to (an existing one is refused)")
     e.set_defaults(func=_export)
 
     s = sub.add_parser(

@@ -61,6 +61,7 @@ from lrc_src import export, starts
 from lrc_src.config import LRCConfig
 from lrc_src.export import SUPPORTED_CONFIGS, attention_window, check_student_size, head_dim
 from lrc_src.losses import clone_mse, compiled_head_for, head_losses
+from lrc_src.runtime import COMPILE_DEFAULTS
 
 LINEARS = (
     "self_attn.q_proj",
@@ -72,9 +73,6 @@ LINEARS = (
     "mlp.down_proj",
 )
 NORMS = ("input_layernorm", "post_attention_layernorm")
-# torch.compile options under every compile_layers(): training shapes are fixed, and a new shape
-# (or a teacher's and a student's layers sharing one code object) gets its own static graph
-COMPILE_DEFAULTS = {"dynamic": False}
 
 
 # ====================================================================== settings
@@ -311,7 +309,7 @@ def resolve_clone_layers(spec: Any, L: int) -> frozenset[int]:
     """LRCConfig.clone_layers -> the indices of the layers with a clone loss."""
     if spec is None:
         return frozenset(range(L))
-    if isinstance(spec, (float, int)) and not isinstance(spec, (list, tuple)):
+    if isinstance(spec, (float, int)):
         k = max(1, round(spec * L))
         return frozenset(int(i) for i in torch.linspace(0, L - 1, k).round().long().tolist())
     bad = [i for i in spec if not 0 <= i < L]
@@ -351,8 +349,8 @@ class LowRankClone(nn.Module):
         self.config = config
         self.d_T, self.d_S, self.num_layers = d_T, d_S, L
         self.head_dim, self.eps = head_dim(tcfg), tcfg.rms_norm_eps
-        self.tied = bool(getattr(tcfg, "tie_word_embeddings", False))  # the teacher's head
-        self.student_tied = self.tied and not config.untie_lm_head
+        self.teacher_tied = bool(getattr(tcfg, "tie_word_embeddings", False))
+        self.student_tied = self.teacher_tied and not config.untie_lm_head
         self.sliding_window = attention_window(tcfg)  # longest sequence cloned exactly (None: any)
 
         teacher.eval()
@@ -406,11 +404,6 @@ class LowRankClone(nn.Module):
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for _, p in self.trainable_named_parameters())
 
-    def _projection(self, i: int, m: str) -> torch.Tensor:
-        """P for weight m in {q,k,v,o,gate,up,down} of layer i, honouring IO sharing."""
-        layer = self.layers[i]
-        return layer.self_attn[m] if m in ("q", "k", "v", "o") else layer.mlp[m]
-
     def compile_layers(self, head: bool | None = None, **options) -> LowRankClone:
         """Run `_layer` (one decoder layer of teacher and student, with its clone terms) through
         torch.compile: regional compilation, one graph for every layer, so the elementwise work
@@ -440,7 +433,7 @@ class LowRankClone(nn.Module):
             for n, p in self.teacher.named_parameters()
             if p.ndim == 2
         }
-        if self.tied:
+        if self.teacher_tied:
             TW["lm_head.weight"] = TW["model.embed_tokens.weight"]
         return TW
 
@@ -492,7 +485,7 @@ class LowRankClone(nn.Module):
 
         Inside the window, every forward uses the same generated weights as detached leaves
         W'; each backward accumulates dL/dW' there (and the projections' direct gradients, e.g.
-        through the clone targets o^T P_o, into P.grad as usual). On exit, one backward through
+        through the clone targets o^T_attn P_o, into P.grad as usual). On exit, one backward through
         the generation, W = W_T P, turns the summed dL/dW' into P.grad. The gradients equal those
         of generating per micro-batch (tested); the generation's forward and backward run once
         per optimizer step instead of once per micro-batch. Under DDP the trainer runs every
@@ -526,7 +519,9 @@ class LowRankClone(nn.Module):
         return win["TW"], {**win["W"], **win["leaves"]}
 
     # ------------------------------------------------------------------ the layer
-    def _layer_weights(self, i: int, TW: dict[str, torch.Tensor], W: dict[str, torch.Tensor]):
+    def _layer_weights(
+        self, i: int, TW: dict[str, torch.Tensor], W: dict[str, torch.Tensor]
+    ) -> tuple[LayerTensors, LayerTensors, dict[str, torch.Tensor | None]]:
         """Layer i's tensors for `_layer`: (teacher, student: LayerTensors, projections P)."""
         pre, tl, layer = f"model.layers.{i}.", self.teacher.model.layers[i], self.layers[i]
         teacher = {n: (TW[pre + n + ".weight"], tl.get_submodule(n).bias) for n in LINEARS}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ class LRCConfig:
     alignment: "free" = output terms use the weight's own P (default); "extra" = extra trainable
         d_S -> d_T matrices per layer for the o and down terms, compared in the teacher space
         (the "w/o Alignment-Free" ablation).
-    attn_out_space: "student" = E(o^S, o^T P_o) (paper); "teacher" = E(o_proj^T(attn^S),
+    attn_out_space: "student" = E(o^S_attn, o^T_attn P_o) (paper); "teacher" = E(o_proj^T(attn^S),
         o_proj^T(attn^T)) (the authors' code).
     init: "normal" = every projection N(0, init_std) (authors). The others start from the teacher
         and need calibration ids (`LowRankClone.init_from_teacher`, see `lrc_src.starts`):
@@ -69,7 +69,7 @@ class LRCConfig:
         gets the least-squares diagonal c * diag(U^T diag(gamma) U)).
     untie_lm_head: give the student its own P_lm even when the teacher ties embeddings (the
         exported student then has an untied head); needed for an exact "pca" start.
-    detach_targets: detach the projected teacher targets (o^T P_o, o^T P_down). The authors do
+    detach_targets: detach the projected teacher targets (o^T_attn P_o, o^T_ffn P_down). The authors do
         not (False), so P_o/P_down also receive gradient through the target.
     clone_normalize: "none" (paper) or "relative" (each term divided by its target's mean square).
     clone_reduction: "sum" over layers and terms (paper) or "mean" over them.
@@ -166,11 +166,8 @@ class LRCConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> LRCConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown LRC setting(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**d)
+        """The `lrc:` section of a YAML config as an LRCConfig (unknown keys are errors)."""
+        return _build(cls, d, "lrc")
 
 
 @dataclass
@@ -202,14 +199,14 @@ class TrainConfig:
 
     max_steps: int | None = None  # optimizer steps; or set max_tokens
     max_tokens: int | None = None  # total training tokens, rounded up to whole steps (overrides max_steps)
-    batch_size: int = 4  # sequences per micro-batch per process
+    batch_size: int = 4  # sequences per micro-batch per process (each config sets its own)
     grad_accum: int = 1
     lr: float = 1e-4
     lr_norm: float | None = None  # lr of the vector parameters: norm weights (and the baselines' biases); None = lr
     warmup_ratio: float = 0.005
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the paper's training setup
     mixed_precision: str = "auto"  # auto | bf16 | no  (auto: bf16 where the hardware supports it)
     log_every: int = 1
     eval_every: int = 0  # held-out loss every N steps (0 = only at the end)
@@ -229,8 +226,9 @@ class TrainConfig:
     # auto | on | off. auto compiles with CUDA, where compiling the layers made every method's
     # step 27-29% shorter (results/paper-1.5b, H200), and on the CPU only for runs of at
     # least CPU_COMPILE_MIN_STEPS steps (lrc_src.runtime): there a cold compile costs ~13 s and saves
-    # 10-13% of each step, and the CPU profiles' short runs keep the eager numbers they were measured
-    # with; other devices compile only when asked. Methods that cannot compile (tinybert) run eagerly
+    # 10-13% of each step; the threshold keeps the CPU profiles' runs (30-120 steps) eager, so they
+    # repeat their committed results (compiled kernels round differently); other devices compile
+    # only when asked. Methods that cannot compile (tinybert) run eagerly
     # under auto. A runtime choice: a run may resume with another value (RUNTIME_KEYS). The CLI's
     # --compile is train.compile=on.
     compile: bool | str = "auto"
@@ -271,12 +269,12 @@ class TrainConfig:
 
 @dataclass
 class BaselineConfig:
-    """Settings of the baselines (spec section 2)."""
+    """Settings of the baselines at LRC's token budget: scratch, KD, TinyBERT-style, prune-then-KD."""
 
     kl_temperature: float = 40.0  # KD / prune_kd / tinybert logit KL (same as LRC by default)
     kl_reduction: str = "batchmean"
     use_kl: bool = True  # kd/prune_kd/tinybert (scratch never uses it)
-    hidden_weight: float = 1.0  # tinybert: hidden-state MSE weight
+    hidden_weight: float = 1.0  # tinybert: hidden-state MSE weight (equal weights, as TinyBERT sums them)
     attn_weight: float = 1.0  # tinybert: attention-map MSE weight
     # training batches that score the teacher's channels: prune_kd's start, and LRC's teacher-derived
     # starts (lrc.init prune, prune_scaled, pca)
@@ -307,6 +305,9 @@ class SFTConfig:
 
 @dataclass
 class ExperimentConfig:
+    """One training run. `load_config` requires `lrc.student_hidden_size` (but for sft) and a budget
+    (`train.max_steps` or `train.max_tokens`); the defaults here serve code that builds one directly."""
+
     method: str = "lrc"
     teacher: str = "smollm2-135m-instruct"  # local HF folder, hub id, smollm2-135m-instruct, random-*-micro
     lrc: LRCConfig = field(default_factory=lambda: LRCConfig(student_hidden_size=288))
@@ -355,14 +356,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key)
-            except ValueError as e:
-                errors.append(str(e))
+            except ValueError:
+                pass
         raise ValueError(f"{key}={value!r}: expected {tp}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -473,6 +473,11 @@ def config_from_dict(d: dict, overrides: list[str] | None = None) -> ExperimentC
             "--set train.max_steps has no effect while the config sets train.max_tokens (which "
             "decides the budget); set train.max_tokens instead, or add --set train.max_tokens=null"
         )
+    # A file always gives the student's size and the budget: the dataclasses' defaults (d_S 288,
+    # 10 steps) serve code that builds a config directly, and would train an unasked-for run here.
+    if d.get("method", "lrc") != "sft":
+        d.setdefault("lrc", {})
+    d.setdefault("train", {})
     return _build(ExperimentConfig, d)
 
 

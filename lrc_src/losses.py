@@ -236,8 +236,8 @@ def head_losses_reference(
 #   at 85 rows); GPUs: 64M.
 # - HEAD_SUBCHUNK_ELEMENTS: rows per pass of the fp32 softmax / KL / gradient work inside a
 #   chunk. CPU: 1M (21 rows, 4 MiB per fp32 buffer), so the five buffers of the KL stay in the L3
-#   cache between the ~20 elementwise passes (85-row passes took 1.7-3x as long); GPUs: no
-#   sub-chunks.
+#   cache between the ~20 elementwise passes (85-row passes took 1.7-3x as long); elsewhere one
+#   pass per chunk. Measurements: docs/LOG.md, "The fused head in cache-sized pieces".
 HEAD_CHUNK_ELEMENTS = {"cpu": 3 << 22}
 HEAD_CHUNK_ELEMENTS_DEFAULT = 1 << 26
 HEAD_SUBCHUNK_ELEMENTS = {"cpu": 1 << 20}
@@ -371,7 +371,8 @@ class _FusedHeadLosses(torch.autograd.Function):
             kl_sum = torch.zeros((), dtype=torch.float32, device=dev)
             lm_sum = torch.zeros((), dtype=torch.float32, device=dev)
             step = max(1, HEAD_CHUNK_ELEMENTS.get(dev.type, HEAD_CHUNK_ELEMENTS_DEFAULT) // V)  # rows
-            sub = max(1, HEAD_SUBCHUNK_ELEMENTS.get(dev.type, HEAD_CHUNK_ELEMENTS_DEFAULT) // V)  # rows
+            sub = HEAD_SUBCHUNK_ELEMENTS.get(dev.type)
+            sub = step if sub is None else max(1, sub // V)  # rows
             coef = torch.tensor([lm_c, kl_c, kl_c / tau], dtype=torch.float32, device=dev)
             for i0 in range(0, N, step):
                 j0 = min(i0 + step, N)
@@ -444,7 +445,7 @@ class _MeanSquaredError(torch.autograd.Function):
     which autocast would hand back in bf16 anyway, loses nothing that matters; the value agrees
     with the fp32 reference to ~1e-4 (tested). Three passes over the data instead of about ten
     with fp32 temporaries. The target may require grad (the projected teacher targets
-    o^T P_o, f^T P_down).
+    o^T_attn P_o, o^T_ffn P_down).
     """
 
     @staticmethod

@@ -10,7 +10,8 @@ writes its student.
 Run folder:
     config.yaml        the resolved config
     metrics.csv        one row per log_every steps: step, tokens, lr, loss, every loss term,
-                       grad_norm, tokens_per_s, heldout_loss (every eval_every steps and at the end)
+                       grad_norm, tokens_per_s, elapsed_s, heldout_loss (every eval_every steps and
+                       at the end)
     checkpoint/        trainable state (safetensors), optimizer, scheduler, RNG, step
     exports/step_N/    students exported at train.export_at steps, plus projections.safetensors
                        (the trainable state at that step, as in checkpoint/)
@@ -273,7 +274,6 @@ def train(
     threads: int | None = None,
     restart_on_config_change: bool = False,
     keep_memory: bool = True,
-    compile_layers: bool | None = None,
 ) -> Path:
     """Train cfg.method; resume if output_dir holds a checkpoint of the same config (one at the last
     step, without run.json, only writes the student and run.json again). Returns output_dir.
@@ -283,10 +283,7 @@ def train(
     and training starts again (the workflow's choice: it owns its folders). So is a folder that
     another process is training, always.
     keep_memory: on the CPU, `keep_freed_memory()` (faster steps; resident memory stays at its peak).
-    compile_layers: torch.compile the method's decoder layers (`compile_layers()` of the method:
-        regional compilation, one graph for all layers; with CUDA the fused head's per-chunk work
-        too; the first step compiles); None: as train.compile says (auto: with CUDA). A runtime
-        choice like threads: a run may resume with or without it.
+    Whether the decoder layers are compiled is cfg.train.compile's choice (`runtime.resolve_compile`).
     """
     out = Path(output_dir)
     held = _run_of(out, cfg, restart_on_config_change)
@@ -295,7 +292,7 @@ def train(
     if os.environ.get("RANK", "0") == "0":  # refused before setup loads a teacher into memory that run may need
         refuse_if_locked(out / LOCK, _busy(out))
     set_threads(threads)
-    run = _setup(cfg, out, keep_memory, compile_layers, progress)
+    run = _setup(cfg, out, keep_memory, progress)
     with _hold_run_folder(run, out):
         # Again, now that no one else writes here: another trainer may have done so during setup.
         held = _run_of(out, cfg, restart_on_config_change)
@@ -343,9 +340,7 @@ def _changed_inputs(run: _Session, out: Path) -> str | None:
     return f"{found}: {why}" if why else None
 
 
-def _setup(
-    cfg: ExperimentConfig, out: Path, keep_memory: bool, compile_layers: bool | None, progress: bool = True
-) -> _Session:
+def _setup(cfg: ExperimentConfig, out: Path, keep_memory: bool, progress: bool = True) -> _Session:
     """Teacher, data, method, optimizer and schedule, prepared by accelerate. Everything that can
     fail on user input happens here, before the run folder is written."""
     tc = cfg.train
@@ -364,10 +359,9 @@ def _setup(
     method = method.to(accelerator.device)
     tokens_per_step = cfg.step_tokens(accelerator.num_processes)
     total_steps = math.ceil(tc.max_tokens / tokens_per_step) if tc.max_tokens else tc.max_steps
-    if compile_layers is None:
-        compile_layers = resolve_compile(
-            tc.compile, accelerator.device.type, total_steps, compilable=getattr(method, "compilable", True)
-        )
+    compile_layers = resolve_compile(
+        tc.compile, accelerator.device.type, total_steps, compilable=getattr(method, "compilable", True)
+    )
     if compile_layers:
         method.compile_layers()
 

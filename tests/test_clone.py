@@ -247,7 +247,7 @@ def test_bad_settings(bad, match):
 
 
 def test_unknown_setting_and_unsupported_teacher():
-    with pytest.raises(ValueError, match="unknown LRC setting"):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['lrc.alhpa'\]"):
         LRCConfig.from_dict({"student_hidden_size": 8, "alhpa": 0.1})
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="unsupported teacher GPT2LMHeadModel"):

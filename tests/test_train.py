@@ -575,6 +575,17 @@ def test_config_types_are_coerced_and_checked():
         config_from_dict(yaml.safe_load(CI.read_text()), ["lrc.alhpa=0.3"])
 
 
+def test_a_config_file_gives_the_student_size_and_the_budget():
+    """A file without them would otherwise train the dataclasses' defaults (d_S 288, 10 steps)."""
+    with pytest.raises(ValueError, match=r"\['lrc.student_hidden_size'\] must be set"):
+        config_from_dict({"method": "kd"})
+    with pytest.raises(ValueError, match="train.max_steps or train.max_tokens must be set"):
+        config_from_dict({"method": "kd"}, ["lrc.student_hidden_size=32"])
+    assert config_from_dict({"method": "kd"}, ["lrc.student_hidden_size=32", "train.max_steps=3"]).train.max_steps == 3
+    # fine-tuning an exported model has no student size to give
+    assert config_from_dict({"method": "sft", "sft": {"model": "m"}, "train": {"max_steps": 1}}).method == "sft"
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -748,25 +759,25 @@ def test_ddp_accumulation_window_matches_one_process(compiled, tmp_path):
 
 @pytest.mark.parametrize("method", ["lrc", "kd"])
 def test_compiled_training_follows_eager(method, tmp_path):
-    """train(..., compile_layers=True) (torch.compile'd decoder layers) trains like the eager run
-    (fp32; 2 micro-batches, so LRC's compiled layers take the accumulation window's generated
-    weights); the choice stays out of config.yaml, which a resume compares, so either run resumes
-    with or without it."""
+    """train.compile=on (torch.compile'd decoder layers) trains like the eager run (fp32; 2
+    micro-batches, so LRC's compiled layers take the accumulation window's generated weights); the
+    choice is a runtime key, so either run resumes with or without it."""
     from torch._dynamo.utils import counters
 
-    cfg = ci_cfg(f"method={method}", "train.max_steps=3", "train.grad_accum=2", "train.mixed_precision='no'")
-    runs = {flag: tmp_path / ("compiled" if flag else "eager") for flag in (False, True)}
+    sets = (f"method={method}", "train.max_steps=3", "train.grad_accum=2", "train.mixed_precision='no'")
+    cfgs = {flag: ci_cfg(*sets, f"train.compile={flag}") for flag in ("off", "on")}
+    runs = {flag: tmp_path / flag for flag in cfgs}
     torch._dynamo.reset()
     counters.clear()
     for flag, out in runs.items():
-        train(cfg, out, progress=False, compile_layers=flag)
+        train(cfgs[flag], out, progress=False)
     assert counters["stats"]["unique_graphs"] >= 1  # the compiled run did compile
-    eager, compiled = read_metrics(runs[False]), read_metrics(runs[True])
+    eager, compiled = read_metrics(runs["off"]), read_metrics(runs["on"])
     assert len(eager) == len(compiled) == 3
     for re_, rc in zip(eager, compiled):
         assert float(rc["loss"]) == pytest.approx(float(re_["loss"]), rel=1e-4), (re_, rc)
-    # resuming compares config.yaml, which the choice does not enter
-    assert (runs[True] / "config.yaml").read_text() == (runs[False] / "config.yaml").read_text()
+    # resuming compares config.yaml without its runtime keys
+    assert same_experiment((runs["on"] / "config.yaml").read_text(), cfgs["off"])
 
 
 @pytest.mark.parametrize("use_kl", [True, False])
