@@ -443,6 +443,27 @@ def test_a_sweep_point_at_a_runs_own_budget_and_seed_is_that_run():
     assert runs["lrc_small"] == {"dir": "results/ci/runs/lrc_small", "method": "lrc_small", "tokens": 2048, "seed": 0}
 
 
+def _schema_defaults(schema: dict, prefix: str = "") -> dict:
+    """{dotted key: default} of every property the profile schema gives a `default:`."""
+    out = {}
+    for name, spec in schema.get("properties", {}).items():
+        key = f"{prefix}{name}"
+        if "default" in spec:
+            out[key] = spec["default"]
+        out |= _schema_defaults(spec, f"{key}.")
+    return out
+
+
+def test_config_readme_gives_the_schemas_defaults():
+    """The profile keys table of config/README.md states the defaults the validation fills in."""
+    schema = yaml.safe_load((ROOT / "config" / "workflow" / "schema.yaml").read_text())
+    defaults = _schema_defaults(schema)
+    rows = re.findall(r"^\| `([\w.]+)` \| [^|]+ \| ([^|]+) \|", (ROOT / "config" / "README.md").read_text(), re.M)
+    documented = {key: yaml.safe_load(cell.split()[0].strip("`")) for key, cell in rows}
+    assert defaults and set(defaults) <= set(documented), sorted(set(defaults) - set(documented))
+    assert {k: documented[k] for k in defaults} == defaults
+
+
 def test_the_papers_numbers_are_apart_from_the_profiles_outputs():
     """reference/ holds the paper's CSVs (documented in its README); results/<profile>/ only
     what a profile produced, so the `paper` profile's folder holds none of them."""
