@@ -384,7 +384,6 @@ class Unit:
     module: object = None
     optimizer: object = None
     params: list = field(default_factory=list)
-    attn_impl: str | None = None  # the teacher's attention kernel in this method's own process
     compiled: bool = False  # its decoder layers through torch.compile (--compile; tinybert cannot be)
     times: list[float] = field(default_factory=list)
     faults: list[float] = field(default_factory=list)  # minor page faults per timed step
@@ -403,24 +402,7 @@ class Unit:
 
     def eager_twin(self) -> Unit:
         """The same module and optimizer, run eagerly (`--compile both`)."""
-        return Unit(self.name, self.module, self.optimizer, self.params, self.attn_impl, compiled=False)
-
-
-@contextlib.contextmanager
-def teacher_attention(teacher, impl: str | None):
-    """Run with the teacher's attention kernel set as the method's own training process has it.
-
-    TinyBERTStyle switches the (shared) teacher to the eager kernel to get attention maps; in a
-    real run each method has its own process, so the other methods must keep SDPA.
-    """
-    old = teacher.config._attn_implementation
-    if impl is not None and impl != old:
-        teacher.config._attn_implementation = impl
-    try:
-        yield
-    finally:
-        if teacher.config._attn_implementation != old:
-            teacher.config._attn_implementation = old
+        return Unit(self.name, self.module, self.optimizer, self.params, compiled=False)
 
 
 def build_unit(name, bench: Bench):
@@ -434,7 +416,6 @@ def build_unit(name, bench: Bench):
     method, overrides = METHODS[name]
     cfg = bench.cfg_for(method, overrides)
     teacher, compiled = bench.teacher, bench.compiling
-    impl_before = teacher.config._attn_implementation
     torch.manual_seed(cfg.train.seed)
     with torch.device(bench.device):  # teacher-derived starts move their calibration ids to the teacher's device
         module = build_method(cfg, teacher, bench.calib_blocks).to(bench.device)
@@ -443,8 +424,7 @@ def build_unit(name, bench: Bench):
             module.compile_layers(head=bench.compile_head)
         except ValueError:  # a method that cannot be compiled says so (tinybert): it runs eagerly
             compiled = False
-    unit = Unit(name, module, attn_impl=teacher.config._attn_implementation, compiled=compiled)
-    teacher.config._attn_implementation = impl_before  # the other methods keep the teacher's kernel
+    unit = Unit(name, module, compiled=compiled)
     params = module.trainable_named_parameters()
     unit.optimizer = make_optimizer(params, cfg.train, kernel=bench.adamw)
     unit.params = [p for _, p in params]
@@ -495,7 +475,7 @@ def run_step(unit, scratch, bench: Bench, micro_batches) -> float:
         marks.append((part, time.perf_counter()))
 
     t0 = time.perf_counter()
-    with stance, teacher_attention(bench.teacher, target.attn_impl):
+    with stance:
         train_step(
             method,
             [(ids, None) for ids in micro_batches],

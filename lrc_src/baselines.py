@@ -52,6 +52,18 @@ def _fusable(model: nn.Module) -> bool:
     return type(model.config) in SUPPORTED_CONFIGS and isinstance(getattr(model, "lm_head", None), nn.Linear)
 
 
+@contextlib.contextmanager
+def attention_kernel(model: PreTrainedModel, impl: str):
+    """Run model with attention kernel impl ("eager", "sdpa", ...) inside the block and give it back
+    its own after: transformers reads `config._attn_implementation` at each forward."""
+    own = model.config._attn_implementation
+    model.config._attn_implementation = impl
+    try:
+        yield model
+    finally:
+        model.config._attn_implementation = own
+
+
 def random_init(model_class: type[PreTrainedModel], config: PretrainedConfig, seed: int) -> PreTrainedModel:
     """A freshly initialised model_class(config), its weights drawn after torch.manual_seed(seed)
     (the config's initializer_range): the random start of scratch, kd and tinybert."""
@@ -178,8 +190,9 @@ class TinyBERTStyle(StudentKD):
     ):
         super().__init__(student, teacher, **kw)
         self.use_kl = use_kl  # the KL is always reported; in the loss only when use_kl
-        for m in (student, teacher):  # attention probabilities need the eager kernel
-            m.config._attn_implementation = "eager"
+        # Attention probabilities need the eager kernel (SDPA returns none). The student is this
+        # method's own; the teacher may be shared, so it runs eagerly only inside `forward`.
+        student.config._attn_implementation = "eager"
         d_S, d_T = student.config.hidden_size, teacher.config.hidden_size
         L = teacher.config.num_hidden_layers
         self.hidden_maps = nn.ParameterList(
@@ -198,7 +211,7 @@ class TinyBERTStyle(StudentKD):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> MethodOutput:
         labels = input_ids if labels is None else labels
         s = self.student(input_ids=input_ids, output_hidden_states=True, output_attentions=True)
-        with torch.no_grad():
+        with torch.no_grad(), attention_kernel(self.teacher, "eager"):
             t = self.teacher(input_ids=input_ids, output_hidden_states=True, output_attentions=True)
         # hidden_states: L+1 tensors [B, T, d]; attentions: L tensors [B, H, T, T]
         hidden = sum(clone_mse(hs @ A, ht) for hs, ht, A in zip(s.hidden_states, t.hidden_states, self.hidden_maps))
@@ -212,10 +225,6 @@ class TinyBERTStyle(StudentKD):
         loss = losses["lm"] + losses["kl"] if self.use_kl else losses["lm"]
         loss = loss + self.hidden_weight * hidden + self.attn_weight * attn
         return MethodOutput(loss, losses)
-
-    def export(self, directory: str | Path, tokenizer=None) -> Path:
-        self.student.config._attn_implementation = "sdpa"
-        return super().export(directory, tokenizer)
 
 
 class LRCMethod(nn.Module):

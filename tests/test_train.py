@@ -826,13 +826,15 @@ def test_tinybert_terms_match_naive_reference():
     attention term, sum over layers of MSE(attn_S, attn_T), against hooks on both models."""
     from conftest import make_teacher
 
+    from lrc_src.baselines import attention_kernel
     from lrc_src.factory import build_method
 
     ids = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
     method = build_method(ci_cfg("method=tinybert"), make_teacher(), ids.numpy())
     out = method(ids)
     s_hidden, s_attn = _tinybert_targets(method.student, ids)
-    t_hidden, t_attn = _tinybert_targets(method.teacher, ids)
+    with attention_kernel(method.teacher, "eager"):
+        t_hidden, t_attn = _tinybert_targets(method.teacher, ids)
     assert len(s_hidden) == len(method.hidden_maps) == 3 and len(s_attn) == 2
     maps = [A.detach().double() for A in method.hidden_maps]
     hidden = sum(((hs @ A - ht) ** 2).mean().item() for hs, ht, A in zip(s_hidden, t_hidden, maps))
@@ -840,6 +842,35 @@ def test_tinybert_terms_match_naive_reference():
     assert attn > 0
     assert out.losses["hidden"].item() == pytest.approx(hidden, rel=1e-4)
     assert out.losses["attn"].item() == pytest.approx(attn, rel=1e-4)
+
+
+def test_tinybert_leaves_a_shared_teacher_as_it_was():
+    """The teacher runs its eager kernel (for attention maps) only inside TinyBERT's forward: a
+    method built on the same teacher afterwards sees the teacher's own kernel and the same loss."""
+    from conftest import make_teacher
+
+    from lrc_src.factory import build_method
+
+    ids = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    teacher = make_teacher()
+    own = teacher.config._attn_implementation
+    assert own != "eager"
+    kd_alone = build_method(ci_cfg("method=kd"), teacher, ids.numpy())(ids).loss.item()
+    tinybert = build_method(ci_cfg("method=tinybert"), teacher, ids.numpy())
+    tinybert(ids).loss.backward()
+    assert teacher.config._attn_implementation == own
+    assert build_method(ci_cfg("method=kd"), teacher, ids.numpy())(ids).loss.item() == kd_alone
+
+
+def test_tinybert_trains_through_an_intermediate_export(tmp_path):
+    """An export at train.export_at leaves the student's attention maps in the loss (exporting used
+    to switch the live student to SDPA, which returns no maps, and the next step failed)."""
+    cfg = ci_cfg("method=tinybert", "train.max_steps=4", "train.export_at=[2]", "train.log_every=1")
+    run = train(cfg, tmp_path / "tinybert", progress=False)
+    rows = read_metrics(run)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(r["attn"]) > 0 for r in rows), [r["attn"] for r in rows]
+    assert (run / "exports" / "step_2" / "model.safetensors").is_file()
 
 
 def test_tinybert_refuses_to_compile(tmp_path, capsys):
