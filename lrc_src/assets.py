@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 
 from lrc_src.analysis import heldout_loss
 from lrc_src.config import ExperimentConfig
 from lrc_src.fileio import atomic_write_bytes, atomic_write_text, check_output_folder
-from lrc_src.runtime import resolve_mixed_precision, set_threads
+from lrc_src.runtime import make_accelerator, set_threads
 from lrc_src.teachers import (
     check_context,
     fingerprint,
@@ -114,7 +113,7 @@ def prepare_assets(cfg: ExperimentConfig, output_dir: str | Path, threads: int |
         raise ValueError(f"{str(link)!r} exists and is not the link lrc prepare writes there; move it away")
     inputs = load_inputs(cfg)
     teacher, heldout = inputs.teacher, inputs.heldout
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision))
+    accelerator = make_accelerator(cfg.train.mixed_precision)
     n = cfg.train.eval_batches * cfg.train.batch_size
     info = {
         "teacher": cfg.teacher,

@@ -1,6 +1,7 @@
 """How training and its benchmark run on a device: CPU threads, the glibc allocator
-(`keep_freed_memory`), the mixed precision that 'auto' means on a device (`resolve_mixed_precision`),
-and whether and how the decoder layers are compiled (`resolve_compile`, `compile_decoder_layers`).
+(`keep_freed_memory`), the mixed precision that 'auto' means on a device (`resolve_mixed_precision`)
+and the process's accelerate state at that precision (`make_accelerator`), and whether and how the
+decoder layers are compiled (`resolve_compile`, `compile_decoder_layers`).
 
 Threads and the allocator choose only how fast a run computes: the same values, bit for bit. Mixed
 precision and compiling can change the numbers themselves (bf16 autocast; compiled kernels that
@@ -10,6 +11,7 @@ fuse and round differently), so 'auto' resolves them by device and the run recor
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
     from transformers import PreTrainedModel
 
 
@@ -43,6 +46,21 @@ def resolve_mixed_precision(choice: str, device_type: str | None = None) -> str:
     except OSError:
         return "no"
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
+
+
+def make_accelerator(mixed_precision: str, **kwargs) -> Accelerator:
+    """An `accelerate.Accelerator` at mixed_precision ('auto' resolved by `resolve_mixed_precision`).
+
+    accelerate keeps one state per process and refuses a second precision in it. Without a launcher
+    (WORLD_SIZE unset or 1) the run that set it has finished, so the state is renewed: a notebook
+    may train in fp32, then in bf16. Under a launcher it stays, as every process set it alike.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state()  # the precision only; the process's device state stays
+    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), **kwargs)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (<malloc.h>)

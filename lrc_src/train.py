@@ -64,7 +64,7 @@ from lrc_src.checkpoint import (
 from lrc_src.config import ExperimentConfig, dump_config, load_config, same_experiment
 from lrc_src.factory import build_method, lr_lambda, make_optimizer
 from lrc_src.fileio import atomic_write_text, check_output_folder, locked, refuse_if_locked, sha256_file
-from lrc_src.runtime import keep_freed_memory, resolve_compile, resolve_mixed_precision, set_threads
+from lrc_src.runtime import keep_freed_memory, make_accelerator, resolve_compile, resolve_mixed_precision, set_threads
 from lrc_src.step import DDP_TYPES, NonFiniteLossError, accumulation_window, train_step
 from lrc_src.teachers import fingerprint
 
@@ -211,7 +211,7 @@ def _accelerator(mixed_precision: str, **trackers) -> Accelerator:
     would not)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     precision = resolve_mixed_precision(mixed_precision)
-    accelerator = Accelerator(mixed_precision=precision, cpu=world > 1 and not _has_accelerator(), **trackers)
+    accelerator = make_accelerator(precision, cpu=world > 1 and not _has_accelerator(), **trackers)
     if accelerator.num_processes != world:
         raise ValueError(
             f"WORLD_SIZE={world} but accelerate set up {accelerator.num_processes} process(es): "

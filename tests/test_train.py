@@ -873,6 +873,17 @@ def test_tinybert_trains_through_an_intermediate_export(tmp_path):
     assert (run / "exports" / "step_2" / "model.safetensors").is_file()
 
 
+def test_one_process_trains_at_one_precision_then_another(tmp_path):
+    """accelerate holds one mixed precision per process; without a launcher a finished run does not
+    bind the next (a notebook trains fp32, then bf16, then fp32 again)."""
+    for i, precision in enumerate(["no", "bf16", "no"]):
+        run = train(
+            ci_cfg("train.max_steps=1", f"train.mixed_precision='{precision}'"), tmp_path / str(i), progress=False
+        )
+        assert json.loads((run / "run.json").read_text())["status"] == "complete"
+        assert yaml.safe_load((run / "config.yaml").read_text())["train"]["mixed_precision"] == precision
+
+
 def test_tinybert_refuses_to_compile(tmp_path, capsys):
     """tinybert's captured hidden states and attention maps break torch.compile's graphs: a one-line
     error before the run folder is written."""
