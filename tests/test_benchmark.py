@@ -39,6 +39,12 @@ def _module():
     return sys.modules["throughput"]
 
 
+def micro(steps: int, warmup: int, threads: int) -> list[str]:
+    """The ci profile at a micro batch (2 sequences of 16 tokens): a second or two per method."""
+    shape = ["--batch-size", "2", "--seq-len", "16", "--threads", str(threads)]
+    return ["--profile", "ci", "--steps", str(steps), "--warmup", str(warmup), *shape]
+
+
 def run(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
@@ -46,18 +52,7 @@ def run(*args):
 def test_ci_profile_writes_every_method(tmp_path):
     out = tmp_path / "t8.csv"
     p = run(
-        "--profile",
-        "ci",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--threads",
-        "2",
+        *micro(steps=2, warmup=1, threads=2),
         "--output",
         str(out),
     )
@@ -208,18 +203,7 @@ def test_grad_accum_times_micro_batches_and_lrc_regen(tmp_path):
     per micro-batch) is timed beside lrc (generated once per step)."""
     out = tmp_path / "t8.csv"
     p = run(
-        "--profile",
-        "ci",
-        "--steps",
-        "1",
-        "--warmup",
-        "1",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--threads",
-        "1",
+        *micro(steps=1, warmup=1, threads=1),
         "--grad-accum",
         "3",
         "--methods",
@@ -256,18 +240,7 @@ def test_torch_profiler_writes_each_wanted_methods_operators(tmp_path):
     still holds only the timed steps. --adamw fused is recorded (the trainer's CPU choice is default)."""
     out, prof = tmp_path / "t8.csv", tmp_path / "prof"
     p = run(
-        "--profile",
-        "ci",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--threads",
-        "1",
+        *micro(steps=1, warmup=0, threads=1),
         "--methods",
         "lrc,bound",
         "--torch-profiler",
@@ -324,18 +297,7 @@ def test_compiled_layers_are_timed_and_recorded(tmp_path):
     default); the CSV says so."""
     out = tmp_path / "t8c.csv"
     p = run(
-        "--profile",
-        "ci",
-        "--steps",
-        "1",
-        "--warmup",
-        "1",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--threads",
-        "2",
+        *micro(steps=1, warmup=1, threads=2),
         "--methods",
         "lrc,kd,tinybert,bound",
         "--compile",
@@ -363,18 +325,7 @@ def test_compile_both_pairs_eager_and_compiled_steps(tmp_path):
     the compiled rows."""
     out = tmp_path / "t8b.csv"
     p = run(
-        "--profile",
-        "ci",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--threads",
-        "2",
+        *micro(steps=2, warmup=1, threads=2),
         "--methods",
         "lrc,scratch,tinybert,bound",
         "--compile",
@@ -441,18 +392,7 @@ def test_a_method_that_does_not_fit_is_reported_not_fatal(tmp_path):
             sys.executable,
             "-c",
             code,
-            "--profile",
-            "ci",
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
-            "--batch-size",
-            "2",
-            "--seq-len",
-            "16",
-            "--threads",
-            "2",
+            *micro(steps=1, warmup=1, threads=2),
             "--methods",
             "lrc,scratch,bound",
             "--compile",
