@@ -21,10 +21,12 @@ import contextlib
 import json
 import logging
 import math
+import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 from lrc_src.cli import int_at_least
 from lrc_src.fileio import check_output_file, write_csv_atomic
@@ -301,18 +303,19 @@ def evaluate(
         from lm_eval.tasks import TaskManager
 
         task_manager = TaskManager(include_path=str(data_dir), include_defaults=False) if spec.local else TaskManager()
-        results = lm_eval.simple_evaluate(
-            model="hf",
-            model_args={"pretrained": str(model_path), "dtype": "float32"},
-            tasks=spec.task_names,
-            num_fewshot=spec.num_fewshot,
-            batch_size=batch_size,
-            device=device,
-            limit=limit,
-            task_manager=task_manager,
-            log_samples=False,
-            apply_chat_template=False,
-        )
+        with mock.patch("lm_eval.evaluator.get_git_commit_hash", _git_hash_quietly):
+            results = lm_eval.simple_evaluate(
+                model="hf",
+                model_args={"pretrained": str(model_path), "dtype": "float32"},
+                tasks=spec.task_names,
+                num_fewshot=spec.num_fewshot,
+                batch_size=batch_size,
+                device=device,
+                limit=limit,
+                task_manager=task_manager,
+                log_samples=False,
+                apply_chat_template=False,
+            )
     if results is None:  # only on non-zero ranks of a distributed run
         raise RuntimeError("lm-eval returned no results (not the main process?)")
     frame = results_to_frame(results, spec, name, limit)
@@ -320,6 +323,17 @@ def evaluate(
     if output is not None:
         write_csv_atomic(frame, output)
     return frame
+
+
+def _git_hash_quietly() -> str | None:
+    """lm-eval's `get_git_commit_hash` (the working directory's commit, which lm-eval records and
+    this project does not read) without git's "fatal: not a git repository" on the terminal when
+    the working directory is not a checkout: that line read as if the evaluation had failed."""
+    try:
+        done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
+    return done.stdout.strip()
 
 
 # --------------------------------------------------------------------------- command line

@@ -302,6 +302,16 @@ def test_tiny_suite_end_to_end(tiny_model, suite_dir, tmp_path):
     assert {v: os.environ.get(v) for v in hub_env} == hub_env
 
 
+def test_evaluation_outside_a_git_checkout_is_quiet(tiny_model, suite_dir, tmp_path, monkeypatch, capfd):
+    """lm-eval asks git for the working directory's commit; outside a checkout git's "fatal: not a
+    git repository" reached the terminal beside the results, as if the evaluation had failed."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no checkout above tmp_path
+    frame = harness.evaluate(tiny_model, "tiny", limit=2, batch_size=2, device="cpu", data_dir=suite_dir)
+    assert len(frame) == 6
+    assert "not a git repository" not in capfd.readouterr().err
+
+
 def test_cli_helpers(tiny_model, heldout, mmlu_file, tmp_path, monkeypatch, capsys):
     parser = harness.add_eval_arguments(argparse.ArgumentParser(prog="lrc eval"))
     help_text = parser.format_help()
