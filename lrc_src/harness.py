@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import subprocess
 import time
 from collections.abc import Mapping
@@ -332,7 +333,9 @@ def _git_hash_quietly() -> str | None:
     try:
         done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
     except (subprocess.CalledProcessError, FileNotFoundError):
-        return None
+        from lm_eval.loggers.utils import get_commit_from_path
+
+        return get_commit_from_path(os.getcwd())  # lm-eval's own fallback: .git read as files
     return done.stdout.strip()
 
 
