@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random teachers on CPU, seeded."""
 
+import csv as _csv
 import os as _os
 from pathlib import Path as _Path
 
@@ -62,6 +63,30 @@ def make_teacher(kind: str = "llama-gqa-tied", seed: int = 0):
             if n.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
     return model.eval()
+
+
+def read_metrics(run) -> list[dict]:
+    """A run folder's metrics.csv, one dict of strings per row."""
+    with open(_Path(run) / "metrics.csv") as f:
+        return list(_csv.DictReader(f))
+
+
+def assert_same_run(a, b, steps: int, files=("student/model.safetensors",)) -> None:
+    """Two run folders hold the same numbers: `steps` rows of metrics.csv each, equal but for the
+    timing columns, and each named safetensors file equal tensor for tensor."""
+    from safetensors.torch import load_file
+
+    from lrc_src.train import TIMING_COLUMNS
+
+    ra, rb = read_metrics(a), read_metrics(b)
+    assert len(ra) == len(rb) == steps
+    for x, y in zip(ra, rb):
+        assert {c: v for c, v in x.items() if c not in TIMING_COLUMNS} == {
+            c: v for c, v in y.items() if c not in TIMING_COLUMNS
+        }, x["step"]
+    for f in files:
+        sa, sb = load_file(_Path(a) / f), load_file(_Path(b) / f)
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), f
 
 
 @pytest.fixture

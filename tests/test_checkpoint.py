@@ -2,7 +2,6 @@
 names the file, and no crash (a save cut off anywhere, kill -9 mid-run) loses the previous state or
 changes the run's numbers."""
 
-import csv
 import errno
 import json
 import os
@@ -18,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_run, read_metrics
 
 from lrc_src import checkpoint as ckpt_module
 from lrc_src.checkpoint import drop_optimizer_state, find_checkpoint, load_checkpoint, save_checkpoint
 from lrc_src.cli import main
 from lrc_src.config import load_config
 from lrc_src.fileio import sha256_file
-from lrc_src.train import TIMING_COLUMNS, lr_lambda, make_optimizer, train
+from lrc_src.train import lr_lambda, make_optimizer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CI = ROOT / "config" / "ci.yaml"
@@ -89,24 +89,6 @@ def saved_tiny_run(run: Path, steps: int = 2):
 def folder_listing(folder: Path) -> dict[str, str]:
     """{relative path: sha256 (or 'dir')} of everything under folder."""
     return {str(p.relative_to(folder)): ("dir" if p.is_dir() else sha256_file(p)) for p in sorted(folder.rglob("*"))}
-
-
-def read_metrics(run: Path) -> list[dict]:
-    with open(run / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def assert_same_numbers(a: Path, b: Path) -> None:
-    """metrics.csv equal but for the timing columns, and the same final student."""
-    from safetensors.torch import load_file
-
-    ra, rb = read_metrics(a), read_metrics(b)
-    assert len(ra) == len(rb) == 6
-    assert [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in ra] == [
-        {k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rb
-    ]
-    sa, sb = load_file(a / "student" / "model.safetensors"), load_file(b / "student" / "model.safetensors")
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 class CreatesFile:
@@ -390,7 +372,7 @@ def test_run_stopped_by_a_failed_save_resumes_exactly(interrupted, reference, tm
     assert main(["train", *ARGS, "--output-dir", str(run)]) == 0
     assert f"{run}: resuming from the checkpoint of step 2 of " in capsys.readouterr().err
     assert read_metrics(run)[:2] == rows_before[:2]  # kept, timings too: it resumed at step 2
-    assert_same_numbers(reference, run)
+    assert_same_run(reference, run, steps=6)
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["state.json", "trainable.safetensors"]
     assert not (run / "checkpoint.tmp").exists() and not (run / "checkpoint.old").exists()
 
@@ -416,4 +398,4 @@ def test_killed_lrc_train_resumes_from_its_checkpoint(reference, tmp_path):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-2000:]
     assert read_metrics(run)[:resumed_at] == kept
-    assert_same_numbers(reference, run)
+    assert_same_run(reference, run, steps=6)

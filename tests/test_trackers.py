@@ -1,6 +1,7 @@
 """Experiment trackers: train.log_with is checked up front; the run config becomes flat hyperparameters."""
 
 import pytest
+from conftest import read_metrics
 
 from lrc_src import trackers
 
@@ -46,7 +47,6 @@ def _scalars(logdir):
 def test_tensorboard_holds_what_metrics_csv_holds_and_resume_continues_it(tmp_path, monkeypatch):
     """The event files carry every number of metrics.csv at the same steps; a run stopped after its
     step-2 checkpoint and resumed logs steps 3-4 once (not twice), as metrics.csv does."""
-    import csv
     from pathlib import Path
 
     import lrc_src.train as trainer
@@ -70,8 +70,7 @@ def test_tensorboard_holds_what_metrics_csv_holds_and_resume_continues_it(tmp_pa
     monkeypatch.setattr(trainer, "train_step", real)
     run = trainer.train(cfg, tmp_path / "r", progress=False)
 
-    with open(run / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_metrics(run)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     scalars = _scalars(run / "trackers" / "r")
     for row in rows:
