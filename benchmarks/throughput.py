@@ -1005,6 +1005,8 @@ def device_peak(bench: Bench) -> tuple[str, float, str]:
     """(device name, peak FLOP/s for MFU, where the peak comes from)."""
     import torch
 
+    from lrc_src.runtime import device_name
+
     device, dtype = bench.device, torch.bfloat16 if bench.mp == "bf16" else torch.float32
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
@@ -1019,7 +1021,7 @@ def device_peak(bench: Bench) -> tuple[str, float, str]:
         f"measured: best 2048^3 {str(dtype).removeprefix('torch.')} matmul, "
         f"{torch.get_num_threads()} threads, same process"
     )
-    return _cpu_name(), peak, source
+    return device_name("cpu"), peak, source
 
 
 def table_rows(
@@ -1310,14 +1312,6 @@ def _spread_columns(prefix: str, ratios: list[float]) -> dict[str, str]:
         f"{prefix}_min": _f(min(ratios) if ratios else nan),
         f"{prefix}_max": _f(max(ratios) if ratios else nan),
     }
-
-
-def _cpu_name() -> str:
-    try:
-        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-    except OSError:
-        m = None
-    return (m.group(1).strip() if m else "cpu") + f" ({os.cpu_count()} cores visible)"
 
 
 if __name__ == "__main__":

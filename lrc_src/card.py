@@ -218,6 +218,9 @@ def model_card(run_dir: str | Path, info: dict | None = None) -> str:
             "smoke test, not a result."
             for suite, limit in limited
         ]
+    if info.get("software"):  # run folders finished before it was recorded have none
+        lines += ["", "## Framework versions", "", "The stack that finished the run (its `run.json`):", ""]
+        lines += [f"- {k}: {v}" for k, v in info["software"].items()]
     lines += [
         "",
         "## Use",

@@ -1,7 +1,8 @@
 """How training and its benchmark run on a device: CPU threads, the glibc allocator
 (`keep_freed_memory`), the mixed precision that 'auto' means on a device (`resolve_mixed_precision`)
 and the process's accelerate state at that precision (`make_accelerator`), and whether and how the
-decoder layers are compiled (`resolve_compile`, `compile_decoder_layers`).
+decoder layers are compiled (`resolve_compile`, `compile_decoder_layers`), and what the process
+runs on (`device_name`, `software`).
 
 Threads and the allocator choose only how fast a run computes: the same values, bit for bit. Mixed
 precision and compiling can change the numbers themselves (bf16 autocast; compiled kernels that
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -138,3 +140,31 @@ def trim_heap() -> None:
     libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def device_name(device_type: str) -> str:
+    """The device a process computes on: the CUDA card's name, or the CPU's model with the cores
+    this process may use (bf16 on one CPU model rounds differently from another's)."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        m = None
+    return (m.group(1).strip() if m else platform.processor() or "cpu") + f" ({os.cpu_count()} cores visible)"
+
+
+def software(device_type: str) -> dict[str, str]:
+    """The versions a run's numbers depend on, and its device: what a run folder records, so that a
+    result can be traced to the stack that made it (`make venv` installs constraints.txt's)."""
+    import accelerate
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "device": device_name(device_type),
+        "platform": f"{platform.system()} {platform.machine()}",
+    }

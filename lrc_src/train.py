@@ -18,8 +18,9 @@ Run folder:
     student/           the final student as a plain HF folder with tokenizer, and its model card
                        README.md (lrc_src.card; `lrc eval` adds its scores)
     trackers/          TensorBoard / Trackio / W&B files when train.log_with names trackers
-    run.json           written last: {"status": "complete", ..., the sha256 of the trainable state
-                       and of metrics.csv}; its absence means incomplete
+    run.json           written last: {"status": "complete", ..., the software versions and device,
+                       the sha256 of the trainable state and of metrics.csv}; its absence means
+                       incomplete
 
 Re-running the same command on the same folder resumes from checkpoint/ (metrics rows after the
 checkpoint are dropped and recomputed), so a killed run continues exactly as if uninterrupted.
@@ -64,7 +65,14 @@ from lrc_src.checkpoint import (
 from lrc_src.config import ExperimentConfig, dump_config, load_config, same_experiment
 from lrc_src.factory import build_method, lr_lambda, make_optimizer
 from lrc_src.fileio import atomic_write_text, check_output_folder, locked, refuse_if_locked, sha256_file
-from lrc_src.runtime import keep_freed_memory, make_accelerator, resolve_compile, resolve_mixed_precision, set_threads
+from lrc_src.runtime import (
+    keep_freed_memory,
+    make_accelerator,
+    resolve_compile,
+    resolve_mixed_precision,
+    set_threads,
+    software,
+)
 from lrc_src.step import DDP_TYPES, NonFiniteLossError, accumulation_window, train_step
 from lrc_src.teachers import fingerprint
 
@@ -522,9 +530,11 @@ def _finish(run: _Session, cfg: ExperimentConfig, out: Path) -> None:
             "num_processes": accelerator.num_processes,
             "accumulation_window": run.window is not None,  # student weights generated once per optimizer step
             "compiled_layers": run.compiled,  # in the session that finished it (resumes may differ)
+            "software": software(accelerator.device.type),  # likewise; bf16 rounds by CPU model too
             # What the run learned and logged: a run trained again to another result gets another
             # record, so the workflow rebuilds what reads it (snakemake skips a job whose newer
-            # input has the same content); finishing it again from its checkpoint keeps the record.
+            # input has the same content); finishing it again from its checkpoint keeps the record
+            # (on the same stack and device: on another, what reads it is made again there too).
             "trainable_sha256": read_state(ckpt)["files"][TRAINABLE]["sha256"],
             "metrics_sha256": sha256_file(out / "metrics.csv"),
         }

@@ -10,14 +10,13 @@ from lrc_src.card import model_card, run_of_student, write_model_card
 from lrc_src.config import ExperimentConfig, dump_config
 
 
-def _run_folder(tmp_path, method="lrc", evals=None, **settings):
+def _run_folder(tmp_path, method="lrc", evals=None, software=None, **settings):
     run = tmp_path / f"run-{method}"
     make_teacher().save_pretrained(run / "student")
     cfg = ExperimentConfig(method=method, **settings)
     (run / "config.yaml").write_text(dump_config(cfg))
-    (run / "run.json").write_text(
-        json.dumps({"status": "complete", "method": method, "steps": 30, "tokens": 30720, "trainable_parameters": 1234})
-    )
+    info = {"status": "complete", "method": method, "steps": 30, "tokens": 30720, "trainable_parameters": 1234}
+    (run / "run.json").write_text(json.dumps({**info, **({"software": software} if software else {})}))
     (run / "metrics.csv").write_text("step,tokens,loss,heldout_loss\n10,10240,9.0,8.5\n30,30720,7.0,6.25\n")
     if evals:
         (run / "student" / "evals").mkdir()
@@ -36,6 +35,19 @@ def test_card_front_matter_and_numbers_come_from_the_run(tmp_path):
     assert "| tokens trained | 30720 (30 optimizer steps) |" in card.text
     assert "6.2500" in card.text  # the last held-out loss of metrics.csv
     assert "Evaluation" not in card.text
+    assert "Framework versions" not in card.text  # a run.json from before it was recorded
+
+
+def test_card_lists_the_stack_its_run_json_records(tmp_path):
+    software = {"python": "3.11.7", "torch": "2.13.0+cpu", "transformers": "5.25.0", "device": "AMD EPYC 9R14"}
+    card = ModelCard.load(write_model_card(_run_folder(tmp_path, software=software)))
+    versions = card.text.split("## Framework versions")[1].split("## Use")[0]
+    assert [line for line in versions.splitlines() if line.startswith("- ")] == [
+        "- python: 3.11.7",
+        "- torch: 2.13.0+cpu",
+        "- transformers: 5.25.0",
+        "- device: AMD EPYC 9R14",
+    ]
 
 
 def test_card_shows_the_evaluation_once_there_is_one(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 from conftest import assert_same_run, read_metrics
 from safetensors.torch import load_file
@@ -49,6 +50,10 @@ def test_each_method_learns(method, tmp_path):
     assert info["status"] == "complete" and info["steps"] == 12
     assert (run / "student" / "config.json").is_file() and (run / "student" / "tokenizer.json").is_file()
     assert rows[-1]["heldout_loss"] != ""
+    # the stack and device that made the numbers, in run.json and in the student's card
+    assert info["software"]["torch"] == torch.__version__ and info["software"]["device"].endswith("cores visible)")
+    card = (run / "student" / "README.md").read_text()
+    assert f"- transformers: {transformers.__version__}" in card.split("## Framework versions")[1]
 
 
 def test_sft_masks_prompt_and_learns(tmp_path):

@@ -658,6 +658,43 @@ def test_environment_yml_agrees_with_pyproject():
         assert env_pins[name] == spec, (name, env_pins[name], spec)
 
 
+def _requirements(text: str, *extras: str) -> list:
+    """pyproject.toml's dependencies and those of the named extras, as packaging Requirements."""
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads(text)["project"]
+    specs = project["dependencies"] + [s for e in extras for s in project["optional-dependencies"][e]]
+    return [Requirement(s) for s in specs]
+
+
+def test_constraints_pin_what_pyproject_allows():
+    """constraints.txt (make venv installs with it) pins every package exactly, once, and each of
+    pyproject.toml's dependencies of the venv's extras to a version its range allows, so a
+    widened or narrowed range cannot leave the lock installing what pyproject.toml forbids."""
+    from packaging.utils import canonicalize_name
+
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    assert re.fullmatch(r"# python 3\.\d+\.\d+ .*", lines[0]), lines[0]  # the Makefile reads it
+    pins = {}
+    for line in lines:
+        if line.startswith("#") or not line.strip():
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9._-]+)==([0-9][A-Za-z0-9.]*)", line)
+        assert m, f"not an exact pin without a local label: {line!r}"
+        name = canonicalize_name(m.group(1))
+        assert name not in pins and name != "lrc-src", line
+        pins[name] = m.group(2)
+    for req in _requirements((ROOT / "pyproject.toml").read_text(), "test", "workflow"):
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), (str(req), pins[name])
+    makefile = (ROOT / "Makefile").read_text()
+    for wheel in re.findall(r"'([\w-]+==[\w.]+)'", makefile.split("ASSET_WHEELS =")[1].splitlines()[0]):
+        name, version = wheel.split("==")
+        assert pins.get(canonicalize_name(name)) == version, wheel
+
+
 def test_each_promise_of_a_run_folder_names_tests_that_exist():
     """docs/reliability.md points each promise at the tests that hold it: every test it names is
     defined in tests/, so a renamed or removed test cannot leave a promise pointing at nothing."""
