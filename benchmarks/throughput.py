@@ -1009,13 +1009,13 @@ def device_peak(bench: Bench) -> tuple[str, float, str]:
 
     device, dtype = bench.device, torch.bfloat16 if bench.mp == "bf16" else torch.float32
     if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-        peak = cuda_peak_flops(device_name, bench.mp == "bf16")
-        source = f"table: {device_name} dense {'bf16' if bench.mp == 'bf16' else 'tf32'}"
+        name = torch.cuda.get_device_name(device)
+        peak = cuda_peak_flops(name, bench.mp == "bf16")
+        source = f"table: {name} dense {'bf16' if bench.mp == 'bf16' else 'tf32'}"
         if peak is None:
             peak = measure_peak_flops(torch, device, dtype)
             source = f"measured: best 2048^3 {str(dtype).removeprefix('torch.')} matmul (device not in table)"
-        return device_name, peak, source
+        return name, peak, source
     peak = measure_peak_flops(torch, device, dtype)
     source = (
         f"measured: best 2048^3 {str(dtype).removeprefix('torch.')} matmul, "

@@ -143,8 +143,8 @@ def trim_heap() -> None:
 
 
 def device_name(device_type: str) -> str:
-    """The device a process computes on: the CUDA card's name, or the CPU's model with the cores
-    this process may use (bf16 on one CPU model rounds differently from another's)."""
+    """The device a process computes on: the current CUDA card's name, or the CPU's model with the
+    machine's count of logical CPUs (bf16 on one CPU model rounds differently from another's)."""
     if device_type == "cuda":
         return torch.cuda.get_device_name()
     try:
