@@ -381,9 +381,10 @@ def test_rerun_of_complete_run_is_a_no_op(tmp_path):
     assert len(read_metrics(run)) == 3 and "max_steps: 3" in (run / "config.yaml").read_text()
 
 
-def test_a_run_trained_again_to_another_result_gets_another_record(tmp_path):
+def test_a_run_trained_again_to_another_result_gets_another_record(tmp_path, monkeypatch):
     """run.json is all the workflow's rules read of a run, and snakemake skips a job whose newer
-    input has the same bytes: a run trained again to another result must get another record."""
+    input has the same bytes: a run trained again to another result must get another record, and
+    so must a run finished again on another software stack."""
     from lrc_src.fileio import sha256_file
 
     run = train(ci_cfg("train.max_steps=2"), tmp_path / "r", progress=False)
@@ -396,6 +397,12 @@ def test_a_run_trained_again_to_another_result_gets_another_record(tmp_path):
     assert second["metrics_sha256"] != first["metrics_sha256"]
     same = [k for k in first if not k.endswith("_sha256")]
     assert {k: first[k] for k in same} == {k: second[k] for k in same}  # only the digests tell them apart
+    (run / "run.json").unlink()  # finished again from its checkpoint, under another transformers
+    monkeypatch.setattr("lrc_src.train.software", lambda device: {**second["software"], "transformers": "5.99.0"})
+    train(ci_cfg("train.max_steps=2", "lrc.alpha=0.5"), run, progress=False, restart_on_config_change=True)
+    third = json.loads((run / "run.json").read_text())
+    assert third["software"]["transformers"] == "5.99.0" and third != second
+    assert {k: v for k, v in third.items() if k != "software"} == {k: v for k, v in second.items() if k != "software"}
 
 
 @pytest.mark.parametrize("keep", [False, True])
